@@ -1,0 +1,52 @@
+"""megagopher.kernels: the hot paths of the model behind one API (ARCHITECTURE 4.4).
+
+Every function is differentiable and takes an optional ``backend=`` ("auto" | "triton" | "torch") that
+overrides ``use_backend``. Under "auto", CUDA tensors run the Triton kernels and CPU tensors the PyTorch
+references; an input the Triton kernel does not support falls back to PyTorch under "auto" and raises a
+clear error under "triton".
+"""
+from . import reference
+from .dispatch import Unsupported, current_backend, resolve, use_backend
+
+__all__ = ["flash_attention", "scaled_masked_softmax", "rms_norm", "layer_norm", "apply_rope", "swiglu",
+           "cross_entropy", "use_backend", "current_backend"]
+
+
+def _run(name, tensor, backend, args, kwargs):
+    which, strict = resolve(tensor, backend)
+    if which == "triton":
+        from . import triton_ops  # imported lazily: importing triton must not be needed for the torch path
+        try:
+            return getattr(triton_ops, name)(*args, **kwargs)
+        except Unsupported:
+            if strict:
+                raise
+    return getattr(reference, name)(*args, **kwargs)
+
+
+def flash_attention(q, k, v, causal=True, softmax_scale=None, backend=None):
+    return _run("flash_attention", q, backend, (q, k, v), dict(causal=causal, softmax_scale=softmax_scale))
+
+
+def scaled_masked_softmax(x, mask=None, scale=1.0, causal=False, backend=None):
+    return _run("scaled_masked_softmax", x, backend, (x,), dict(mask=mask, scale=scale, causal=causal))
+
+
+def rms_norm(x, weight, eps=1e-5, backend=None):
+    return _run("rms_norm", x, backend, (x, weight), dict(eps=eps))
+
+
+def layer_norm(x, weight, bias, eps=1e-5, backend=None):
+    return _run("layer_norm", x, backend, (x, weight, bias), dict(eps=eps))
+
+
+def apply_rope(x, cos, sin, backend=None):
+    return _run("apply_rope", x, backend, (x, cos, sin), {})
+
+
+def swiglu(gate, up, backend=None):
+    return _run("swiglu", gate, backend, (gate, up), {})
+
+
+def cross_entropy(logits, labels, backend=None):
+    return _run("cross_entropy", logits, backend, (logits, labels), {})

@@ -1,0 +1,61 @@
+"""Backend selection for megagopher's kernels (ARCHITECTURE 4.4).
+
+"auto" (the default) runs Triton on CUDA tensors and PyTorch on CPU tensors; "triton" forces the Triton
+code (on CPU it needs the interpreter, TRITON_INTERPRET=1 set before triton is imported); "torch" runs the
+reference implementations. A per-call ``backend=`` argument overrides the context.
+"""
+import contextlib
+import importlib.util
+import os
+
+BACKENDS = ("auto", "triton", "torch")
+_current = ["auto"]
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Context manager: run the kernels called inside it on backend ``name``."""
+    if name not in BACKENDS:
+        raise ValueError(f"kernels.use_backend: unknown backend {name!r}; valid: {', '.join(BACKENDS)}")
+    previous = _current[0]
+    _current[0] = name
+    try:
+        yield
+    finally:
+        _current[0] = previous
+
+
+def current_backend():
+    return _current[0]
+
+
+def triton_available():
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreter_on():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class Unsupported(ValueError):
+    """Raised by a Triton wrapper for shapes or dtypes it does not handle: an error under "triton",
+    a fallback to PyTorch under "auto"."""
+
+
+def resolve(tensor, backend=None):
+    """Returns (backend, strict): which implementation to run for ``tensor``, and whether an unsupported
+    input must raise (an explicit "triton") rather than fall back (auto)."""
+    name = backend or _current[0]
+    if name not in BACKENDS:
+        raise ValueError(f"kernels: unknown backend {name!r}; valid: {', '.join(BACKENDS)}")
+    if name == "torch":
+        return "torch", False
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError("kernels: backend 'triton' requested but triton is not installed")
+        if not tensor.is_cuda and not interpreter_on():
+            raise RuntimeError(
+                "kernels: backend 'triton' on a CPU tensor needs the Triton interpreter: set "
+                "TRITON_INTERPRET=1 in the environment before triton is imported (or use 'auto'/'torch')")
+        return "triton", True
+    return ("triton", False) if tensor.is_cuda and triton_available() else ("torch", False)

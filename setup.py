@@ -1,0 +1,32 @@
+"""megagopher: 3D-parallel (tensor, pipeline, data) LLM pretraining on torch.distributed.
+
+The Triton kernels live in the top-level ``kernels/`` folder but are installed as ``megagopher.kernels``
+(PyPI already has a package that owns the top-level name ``kernels``).
+
+Install torch first (``pip install torch==2.13.0``): an open-ended torch requirement resolved by pip on
+its own pulls a multi-GB CUDA build.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="megagopher",
+    version="0.1.0",
+    description="Megatron-style 3D-parallel pretraining with Triton kernels, proven correct on CPU",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megagopher", "megagopher.*"]) + ["megagopher.kernels"],
+    package_dir={"megagopher.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.3",
+        "numpy",
+        "regex",
+        "tensorboard",
+        "triton>=3.0; platform_system == 'Linux'",
+    ],
+    extras_require={
+        # test-only peers: transformers checks our HF export; megatron-core (installed with --no-deps by
+        # .ci/run) reads our indexed datasets.
+        "test": ["pytest", "hypothesis", "transformers", "safetensors"],
+    },
+)

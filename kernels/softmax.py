@@ -1,0 +1,147 @@
+"""Scaled-masked softmax, forward and backward, with Megatron's semantics (scale, then mask where True means
+masked, then softmax in fp32; the causal variant builds the upper-triangular mask from indices and needs no
+mask tensor) but without Megatron's limits: any key length (a row longer than one block is handled by an
+online max/sum pass over key blocks, Milakov & Gimelshein 2018, then a normalising pass), fp32 input too,
+and a fully masked row gives zeros (Megatron's kernel gives a uniform row there).
+
+One program per row (b, h, i). The mask may broadcast over batch, heads and queries: it is read through
+stride-0 views, never expanded in memory. Backward: dx = scale * y * (dy - sum(dy * y)).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._common import DTYPE_NAMES, check_device, check_float, check_nonempty, new_empty, next_pow2
+from .dispatch import Unsupported, interpreter_on
+
+
+@triton.jit
+def _masked_scores(x_row, m_row, stride_mk, cols, row_i, scale, SEQ_K,
+                   HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr):
+    ok = cols < SEQ_K
+    s = tl.load(x_row + cols, mask=ok, other=0.0).to(tl.float32) * scale
+    keep = ok
+    if CAUSAL:
+        keep = keep & (cols <= row_i)
+    if HAS_MASK:
+        keep = keep & (tl.load(m_row + cols * stride_mk, mask=ok, other=1) == 0)
+    return tl.where(keep, s, float("-inf"))
+
+
+@triton.jit
+def _softmax_fwd_kernel(X, MASK, Y, scale, H, SEQ_Q, SEQ_K, stride_mb, stride_mh, stride_mq, stride_mk,
+                        HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr,
+                        SINGLE_BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    row_i = row % SEQ_Q
+    bh = row // SEQ_Q
+    x_row = X + row.to(tl.int64) * SEQ_K
+    y_row = Y + row.to(tl.int64) * SEQ_K
+    m_row = MASK + (bh // H).to(tl.int64) * stride_mb + (bh % H) * stride_mh + row_i.to(tl.int64) * stride_mq
+    offs = tl.arange(0, BLOCK)
+    if SINGLE_BLOCK:  # the row fits one block: it stays in registers
+        s = _masked_scores(x_row, m_row, stride_mk, offs, row_i, scale, SEQ_K, HAS_MASK, CAUSAL)
+        m = tl.max(s, 0)
+        e = tl.exp(s - tl.where(m == float("-inf"), 0.0, m))  # a fully masked row: all exp(-inf) = 0
+        l = tl.sum(e, 0)
+        tl.store(y_row + offs, (e / tl.where(l > 0, l, 1.0)).to(Y.dtype.element_ty), mask=offs < SEQ_K)
+    else:
+        m = float("-inf")
+        l = 0.0
+        hi = tl.minimum(SEQ_K, row_i + 1) if CAUSAL else SEQ_K  # causal: later keys add nothing
+        for start in range(0, hi, BLOCK):
+            s = _masked_scores(x_row, m_row, stride_mk, start + offs, row_i, scale, SEQ_K, HAS_MASK, CAUSAL)
+            m_new = tl.maximum(m, tl.max(s, 0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe), 0)
+            m = m_new
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        inv_l = 1.0 / tl.where(l > 0, l, 1.0)
+        for start in range(0, SEQ_K, BLOCK):  # every element is written, zeros where masked
+            cols = start + offs
+            s = _masked_scores(x_row, m_row, stride_mk, cols, row_i, scale, SEQ_K, HAS_MASK, CAUSAL)
+            tl.store(y_row + cols, (tl.exp(s - m_safe) * inv_l).to(Y.dtype.element_ty), mask=cols < SEQ_K)
+
+
+@triton.jit
+def _softmax_bwd_kernel(Y, DY, DX, scale, SEQ_K, BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64) * SEQ_K
+    offs = tl.arange(0, BLOCK)
+    if SINGLE_BLOCK:
+        ok = offs < SEQ_K
+        y = tl.load(Y + row + offs, mask=ok, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row + offs, mask=ok, other=0.0).to(tl.float32)
+        dx = scale * y * (dy - tl.sum(y * dy, 0))
+        tl.store(DX + row + offs, dx.to(DX.dtype.element_ty), mask=ok)
+    else:
+        acc = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, SEQ_K, BLOCK):
+            ok = start + offs < SEQ_K
+            y = tl.load(Y + row + start + offs, mask=ok, other=0.0).to(tl.float32)
+            dy = tl.load(DY + row + start + offs, mask=ok, other=0.0).to(tl.float32)
+            acc += y * dy
+        dot = tl.sum(acc, 0)
+        for start in range(0, SEQ_K, BLOCK):
+            ok = start + offs < SEQ_K
+            y = tl.load(Y + row + start + offs, mask=ok, other=0.0).to(tl.float32)
+            dy = tl.load(DY + row + start + offs, mask=ok, other=0.0).to(tl.float32)
+            tl.store(DX + row + start + offs, (scale * y * (dy - dot)).to(DX.dtype.element_ty), mask=ok)
+
+
+def _block(sk):
+    # GPU: up to 4096 fp32 scores per row in registers, longer rows loop. The interpreter uses 128 so that
+    # test rows of a few hundred keys exercise the looping path too.
+    cap = 128 if interpreter_on() else 4096
+    block = min(next_pow2(sk), cap)
+    return block, block >= sk, (4 if block <= 1024 else 8)
+
+
+def _forward(x, mask, scale, causal):
+    b, h, sq, sk = x.shape
+    y = new_empty(x.shape, x.dtype, x.device)
+    if mask is not None:
+        mask = torch.broadcast_to(mask if mask.dtype == torch.bool else mask != 0, x.shape).view(torch.uint8)
+        strides = mask.stride()
+    else:
+        mask, strides = x, (0, 0, 0, 0)  # never read: HAS_MASK is False
+    block, single, warps = _block(sk)
+    _softmax_fwd_kernel[(b * h * sq,)](x, mask, y, scale, h, sq, sk, *strides, HAS_MASK=mask is not x,
+                                       CAUSAL=causal, BLOCK=block, SINGLE_BLOCK=single, num_warps=warps)
+    return y
+
+
+class ScaledMaskedSoftmaxFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mask, scale, causal):
+        y = _forward(x, mask, scale, causal)
+        ctx.save_for_backward(y)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = new_empty(y.shape, y.dtype, y.device)
+        sk = y.shape[-1]
+        block, single, warps = _block(sk)
+        _softmax_bwd_kernel[(y.numel() // sk,)](y, dy, dx, ctx.scale, sk, BLOCK=block, SINGLE_BLOCK=single,
+                                                num_warps=warps)
+        return dx, None, None, None
+
+
+def scaled_masked_softmax(x, mask=None, scale=1.0, causal=False):
+    """x (b, h, sq, sk); mask broadcastable to x, True = masked. Returns softmax(scale * x, masked) in x's
+    dtype; fully masked rows are zeros."""
+    op = "scaled_masked_softmax"
+    check_float(op, x)
+    check_device(op, x, mask)
+    if x.dim() != 4:
+        raise Unsupported(f"{op}: expected x of shape (b, h, sq, sk), got {tuple(x.shape)} ({DTYPE_NAMES[x.dtype]})")
+    if mask is not None:
+        try:
+            torch.broadcast_shapes(mask.shape, x.shape)
+        except RuntimeError:
+            raise Unsupported(f"{op}: mask of shape {tuple(mask.shape)} does not broadcast to x {tuple(x.shape)}")
+    check_nonempty(op, x)
+    return ScaledMaskedSoftmaxFunction.apply(x.contiguous(), mask, float(scale), bool(causal))

@@ -1,0 +1,14 @@
+"""The "triton" backend: the same functions, names and signatures as ``reference.py``, each backed by the
+Triton kernels and autograd Function of its own module. Each raises ``dispatch.Unsupported`` (naming the
+shape or dtype) for an input it does not handle; ``kernels._run`` then raises under "triton" and falls
+back to PyTorch under "auto".
+"""
+from .attention import flash_attention
+from .cross_entropy import cross_entropy
+from .norms import layer_norm, rms_norm
+from .rope import apply_rope
+from .softmax import scaled_masked_softmax
+from .swiglu import swiglu
+
+__all__ = ["flash_attention", "scaled_masked_softmax", "rms_norm", "layer_norm", "apply_rope", "swiglu",
+           "cross_entropy"]

@@ -1,0 +1,285 @@
+"""A GPT decoder built only from megagopher's tensor-parallel layers and kernels.
+
+Activations flow as [s, b, h] (sequence first, as in Megatron-LM) so that sequence parallelism splits a
+contiguous leading dimension. The flavours of ARCHITECTURE 4.2 are all here: LayerNorm or RMSNorm, GeLU or
+SwiGLU, learned or rotary positions (partial rotary as in GPT-J/CodeGen), grouped-query attention,
+parallel residual (GPT-J: attention and MLP on the same normalised input), tied or untied embeddings.
+
+The model knows nothing of pipelines: a ``GPTModel`` is one contiguous range of layers, with the embedding
+when ``pre_process`` (first stage) and the final norm, output head and loss when ``post_process`` (last
+stage). Layers are keyed by their global index, so a parameter's name, and therefore its initial value
+(invariant 1), is the same in every layout.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megagopher import kernels
+from megagopher import parallel_state as ps
+from megagopher.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                        checkpoint, gather_from_sp_region, gather_from_tp_region,
+                                        get_rng_tracker, init_parameters, set_init,
+                                        vocab_parallel_cross_entropy)
+from megagopher.tensor_parallel.mappings import copy_to_tp_region
+
+
+def _dropout(x, p, training, sharded):
+    """Dropout on the shared stream for replicated activations, on the per-TP-rank stream for sharded
+    ones (invariant 5)."""
+    if p == 0.0 or not training:
+        return x
+    if sharded:
+        with get_rng_tracker().fork():
+            return F.dropout(x, p, True)
+    return F.dropout(x, p, True)
+
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm through megagopher.kernels. Its parameters are replicated over TP; with
+    sequence parallelism each rank sees only its chunk of tokens, so they are marked for a TP all-reduce
+    of their gradients."""
+
+    def __init__(self, cfg, sequence_parallel):
+        super().__init__()
+        self.kind, self.eps = cfg.normalization, cfg.norm_epsilon
+        self.weight = nn.Parameter(torch.empty(cfg.hidden_size))
+        set_init(self.weight, (cfg.hidden_size,), fill=1.0)
+        self.weight.sequence_parallel = sequence_parallel
+        if self.kind == "layernorm":
+            self.bias = nn.Parameter(torch.empty(cfg.hidden_size))
+            set_init(self.bias, (cfg.hidden_size,), fill=0.0)
+            self.bias.sequence_parallel = sequence_parallel
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x):
+        if self.kind == "rmsnorm":
+            return kernels.rms_norm(x, self.weight, self.eps)
+        return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def rope_tables(cfg, seq_length, device, offset=0):
+    """cos and sin of shape (seq_length, rotary_dim // 2) for positions offset .. offset + seq_length - 1."""
+    rot = cfg.rotary_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float64, device=device) / rot))
+    pos = torch.arange(offset, offset + seq_length, dtype=torch.float64, device=device)
+    freqs = torch.outer(pos, inv_freq)
+    return freqs.cos().float(), freqs.sin().float()
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads. The fused QKV projection is laid out per query
+    group, [q_g0 (heads/groups heads), k_g0, v_g0, q_g1, ...], so that splitting it contiguously over TP
+    hands every rank whole groups with their own K and V."""
+
+    def __init__(self, cfg, num_layers_total, sequence_parallel, selective_recompute):
+        super().__init__()
+        self.cfg, self.sp, self.selective_recompute = cfg, sequence_parallel, selective_recompute
+        tp = ps.get_tp_size()
+        d, g = cfg.head_dim, cfg.num_query_groups
+        self.heads_per_group = cfg.num_attention_heads // g
+        self.local_groups = g // tp
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, g * (self.heads_per_group + 2) * d, bias=cfg.bias,
+                                        sequence_parallel=sequence_parallel, init_std=cfg.init_std)
+        self.proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size, bias=cfg.bias,
+                                      sequence_parallel=sequence_parallel,
+                                      init_std=cfg.init_std / math.sqrt(2 * num_layers_total))
+
+    def core_attention(self, q, k, v):
+        """q (b, s, h, d), k and v (b, s, h_kv, d) -> (b, s, h, d)."""
+        cfg = self.cfg
+        if cfg.core_attention == "flash":
+            return kernels.flash_attention(q, k, v, causal=True)
+        # Unfused path: explicit scores, Megatron's scaled-masked softmax, dropout on this rank's heads.
+        qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.heads_per_group > 1:
+            kh = kh.repeat_interleave(self.heads_per_group, dim=1)
+            vh = vh.repeat_interleave(self.heads_per_group, dim=1)
+        scores = torch.matmul(qh, kh.transpose(-1, -2))
+        probs = kernels.scaled_masked_softmax(scores, scale=cfg.head_dim ** -0.5, causal=True)
+        probs = _dropout(probs, cfg.attention_dropout, self.training, sharded=True)
+        return torch.matmul(probs, vh).transpose(1, 2)
+
+    def forward(self, x, rope):
+        b = x.shape[1]
+        qkv = self.qkv(x)  # [s, b, local_groups * (hpg + 2) * d] (full s: the layer gathered an SP input)
+        s = qkv.shape[0]
+        qkv = qkv.view(s, b, self.local_groups, self.heads_per_group + 2, self.cfg.head_dim)
+        q = qkv[:, :, :, :self.heads_per_group].reshape(s, b, -1, self.cfg.head_dim)
+        k, v = qkv[:, :, :, self.heads_per_group], qkv[:, :, :, self.heads_per_group + 1]
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # (b, s, heads, d): the kernels' layout
+        if rope is not None:
+            q = kernels.apply_rope(q, *rope)
+            k = kernels.apply_rope(k, *rope)
+        if self.selective_recompute:  # Korthikanti et al. 2022: recompute only the s^2 part
+            ctx = checkpoint(self.core_attention, q, k, v)
+        else:
+            ctx = self.core_attention(q, k, v)
+        ctx = ctx.transpose(0, 1).reshape(s, b, -1)
+        return self.proj(ctx)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg, num_layers_total, sequence_parallel):
+        super().__init__()
+        self.swiglu = cfg.activation == "swiglu"
+        ffn = cfg.ffn_hidden_size
+        self.fc1 = ColumnParallelLinear(cfg.hidden_size, ffn, bias=cfg.bias, sequence_parallel=sequence_parallel,
+                                        init_std=cfg.init_std)
+        if self.swiglu:  # a separate up projection keeps the TP split of gate and up aligned
+            self.fc_up = ColumnParallelLinear(cfg.hidden_size, ffn, bias=cfg.bias,
+                                              sequence_parallel=sequence_parallel, init_std=cfg.init_std)
+        self.fc2 = RowParallelLinear(ffn, cfg.hidden_size, bias=cfg.bias, sequence_parallel=sequence_parallel,
+                                     init_std=cfg.init_std / math.sqrt(2 * num_layers_total))
+
+    def forward(self, x):
+        if self.swiglu:
+            return self.fc2(kernels.swiglu(self.fc1(x), self.fc_up(x)))
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, cfg, sequence_parallel, selective_recompute=False):
+        super().__init__()
+        self.cfg, self.sp = cfg, sequence_parallel
+        self.input_norm = Norm(cfg, sequence_parallel)
+        self.attention = Attention(cfg, cfg.num_layers, sequence_parallel, selective_recompute)
+        if not cfg.parallel_residual:
+            self.post_attention_norm = Norm(cfg, sequence_parallel)
+        self.mlp = MLP(cfg, cfg.num_layers, sequence_parallel)
+
+    def forward(self, x, cos=None, sin=None):
+        rope = (cos, sin) if cos is not None else None
+        p, training, sharded = self.cfg.dropout, self.training, self.sp
+        h = self.input_norm(x)
+        if self.cfg.parallel_residual:
+            branch = self.attention(h, rope) + self.mlp(h)
+            return x + _dropout(branch, p, training, sharded)
+        x = x + _dropout(self.attention(h, rope), p, training, sharded)
+        return x + _dropout(self.mlp(self.post_attention_norm(x)), p, training, sharded)
+
+
+class Embedding(nn.Module):
+    """Word embeddings (vocab-parallel) plus learned positions; output [s, b, h], this rank's sequence
+    chunk under sequence parallelism."""
+
+    def __init__(self, cfg, sequence_parallel):
+        super().__init__()
+        self.cfg, self.sp = cfg, sequence_parallel and ps.get_tp_size() > 1
+        self.word = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, cfg.make_vocab_size_divisible_by,
+                                           sequence_parallel=self.sp, init_std=cfg.init_std)
+        if cfg.position_embedding == "learned":
+            self.position = nn.Parameter(torch.empty(cfg.max_position_embeddings, cfg.hidden_size))
+            set_init(self.position, self.position.shape, std=cfg.init_std)
+            self.position.sequence_parallel = self.sp
+        else:
+            self.register_parameter("position", None)
+
+    def forward(self, input_ids, position_ids):
+        ids = input_ids.t()  # [s, b]
+        if self.position is not None:
+            if ids.shape[0] > self.cfg.max_position_embeddings:
+                raise ValueError(f"sequence length {ids.shape[0]} exceeds model.max_position_embeddings "
+                                 f"{self.cfg.max_position_embeddings}")
+            pos_ids = position_ids.t()  # [s, b]
+            if self.sp:  # only this rank's chunk: no communication, and the gradient is summed over TP later
+                pos_ids = pos_ids.chunk(ps.get_tp_size(), dim=0)[ps.get_tp_rank()]
+            pos = F.embedding(pos_ids, self.position)
+        x = self.word(ids)  # reduce-scattered to [s/tp, b, h] under sequence parallelism
+        if self.position is not None:
+            x = x + pos
+        return _dropout(x, self.cfg.dropout, self.training, self.sp)
+
+
+class GPTModel(nn.Module):
+    """Layers ``layer_range`` of a GPT decoder (all of them by default).
+
+    forward(input_ids=None, labels=None, hidden_states=None, position_ids=None):
+      - first stage: ``input_ids`` [b, s]; later stages: ``hidden_states`` [s(/tp), b, h] from the previous.
+      - last stage with ``labels`` [b, s]: per-token fp32 loss [b, s]; without labels: this rank's shard of
+        the logits [b, s, padded_vocab / tp] (``gather_logits`` joins them).
+      - other stages: hidden states [s(/tp), b, h] for the next stage.
+    """
+
+    def __init__(self, cfg, sequence_parallel=False, pre_process=True, post_process=True, layer_range=None,
+                 recompute="none", recompute_num_layers=None):
+        super().__init__()
+        if recompute not in ("none", "selective", "full"):
+            raise ValueError(f"training.recompute = {recompute!r}; valid: 'none', 'selective', 'full'")
+        self.cfg = cfg
+        self.tp_size = ps.get_tp_size()
+        self.sp = sequence_parallel and self.tp_size > 1
+        self.pre_process, self.post_process = pre_process, post_process
+        start, end = layer_range if layer_range is not None else (0, cfg.num_layers)
+        self.layer_range = (start, end)
+        if pre_process:
+            self.embedding = Embedding(cfg, sequence_parallel)
+        selective = recompute == "selective"
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, self.sp, selective) for i in range(start, end)})
+        n_full = (end - start) if recompute_num_layers is None else min(recompute_num_layers, end - start)
+        self.recompute_layers = set(list(self.layers)[:n_full]) if recompute == "full" else set()
+        if post_process:
+            self.final_norm = Norm(cfg, self.sp)
+            self.padded_vocab_size = self._padded_vocab()
+            rows = self.padded_vocab_size // self.tp_size
+            if not cfg.tie_embeddings:
+                self.output_layer = nn.Parameter(torch.empty(rows, cfg.hidden_size))
+                set_init(self.output_layer, (cfg.vocab_size, cfg.hidden_size), partition_dim=0, std=cfg.init_std)
+            elif not pre_process:
+                # Tied embeddings on a pipeline: the last stage holds a copy of the word embeddings that
+                # starts equal (same init name) and whose gradient is summed with the first stage's.
+                self.output_layer = nn.Parameter(torch.empty(rows, cfg.hidden_size))
+                set_init(self.output_layer, (cfg.vocab_size, cfg.hidden_size), partition_dim=0,
+                         std=cfg.init_std, init_name="embedding.word.weight")
+                self.output_layer.shared_embedding = True
+
+    def _padded_vocab(self):
+        from megagopher.tensor_parallel import pad_vocab_size
+        return pad_vocab_size(self.cfg.vocab_size, self.tp_size, self.cfg.make_vocab_size_divisible_by)
+
+    def output_weight(self):
+        if self.cfg.tie_embeddings and self.pre_process:
+            return self.embedding.word.weight
+        return self.output_layer
+
+    def initialize(self, seed):
+        """Layout-independent initialisation (invariant 1)."""
+        init_parameters(self, seed)
+        return self
+
+    def forward(self, input_ids=None, labels=None, hidden_states=None, position_ids=None):
+        if self.pre_process:
+            b, s = input_ids.shape
+            if position_ids is None:
+                position_ids = torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s)
+            x = self.embedding(input_ids, position_ids)
+        else:
+            if hidden_states is None:
+                raise ValueError("GPTModel: a stage without the embedding needs hidden_states")
+            x = hidden_states
+        s_full = x.shape[0] * (self.tp_size if self.sp else 1)
+        rope = None
+        if self.cfg.position_embedding == "rope":
+            rope = rope_tables(self.cfg, s_full, x.device)
+        rope = rope or ()
+        for name, layer in self.layers.items():
+            x = checkpoint(layer, x, *rope) if name in self.recompute_layers else layer(x, *rope)
+        if not self.post_process:
+            return x
+        x = self.final_norm(x)
+        if self.tp_size > 1:
+            x = gather_from_sp_region(x) if self.sp else copy_to_tp_region(x)
+        logits = F.linear(x, self.output_weight())  # [s, b, padded_vocab / tp]
+        if labels is None:
+            return logits.transpose(0, 1)
+        loss = vocab_parallel_cross_entropy(logits, labels.t(), vocab_size=self.cfg.vocab_size,
+                                            label_smoothing=self.cfg.label_smoothing)
+        return loss.t()  # [b, s]
+
+    def gather_logits(self, logits):
+        """Full-vocabulary logits [b, s, vocab] (padding dropped) from this rank's shard."""
+        if self.tp_size > 1:
+            logits = gather_from_tp_region(logits)
+        return logits[..., :self.cfg.vocab_size]

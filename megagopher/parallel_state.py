@@ -1,0 +1,199 @@
+"""Process groups for 3D (+context) parallelism, after Megatron-LM's parallel_state.
+
+Ranks are laid out tp-cp-dp-pp with TP varying fastest:
+
+    rank = tp_rank + tp * (cp_rank + cp * (dp_rank + dp * pp_rank))
+
+so the ranks of one tensor-parallel group are neighbours (on GPUs: the same node, NVLink), and pipeline
+stages are the slowest-varying coordinate (they cross nodes). This module is the one place that holds
+the groups; everything else asks it through the getters below.
+
+``validate_layout`` checks a configuration before anything communicates (invariant 6): every rank
+computes the same verdict from the same config, so a bad one fails everywhere at once instead of
+leaving ranks waiting in a collective.
+"""
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+class ParallelConfigError(ValueError):
+    """A layout that cannot work; the message names the key, its value and what would be valid."""
+
+
+@dataclass
+class _State:
+    tp: int = 1
+    cp: int = 1
+    dp: int = 1
+    pp: int = 1
+    vpp: int = 1
+    coords: dict = field(default_factory=dict)  # this rank's tp/cp/dp/pp coordinates
+    groups: dict = field(default_factory=dict)  # name -> (process group, list of global ranks)
+    virtual_pp_rank: int = 0
+
+
+_state = None
+
+
+def _check_divisible(key, value, divisor, divisor_desc):
+    if divisor <= 0 or value % divisor:
+        raise ParallelConfigError(f"{key} = {value} is not divisible by {divisor_desc} = {divisor}")
+
+
+def validate_layout(world_size, tp=1, pp=1, cp=1, vpp=1, dp=None, num_layers=None, num_attention_heads=None,
+                    num_query_groups=None, micro_batch_size=None, global_batch_size=None, seq_length=None,
+                    sequence_parallel=False):
+    """Checks a parallel layout against the model and batch; returns dp. Raises ParallelConfigError."""
+    for key, value in (("parallel.tp", tp), ("parallel.pp", pp), ("parallel.cp", cp), ("parallel.vpp", vpp)):
+        if not isinstance(value, int) or value < 1:
+            raise ParallelConfigError(f"{key} = {value!r} must be a positive integer")
+    model_parallel = tp * pp * cp
+    if world_size % model_parallel:
+        raise ParallelConfigError(
+            f"world size {world_size} is not divisible by parallel.tp * parallel.cp * parallel.pp = "
+            f"{tp} * {cp} * {pp} = {model_parallel}")
+    derived_dp = world_size // model_parallel
+    if dp is not None and dp != derived_dp:
+        raise ParallelConfigError(
+            f"parallel.dp = {dp} but world size {world_size} / (tp {tp} * cp {cp} * pp {pp}) = {derived_dp}")
+    dp = derived_dp
+    if num_attention_heads is not None:
+        _check_divisible("model.num_attention_heads", num_attention_heads, tp, "parallel.tp")
+        groups = num_query_groups or num_attention_heads
+        _check_divisible("model.num_query_groups", groups, tp, "parallel.tp")
+        _check_divisible("model.num_attention_heads", num_attention_heads, groups, "model.num_query_groups")
+    if num_layers is not None:
+        _check_divisible("model.num_layers", num_layers, pp * vpp, "parallel.pp * parallel.vpp")
+    if vpp > 1 and pp == 1:
+        raise ParallelConfigError(f"parallel.vpp = {vpp} needs parallel.pp > 1 (virtual stages interleave a pipeline)")
+    if micro_batch_size is not None and global_batch_size is not None:
+        if micro_batch_size < 1:
+            raise ParallelConfigError(f"training.micro_batch_size = {micro_batch_size} must be >= 1")
+        _check_divisible("training.global_batch_size", global_batch_size, micro_batch_size * dp,
+                         "training.micro_batch_size * dp")
+    if seq_length is not None and (sequence_parallel or cp > 1):
+        _check_divisible("model.seq_length", seq_length, tp * cp if sequence_parallel else cp,
+                         "parallel.tp * parallel.cp (sequence/context parallel split the sequence)")
+    return dp
+
+
+def _rank_of(tp_rank, cp_rank, dp_rank, pp_rank, tp, cp, dp):
+    return tp_rank + tp * (cp_rank + cp * (dp_rank + dp * pp_rank))
+
+
+def initialize_model_parallel(tp=1, pp=1, vpp=1, cp=1):
+    """Creates every process group on top of the initialised default group. Collective: all ranks call it."""
+    global _state
+    if not dist.is_initialized():
+        raise RuntimeError("initialize_model_parallel: call torch.distributed.init_process_group first")
+    world = dist.get_world_size()
+    dp = validate_layout(world, tp=tp, pp=pp, cp=cp, vpp=vpp)
+    rank = dist.get_rank()
+    state = _State(tp=tp, cp=cp, dp=dp, pp=pp, vpp=vpp)
+    state.coords = dict(tp=rank % tp, cp=(rank // tp) % cp, dp=(rank // (tp * cp)) % dp, pp=rank // (tp * cp * dp))
+
+    def all_ranks(varying):
+        """Groups of ranks that differ only in the coordinates named in ``varying``."""
+        fixed = [d for d in ("tp", "cp", "dp", "pp") if d not in varying]
+        buckets = {}
+        for r in range(world):
+            c = dict(tp=r % tp, cp=(r // tp) % cp, dp=(r // (tp * cp)) % dp, pp=r // (tp * cp * dp))
+            buckets.setdefault(tuple(c[d] for d in fixed), []).append(r)
+        return list(buckets.values())
+
+    specs = {"tp": ("tp",), "cp": ("cp",), "dp": ("dp",), "pp": ("pp",), "dp_cp": ("dp", "cp"),
+             "mp": ("tp", "pp"), "tp_cp": ("tp", "cp")}
+    # Every rank must create every group, in the same order (a requirement of new_group).
+    for name, varying in specs.items():
+        for ranks in all_ranks(varying):
+            group = dist.new_group(ranks) if world > 1 else dist.group.WORLD
+            if rank in ranks:
+                state.groups[name] = (group, ranks)
+    # Embedding group: first and last pipeline stage, for tied input/output embeddings.
+    for ranks in all_ranks(("pp",)):
+        emb = sorted({ranks[0], ranks[-1]})
+        group = dist.new_group(emb) if world > 1 else dist.group.WORLD
+        if rank in emb:
+            state.groups["embedding"] = (group, emb)
+    _state = state
+
+
+def is_initialized():
+    return _state is not None
+
+
+def destroy_model_parallel():
+    global _state
+    _state = None
+
+
+def _get():
+    if _state is None:
+        raise RuntimeError("parallel_state: initialize_model_parallel has not been called")
+    return _state
+
+
+def _group(name):
+    return _get().groups[name][0]
+
+
+def _group_ranks(name):
+    return _get().groups[name][1]
+
+
+def get_tp_group(): return _group("tp")
+def get_pp_group(): return _group("pp")
+def get_dp_group(): return _group("dp")
+def get_cp_group(): return _group("cp")
+def get_dp_cp_group(): return _group("dp_cp")
+def get_model_parallel_group(): return _group("mp")
+
+
+def get_embedding_group():
+    """The first and last pipeline stage of this rank's pipeline; None on the middle stages."""
+    entry = _get().groups.get("embedding")
+    return entry[0] if entry else None
+
+
+def get_embedding_ranks():
+    entry = _get().groups.get("embedding")
+    return entry[1] if entry else []
+
+
+def get_pp_ranks(): return _group_ranks("pp")
+def get_dp_ranks(): return _group_ranks("dp")
+def get_tp_ranks(): return _group_ranks("tp")
+
+def get_tp_size(): return _get().tp if _state else 1
+def get_pp_size(): return _get().pp if _state else 1
+def get_dp_size(): return _get().dp if _state else 1
+def get_cp_size(): return _get().cp if _state else 1
+def get_vpp_size(): return _get().vpp if _state else 1
+def get_tp_rank(): return _get().coords["tp"] if _state else 0
+def get_pp_rank(): return _get().coords["pp"] if _state else 0
+def get_dp_rank(): return _get().coords["dp"] if _state else 0
+def get_cp_rank(): return _get().coords["cp"] if _state else 0
+
+
+def is_pipeline_first_stage(): return get_pp_rank() == 0
+def is_pipeline_last_stage(): return get_pp_rank() == get_pp_size() - 1
+
+
+def get_pp_next_rank():
+    ranks = get_pp_ranks()
+    return ranks[(get_pp_rank() + 1) % len(ranks)]
+
+
+def get_pp_prev_rank():
+    ranks = get_pp_ranks()
+    return ranks[(get_pp_rank() - 1) % len(ranks)]
+
+
+def get_device():
+    """cuda:<local device> when the default group runs NCCL, else CPU (invariant 7: no torch.cuda call on
+    a CPU run)."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

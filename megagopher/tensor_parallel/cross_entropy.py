@@ -1,0 +1,89 @@
+"""Cross entropy over vocab-parallel logits, without gathering the full vocabulary (Megatron-LM).
+
+Each TP rank holds logits for a contiguous slice of the (padded) vocabulary. The loss
+    loss = logsumexp(z) - z[label]
+needs three reductions over TP of per-token scalars: the max (for stability), the sum of exp(z - max),
+and the target logit (which lives on exactly one rank). Columns at or past the real vocabulary size are
+padding: they are excluded (set to -inf), so they receive neither probability mass nor gradient.
+
+Label smoothing (Szegedy et al. 2016) mixes in the uniform distribution over the real vocabulary:
+    loss = (1 - eps) * (lse - z[label]) + eps * (lse - mean_j z_j)
+"""
+import torch
+import torch.distributed as dist
+
+from megagopher import parallel_state as ps
+
+
+def _all_reduce(x, op, group):
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(x, op=op, group=group)
+    return x
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, vocab_size, label_smoothing, group, ignore_index):
+        tp_rank = dist.get_rank(group) if group is not None else 0
+        local_v = logits.shape[-1]
+        start = tp_rank * local_v
+        z = logits.float()
+        real_cols = (torch.arange(start, start + local_v, device=z.device) < vocab_size)
+        if start + local_v > vocab_size:  # this shard holds padding columns
+            z = z.masked_fill(~real_cols, float("-inf"))
+        zmax = z.max(dim=-1).values
+        _all_reduce(zmax, dist.ReduceOp.MAX, group)
+        z = z - zmax.unsqueeze(-1)
+
+        ignored = labels == ignore_index
+        in_shard = (labels >= start) & (labels < start + local_v) & ~ignored
+        local_labels = (labels - start).masked_fill(~in_shard, 0)
+        target = torch.gather(z, -1, local_labels.unsqueeze(-1)).squeeze(-1).masked_fill(~in_shard, 0.0)
+        _all_reduce(target, dist.ReduceOp.SUM, group)
+
+        exp_z = z.exp()
+        sum_exp = exp_z.sum(dim=-1)
+        _all_reduce(sum_exp, dist.ReduceOp.SUM, group)
+        lse = sum_exp.log()
+        loss = lse - target
+        if label_smoothing > 0:
+            sum_z = z.masked_fill(~real_cols, 0.0).sum(dim=-1)
+            _all_reduce(sum_z, dist.ReduceOp.SUM, group)
+            loss = (1 - label_smoothing) * loss + label_smoothing * (lse - sum_z / vocab_size)
+        loss = loss.masked_fill(ignored, 0.0)
+
+        softmax = exp_z / sum_exp.unsqueeze(-1)  # padding columns are exp(-inf) = 0
+        ctx.save_for_backward(softmax, local_labels, in_shard, ignored, real_cols)
+        ctx.label_smoothing, ctx.vocab_size, ctx.in_dtype = label_smoothing, vocab_size, logits.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, local_labels, in_shard, ignored, real_cols = ctx.saved_tensors
+        eps = ctx.label_smoothing
+        grad = softmax
+        onehot = torch.zeros_like(grad).scatter_(-1, local_labels.unsqueeze(-1), 1.0) * in_shard.unsqueeze(-1)
+        grad = grad - (1 - eps) * onehot
+        if eps > 0:
+            grad = grad - (eps / ctx.vocab_size) * real_cols
+        grad = grad * (grad_loss * ~ignored).unsqueeze(-1)
+        return grad.to(ctx.in_dtype), None, None, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits, labels, vocab_size=None, label_smoothing=0.0, group=None,
+                                 ignore_index=-100):
+    """Per-token fp32 loss (shape of ``labels``) from logits sharded over the last dim across TP.
+
+    ``vocab_size`` is the real vocabulary (columns at or beyond it are padding); by default every column
+    is real. Labels equal to ``ignore_index`` give zero loss and zero gradient."""
+    if group is None and ps.is_initialized():
+        group = ps.get_tp_group()
+    tp_size = dist.get_world_size(group) if group is not None else 1
+    total = logits.shape[-1] * tp_size
+    vocab_size = total if vocab_size is None else vocab_size
+    if not 0 < vocab_size <= total:
+        raise ValueError(f"vocab_parallel_cross_entropy: vocab_size {vocab_size} outside (0, {total}]")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing = {label_smoothing} must be in [0, 1)")
+    return _VocabParallelCrossEntropy.apply(logits, labels, vocab_size, float(label_smoothing), group,
+                                            ignore_index)

@@ -1,0 +1,58 @@
+"""Helpers for multi-process tests on CPU: spawn gloo ranks on a free port and collect their results.
+
+Used by megagopher's own tests and usable by anyone testing code built on the parallel layers. Each rank
+runs ``fn(rank, world_size, *args)`` with one intra-op thread; the return values come back as a list
+indexed by rank, and an exception on any rank is re-raised in the caller with that rank's traceback.
+"""
+import os
+import socket
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, fn, world_size, port, result_dir, args, timeout_s):
+    import datetime
+    import pickle
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    out = {"ok": False}
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        out = {"ok": True, "value": fn(rank, world_size, *args)}
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        out = {"ok": False, "error": traceback.format_exc()}
+    finally:
+        from megagopher import parallel_state
+        parallel_state.destroy_model_parallel()
+        with open(os.path.join(result_dir, f"{rank}.pkl"), "wb") as f:
+            pickle.dump(out, f)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn(fn, world_size, *args, timeout_s=120):
+    """Runs fn(rank, world_size, *args) on ``world_size`` gloo ranks; returns the per-rank results."""
+    import pickle
+    with tempfile.TemporaryDirectory() as result_dir:
+        mp.spawn(_worker, args=(fn, world_size, free_port(), result_dir, args, timeout_s), nprocs=world_size,
+                 join=True)
+        results = []
+        for rank in range(world_size):
+            with open(os.path.join(result_dir, f"{rank}.pkl"), "rb") as f:
+                out = pickle.load(f)
+            if not out["ok"]:
+                raise RuntimeError(f"rank {rank} failed:\n{out['error']}")
+            results.append(out["value"])
+        return results

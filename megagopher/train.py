@@ -1,0 +1,28 @@
+"""Entry point: ``python -m megagopher.train --config FILE.toml [--section.key=value ...]``, alone or under
+torchrun (ARCHITECTURE 4.1). A bad config exits with status 2 and one line naming the problem, on every
+rank, before any process communicates."""
+import argparse
+import sys
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m megagopher.train",
+        description="Megatron-style 3D-parallel pretraining. Overrides: --section.key=value or --section.key value "
+                    "(TOML literals take their type).")
+    parser.add_argument("--config", help="TOML config file")
+    args, rest = parser.parse_known_args(argv)
+    from megagopher.training.config import ConfigError, load_config, parse_overrides
+    try:
+        cfg = load_config(args.config, parse_overrides(rest))
+        from megagopher.training.loop import Trainer
+        trainer = Trainer(cfg)
+    except ConfigError as e:
+        print(f"megagopher.train: config error: {e}", file=sys.stderr, flush=True)
+        return 2
+    trainer.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

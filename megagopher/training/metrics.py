@@ -1,0 +1,139 @@
+"""What a run reports: the console line, metrics.jsonl (ARCHITECTURE 4.3) and tensorboard scalars, plus
+the model-FLOPs accounting behind TFLOP/s and MFU.
+
+Model FLOPs follow Narayanan et al. 2021 (appendix): per token, a forward pass costs 2 FLOPs per
+multiply-accumulate of every matmul (the projections, the MLP and the output head) plus the attention
+score and context products (2 * 2 * s * d_attn per layer, counted in full as the paper does); training
+costs 3x the forward (backward = 2x forward), 4x with full recomputation. MFU divides the achieved rate
+by the device's peak; the peak table covers the GPUs we know (dense bf16/fp16 tensor-core rates).
+"""
+import json
+import math
+import os
+import time
+
+PEAK_TFLOPS_BF16 = {  # dense, no sparsity
+    "H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L4": 121.0,
+    "A10": 125.0, "V100": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0, "B200": 2250.0, "GH200": 989.0,
+}
+
+
+def model_flops_per_token(cfg, seq_length, recompute="none"):
+    """Training FLOPs per token for GPTConfig ``cfg`` at ``seq_length``."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    q_dim, kv_dim = cfg.num_attention_heads * d, cfg.num_query_groups * d
+    attn_proj = h * (q_dim + 2 * kv_dim) + q_dim * h
+    mlp = (3 if cfg.activation == "swiglu" else 2) * h * cfg.ffn_hidden_size
+    scores = 2 * seq_length * q_dim  # QK^T and probs @ V, per token
+    forward = 2 * cfg.num_layers * (attn_proj + mlp + scores) + 2 * h * cfg.vocab_size
+    return forward * (4 if recompute == "full" else 3)
+
+
+def peak_tflops(device_name):
+    for key, value in PEAK_TFLOPS_BF16.items():
+        if key in device_name:
+            return value
+    return None
+
+
+def _fmt_duration(seconds):
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class MetricsLogger:
+    """Writes metrics.jsonl (one flushed line per step), tensorboard scalars and the console line. Only the
+    rank given ``enabled=True`` writes; the others do nothing."""
+
+    def __init__(self, run_dir, enabled, tensorboard=True, device_name="", resume_iteration=0):
+        self.enabled = enabled
+        self.peak = peak_tflops(device_name)
+        self.file = self.tb = None
+        self.start_time = time.time()
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        path = os.path.join(run_dir, "metrics.jsonl")
+        if resume_iteration:
+            _truncate_after(path, resume_iteration)
+        self.file = open(path, "a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+    def log_step(self, row, console=True, stage_progress=None, run_progress=None, memory=None):
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key in ("loss", "lr", "grad_norm", "loss_scale", "tokens_per_s", "tflops_per_device"):
+                if row.get(key) is not None:
+                    self.tb.add_scalar(f"train/{key}", row[key], row["iteration"])
+        if console:
+            print(self._console_line(row, stage_progress, run_progress, memory), flush=True)
+
+    def _console_line(self, row, stage_progress, run_progress, memory):
+        parts = [f"[{row['stage']}]"]
+        if stage_progress:
+            done, total, per_step = stage_progress
+            parts.append(f"iter {done}/{total}")
+        parts += [f"tokens {row['tokens']:,}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.3e}",
+                  f"grad norm {row['grad_norm']:.3f}"]
+        if row.get("loss_scale") is not None:
+            parts.append(f"loss scale {row['loss_scale']:.0f}")
+        parts += [f"skipped {row.get('skipped_total', int(row['skipped']))}",
+                  f"{row['step_time_s'] * 1000:.1f} ms/step", f"{row['tokens_per_s']:,.0f} tok/s",
+                  f"{row['tflops_per_device']:.3f} TFLOP/s/dev"]
+        if self.peak:
+            parts.append(f"MFU {100 * row['tflops_per_device'] / self.peak:.1f}%")
+        if memory:
+            parts.append(f"mem {memory / 2 ** 30:.2f} GiB")
+        if stage_progress:
+            done, total, per_step = stage_progress
+            parts.append(f"eta stage {_fmt_duration((total - done) * per_step)}")
+        if run_progress:
+            done, total, per_step = run_progress
+            parts.append(f"run {_fmt_duration((total - done) * per_step)}")
+        return " | ".join(parts)
+
+    def log_eval(self, row):
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"event": "eval", **row}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "iteration":
+                    self.tb.add_scalar(f"eval/{key}", value, row["iteration"])
+        print(" | ".join([f"[{row.get('stage', '')}] eval at iter {row['iteration']}"] +
+                         [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in row.items() if k not in ("iteration", "stage")]), flush=True)
+
+    def close(self):
+        if self.file:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _truncate_after(path, iteration):
+    """On resume, drop rows written after the checkpoint we resume from (a crash can leave some), so the
+    file reads as one uninterrupted run. Written to a temporary name and renamed."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip()]
+    keep = []
+    for line in rows:
+        try:
+            if json.loads(line).get("iteration", 0) <= iteration:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue  # a half-written last line from a killed run
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)

@@ -53,6 +53,28 @@ class Optimizer:
         self.inner.step()
         return True, float(norm)
 
+    # -- checkpoint interface: per-parameter state in the parameter's own (TP-shard) shape, keyed by name,
+    # so a checkpoint can be resharded; plus scalars.
+    def param_state(self, named_params):
+        out = {}
+        for name, p in named_params:
+            st = self.inner.state.get(p, {})
+            out[name] = {k: v.detach().cpu() for k, v in st.items() if k in ("exp_avg", "exp_avg_sq")}
+        return out
+
+    def scalar_state(self):
+        steps = [int(st["step"]) for st in self.inner.state.values() if "step" in st]
+        return {"step": max(steps) if steps else 0}
+
+    def load_param_state(self, named_params, state):
+        for name, p in named_params:
+            if state.get(name):
+                self.inner.state[p] = {k: v.to(p.device, torch.float32).clone() for k, v in state[name].items()}
+
+    def load_scalar_state(self, scalars):
+        for st in self.inner.state.values():
+            st["step"] = torch.tensor(float(scalars["step"]))
+
     def state_dict(self):
         return self.inner.state_dict()
 

@@ -1,5 +1,5 @@
-"""The training loop, read top to bottom: set up the process groups, build the model chunks this rank holds,
-then for each stage build its data, optimizer and LR schedule and run its steps.
+"""The training loop, read top to bottom: set up the process groups, build (or restore) the model chunks this
+rank holds, then for each stage build its data, optimizer and LR schedule and run its steps.
 
 One step (``train_step``):
   1. this DP rank's slice of global batch k, split into micro-batches (invariant 2);
@@ -7,10 +7,19 @@ One step (``train_step``):
      micro-batch backpropagates sum(token losses) / (tokens in the *global* batch), so accumulation and
      data parallelism add up to the serial gradient (invariant 3);
   3. finish the gradient reductions (DP buckets, sequence-parallel norms, tied embeddings);
-  4. the optimizer: global-norm clipping (invariant 4), mixed-precision update, maybe a skipped step;
-  5. the logged loss is brought from the last pipeline stage to every rank (one scalar all-reduce).
+  4. one small all-reduce brings the loss from the last pipeline stage to every rank, together with
+     "a rank saw a non-finite loss" and "a rank was asked to stop" flags, so every rank takes the same
+     decision at the same step;
+  5. the optimizer: global-norm clipping (invariant 4), mixed-precision update, maybe a skipped step.
+
+Stages run one after another; each starts from the previous one's final weights (optionally growing the
+model's depth by progressive stacking) and, by default, a fresh optimizer. Checkpoints are saved every
+``checkpoint.save_interval`` steps, at the end of every stage and on SIGTERM/SIGINT; ``checkpoint.load``
+resumes into the right stage and step.
 """
 import os
+import signal
+import shutil
 import time
 
 import torch
@@ -20,16 +29,21 @@ from megagopher import kernels
 from megagopher import parallel_state as ps
 from megagopher.distributed import finalize_model_grads, wrap_data_parallel
 from megagopher.optimizer import LRSchedule, build_optimizer
-from megagopher.pipeline_parallel.schedules import forward_backward
+from megagopher.pipeline_parallel.schedules import forward_backward, forward_only
 from megagopher.pipeline_parallel.stages import build_model_chunks
 from megagopher.pipeline_parallel.trace import Tracer
 from megagopher.tensor_parallel import model_parallel_seed
+from megagopher.training import checkpoint as ckpt
 from megagopher.training import data as data_lib
 from megagopher.training.config import model_config, stage_config, to_toml
 from megagopher.training.distributed import setup_distributed, validate_run
 from megagopher.training.metrics import MetricsLogger, model_flops_per_token
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
 
 
 class Trainer:
@@ -40,32 +54,106 @@ class Trainer:
         # Invariant 6: every check that can fail runs here, identically on every rank, before any collective.
         self.dp = validate_run(cfg, self.world_size, self.vocab_size)
         self.device = setup_distributed(cfg)
-        p = cfg["parallel"]
+        p, t = cfg["parallel"], cfg["training"]
         ps.initialize_model_parallel(tp=p["tp"], pp=p["pp"], vpp=p["vpp"], cp=p["cp"])
         self.rank = dist.get_rank()
-        self.is_logger = self.rank == 0
-        t = cfg["training"]
         model_parallel_seed(t["seed"], ps.get_tp_rank(), ps.get_pp_rank(), self.device)
-        self.model_cfg = model_config(cfg, vocab_size=self.vocab_size)
         self.tracer = Tracer(enabled=p["trace"])
         self.iteration, self.consumed_tokens, self.stage_index, self.stage_iteration = 0, 0, 0, 0
         self.skipped_total = 0
-        self.chunks = self._build_model(self.model_cfg)
-        self.optimizer = None
+        self.optimizer, self.pending_optimizer = None, None
+        self.stop_requested = False
+        self.num_layers = cfg["model"]["num_layers"]
+        self.chunks = None
+        self._restore_or_build()
 
     # -- construction ---------------------------------------------------------------------------------
-    def _build_model(self, model_cfg):
+    def _build_model(self, num_layers):
         t, p = self.cfg["training"], self.cfg["parallel"]
-        chunks = build_model_chunks(model_cfg, sequence_parallel=p["sp"], recompute=t["recompute"],
+        self.num_layers = num_layers
+        self.model_cfg = model_config(self.cfg, num_layers=num_layers, vocab_size=self.vocab_size)
+        chunks = build_model_chunks(self.model_cfg, sequence_parallel=p["sp"], recompute=t["recompute"],
                                     recompute_num_layers=t["recompute_num_layers"] or None,
-                                    pp_layers=p["pp_layers"] or None)
+                                    pp_layers=(p["pp_layers"] or None) if num_layers == self.cfg["model"]["num_layers"]
+                                    else None)
         for chunk in chunks:
             chunk.initialize(t["seed"])
             chunk.to(device=self.device, dtype=DTYPES[t["precision"]])
-        return wrap_data_parallel(chunks, p, distributed_optimizer=self.cfg["optimizer"]["distributed"])
+        return chunks
 
-    def _build_optimizer(self, scfg):
-        return build_optimizer(self.chunks, scfg["optimizer"], scfg["training"])
+    def _wrap(self, chunks):
+        return wrap_data_parallel(chunks, self.cfg["parallel"], distributed_optimizer=self.cfg["optimizer"]["distributed"])
+
+    def _restore_or_build(self):
+        """Loads the newest loadable checkpoint (falling back past corrupt ones), else starts fresh."""
+        c = self.cfg["checkpoint"]
+        for path in ckpt.resolve_load(c["load"], c["dir"]):
+            error = None
+            try:
+                reader = ckpt.CheckpointReader(path)
+                chunks = self._build_model(reader.meta["progress"]["num_layers"])
+                ckpt.load_weights(reader, chunks)
+            except (ckpt.CheckpointCorrupt, KeyError, RuntimeError, OSError) as e:
+                error = e
+            if ckpt.agree(error is None):
+                self._resume_from(reader, chunks)
+                return
+            if self.rank == 0 or error is not None:
+                print(f"megagopher: checkpoint {path} cannot be used ({error or 'corrupt on another rank'}); "
+                      "trying the previous one", flush=True)
+        self.chunks = self._wrap(self._build_model(self.num_layers))
+
+    def _resume_from(self, reader, chunks):
+        progress = reader.meta["progress"]
+        self.iteration, self.consumed_tokens = progress["iteration"], progress["consumed_tokens"]
+        self.stage_index, self.stage_iteration = progress["stage_index"], progress["stage_iteration"]
+        self.skipped_total = progress.get("skipped_total", 0)
+        self.chunks = self._wrap(chunks)
+        if reader.meta["has_optimizer"]:
+            self.pending_optimizer = reader
+        if reader.meta["layout"] == ckpt.layout():  # the same ranks: continue their random streams exactly
+            rng = torch.load(os.path.join(reader.path, f"rng_rank{self.rank:05d}.pt"), weights_only=False)
+            ckpt.set_rng_states(rng)
+        if self.rank == 0:
+            print(f"megagopher: resumed from {reader.path} (stage {self.stage_index}, step {self.stage_iteration}, "
+                  f"iteration {self.iteration})", flush=True)
+
+    def _grow(self, num_layers):
+        """Progressive stacking (Gong et al. 2019): a deeper model whose layer i starts as layer i mod L of
+        the current one. Goes through a weights-only checkpoint so it works under any layout."""
+        old = self.num_layers
+        tmp_root = os.path.join(self.cfg["run"]["dir"], ".grow")
+        path = ckpt.save_checkpoint(tmp_root, self.iteration, self.chunks, None, self._progress(), self.cfg)
+        reader = ckpt.CheckpointReader(path)
+
+        def source(name):
+            if name.startswith("layers."):
+                index, rest = name.split(".", 2)[1:]
+                return f"layers.{int(index) % old}.{rest}"
+            return name
+
+        chunks = self._build_model(num_layers)
+        ckpt.load_weights(reader, chunks, name_map=source)
+        self.chunks = self._wrap(chunks)
+        self.optimizer = None
+        dist.barrier()
+        if self.rank == 0:
+            shutil.rmtree(tmp_root, ignore_errors=True)
+            print(f"megagopher: grew the model from {old} to {num_layers} layers (progressive stacking)", flush=True)
+
+    def _progress(self):
+        return {"iteration": self.iteration, "consumed_tokens": self.consumed_tokens, "stage_index": self.stage_index,
+                "stage_iteration": self.stage_iteration, "num_layers": self.num_layers,
+                "skipped_total": self.skipped_total}
+
+    def save(self):
+        c = self.cfg["checkpoint"]
+        if not c["dir"]:
+            return
+        path = ckpt.save_checkpoint(c["dir"], self.iteration, self.chunks, self.optimizer, self._progress(), self.cfg,
+                                    keep_last=c["keep_last"])
+        if self.rank == 0:
+            print(f"megagopher: saved checkpoint {path}", flush=True)
 
     # -- one step ---------------------------------------------------------------------------------------
     def train_step(self, dataset, scfg, consumed_samples):
@@ -83,24 +171,38 @@ class Trainer:
         loss_sum = forward_backward(self.chunks, mbatches, loss_fn, schedule=self.cfg["parallel"]["schedule"],
                                     tracer=self.tracer)
         finalize_model_grads(self.chunks)
+        loss, bad_ranks = self._agree_on_step(loss_sum)
+        loss /= global_tokens
+        if bad_ranks:
+            if scfg["training"]["nan_policy"] == "stop":
+                raise NonFiniteLoss(f"non-finite loss {loss} at iteration {self.iteration} on rank(s) {bad_ranks}; "
+                                    "stopping (training.nan_policy = 'skip' skips such steps instead)")
+            optimizer.zero_grad()
+            return loss, False, float("nan")
         updated, grad_norm = optimizer.step()
-        return self._global_loss(loss_sum) / global_tokens, updated, grad_norm
+        return loss, updated, grad_norm
 
-    def _global_loss(self, loss_sum):
-        """Sum of token losses of the global batch, on every rank: the last stage's TP rank 0 of every DP
-        replica contributes, everyone else adds zero."""
+    def _agree_on_step(self, loss_sum):
+        """One all-reduce: the global batch's loss sum (from the last stage's TP rank 0 of every DP replica),
+        which ranks saw a non-finite loss, and whether any rank was asked to stop."""
+        world = dist.get_world_size()
         owner = ps.is_pipeline_last_stage() and ps.get_tp_rank() == 0 and ps.get_cp_rank() == 0
-        value = torch.tensor([float(loss_sum) if owner else 0.0], dtype=torch.float64)
-        if self.device.type == "cuda":
-            value = value.to(self.device)
-        dist.all_reduce(value)
-        return float(value.item())
+        local = float(loss_sum) if owner else 0.0
+        values = torch.zeros(2 + world, dtype=torch.float64)
+        values[0] = local if torch.isfinite(torch.tensor(local)) else 0.0
+        values[1] = float(self.stop_requested)
+        values[2 + self.rank] = 0.0 if torch.isfinite(torch.tensor(local)) else 1.0
+        values = values.to(self.device)
+        dist.all_reduce(values)
+        values = values.cpu()
+        self.stop_requested = bool(values[1] > 0)
+        bad = [r for r in range(world) if values[2 + r] > 0]
+        return (float("nan") if bad else float(values[0])), bad
 
     # -- evaluation -------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, dataset, scfg):
         """Mean token loss over ``eval_iters`` global batches of ``dataset`` (forward only)."""
-        from megagopher.pipeline_parallel.schedules import forward_only
         t = scfg["training"]
         gbs, mbs, seq = t["global_batch_size"], t["micro_batch_size"], scfg["model"]["seq_length"]
         for c in self.chunks:
@@ -109,67 +211,99 @@ class Trainer:
         for k in range(t["eval_iters"]):
             indices = data_lib.global_batch_indices(k * gbs, gbs, ps.get_dp_rank(), self.dp)
             mbatches = data_lib.microbatches(dataset, indices, mbs, self.device)
-            total += self._global_loss(forward_only(self.chunks, mbatches))
+            total += self._agree_on_step(forward_only(self.chunks, mbatches))[0]
         for c in self.chunks:
             c.train()
         return total / (t["eval_iters"] * gbs * seq)
 
     # -- the run ----------------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame):
+        self.stop_requested = True
+        if self.rank == 0:
+            print(f"megagopher: got {signal.Signals(signum).name}; saving a checkpoint after this step", flush=True)
+
     def run(self):
         cfg = self.cfg
         run_dir = cfg["run"]["dir"]
-        if self.is_logger:
+        if self.rank == 0:
             os.makedirs(run_dir, exist_ok=True)
             tmp = os.path.join(run_dir, "config.toml.tmp")
             with open(tmp, "w") as f:
                 f.write(to_toml(cfg))
             os.replace(tmp, os.path.join(run_dir, "config.toml"))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
         device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        logger = MetricsLogger(run_dir, self.is_logger, cfg["run"]["tensorboard"], device_name,
+        logger = MetricsLogger(run_dir, self.rank == 0, cfg["run"]["tensorboard"], device_name,
                                resume_iteration=self.iteration)
-        total_iters = sum(st["train_iters"] for st in cfg["stages"])
-        run_start, steps_done = time.perf_counter(), 0
-        with kernels.use_backend(cfg["training"]["kernel_backend"]):
-            for stage_index in range(self.stage_index, len(cfg["stages"])):
-                stage = cfg["stages"][stage_index]
-                scfg = stage_config(cfg, stage_index)
-                t = scfg["training"]
-                train_ds, valid_ds = data_lib.build_datasets(scfg, self.vocab_size, t["train_iters"], self.dp)
-                if self.optimizer is None or not stage.get("keep_optimizer", cfg["checkpoint"]["keep_optimizer"]):
-                    self.optimizer = self._build_optimizer(scfg)
-                o = scfg["optimizer"]
-                schedule = LRSchedule(o["lr"], o["min_lr"], o["warmup_iters"], max(1, t["train_iters"]), o["decay"],
-                                      o["warmup_init_lr"], o["wsd_decay_fraction"])
-                seq = scfg["model"]["seq_length"]
-                flops_per_token = model_flops_per_token(self.model_cfg, seq, t["recompute"])
-                while self.stage_iteration < t["train_iters"]:
-                    self.stage_iteration += 1
-                    self.iteration += 1
-                    lr = schedule(self.stage_iteration)
-                    self.optimizer.set_lr(lr)
-                    start = time.perf_counter()
-                    consumed = (self.stage_iteration - 1) * t["global_batch_size"]
-                    loss, updated, grad_norm = self.train_step(train_ds, scfg, consumed)
-                    step_time = time.perf_counter() - start
-                    tokens = t["global_batch_size"] * seq
-                    self.consumed_tokens += tokens
-                    self.skipped_total += int(not updated)
-                    steps_done += 1
-                    per_step = (time.perf_counter() - run_start) / steps_done
-                    row = {"iteration": self.iteration, "stage": stage["name"], "loss": loss, "lr": lr,
-                           "grad_norm": grad_norm, "loss_scale": self.optimizer.loss_scale,
-                           "skipped": not updated, "tokens": self.consumed_tokens, "step_time_s": step_time,
-                           "tokens_per_s": tokens / step_time,
-                           "tflops_per_device": flops_per_token * tokens / step_time / self.world_size / 1e12}
-                    console = self.stage_iteration % t["log_interval"] == 0 or self.stage_iteration == t["train_iters"]
-                    memory = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
-                    logger.log_step(row, console, (self.stage_iteration, t["train_iters"], per_step),
-                                    (self.iteration, total_iters, per_step), memory)
-                    if valid_ds is not None and t["eval_interval"] and (
-                            self.stage_iteration % t["eval_interval"] == 0 or self.stage_iteration == t["train_iters"]):
-                        logger.log_eval({"iteration": self.iteration, "stage": stage["name"],
-                                         "loss": self.evaluate(valid_ds, scfg)})
-                self.stage_index, self.stage_iteration = stage_index + 1, 0
+        try:
+            with kernels.use_backend(cfg["training"]["kernel_backend"]):
+                self._run_stages(logger)
+        finally:
+            logger.close()
         if cfg["parallel"]["trace"]:
             self.tracer.save(os.path.join(run_dir, "pipeline_trace.json"))
-        logger.close()
+
+    def _run_stages(self, logger):
+        cfg = self.cfg
+        total_iters = sum(st["train_iters"] for st in cfg["stages"])
+        run_start, steps_done = time.perf_counter(), 0
+        exit_after = cfg["training"]["exit_after_iters"]
+        for stage_index in range(self.stage_index, len(cfg["stages"])):
+            self.stage_index = stage_index
+            stage = cfg["stages"][stage_index]
+            scfg = stage_config(cfg, stage_index)
+            t, o = scfg["training"], scfg["optimizer"]
+            if self.stage_iteration == 0 and stage.get("grow") and stage["grow"]["num_layers"] != self.num_layers:
+                self._grow(stage["grow"]["num_layers"])
+            train_ds, valid_ds = data_lib.build_datasets(scfg, self.vocab_size, t["train_iters"], self.dp)
+            keep = stage.get("keep_optimizer", cfg["checkpoint"]["keep_optimizer"]) if stage_index > 0 else True
+            fresh_stage = self.stage_iteration == 0
+            if self.optimizer is None or (fresh_stage and not keep):
+                self.optimizer = build_optimizer(self.chunks, o, t)
+            if self.pending_optimizer is not None:
+                if not fresh_stage or keep:
+                    ckpt.load_optimizer(self.pending_optimizer, self.chunks, self.optimizer)
+                self.pending_optimizer = None
+            schedule = LRSchedule(o["lr"], o["min_lr"], o["warmup_iters"], max(1, t["train_iters"]), o["decay"],
+                                  o["warmup_init_lr"], o["wsd_decay_fraction"])
+            seq = scfg["model"]["seq_length"]
+            flops_per_token = model_flops_per_token(self.model_cfg, seq, t["recompute"])
+            while self.stage_iteration < t["train_iters"]:
+                self.stage_iteration += 1
+                self.iteration += 1
+                lr = schedule(self.stage_iteration)
+                self.optimizer.set_lr(lr)
+                start = time.perf_counter()
+                consumed = (self.stage_iteration - 1) * t["global_batch_size"]
+                loss, updated, grad_norm = self.train_step(train_ds, scfg, consumed)
+                step_time = time.perf_counter() - start
+                tokens = t["global_batch_size"] * seq
+                self.consumed_tokens += tokens
+                self.skipped_total += int(not updated)
+                steps_done += 1
+                per_step = (time.perf_counter() - run_start) / steps_done
+                row = {"iteration": self.iteration, "stage": stage["name"], "loss": loss, "lr": lr,
+                       "grad_norm": grad_norm, "loss_scale": self.optimizer.loss_scale, "skipped": not updated,
+                       "tokens": self.consumed_tokens, "step_time_s": step_time, "tokens_per_s": tokens / step_time,
+                       "tflops_per_device": flops_per_token * tokens / step_time / self.world_size / 1e12,
+                       "skipped_total": self.skipped_total}
+                console = self.stage_iteration % t["log_interval"] == 0 or self.stage_iteration == t["train_iters"]
+                memory = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+                logger.log_step(row, console, (self.stage_iteration, t["train_iters"], per_step),
+                                (self.iteration, total_iters, per_step), memory)
+                if valid_ds is not None and t["eval_interval"] and (
+                        self.stage_iteration % t["eval_interval"] == 0 or self.stage_iteration == t["train_iters"]):
+                    logger.log_eval({"iteration": self.iteration, "stage": stage["name"],
+                                     "loss": self.evaluate(valid_ds, scfg)})
+                interval = cfg["checkpoint"]["save_interval"]
+                if self.stop_requested or (exit_after and steps_done >= exit_after):
+                    self.save()
+                    if self.rank == 0:
+                        print(f"megagopher: stopping at iteration {self.iteration} after saving", flush=True)
+                    return
+                if interval and self.iteration % interval == 0 and self.stage_iteration < t["train_iters"]:
+                    self.save()
+            self.stage_iteration = 0
+            self.stage_index = stage_index + 1
+            self.save()  # every stage ends with a checkpoint the next one (or a restart) starts from

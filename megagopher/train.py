@@ -20,7 +20,12 @@ def main(argv=None):
     except ConfigError as e:
         print(f"megagopher.train: config error: {e}", file=sys.stderr, flush=True)
         return 2
-    trainer.run()
+    from megagopher.training.loop import NonFiniteLoss
+    try:
+        trainer.run()
+    except NonFiniteLoss as e:
+        print(f"megagopher.train: {e}", file=sys.stderr, flush=True)
+        return 3
     return 0
 
 

@@ -103,3 +103,33 @@ def test_tp2_logs_the_same_losses_as_tp1(tmp_path):
         assert [r["iteration"] for r in runs[name]] == [1, 2, 3, 4]
         assert [r["grad_norm"] for r in runs[name]] == pytest.approx([r["grad_norm"] for r in runs["tp1"]],
                                                                        rel=1e-4)
+
+
+def test_stage_overrides_from_the_command_line(tmp_path):
+    text = open(write_config(tmp_path)).read() + """
+[[stages]]
+name = "general"
+train_iters = 30
+[[stages]]
+name = "math"
+train_iters = 20
+"""
+    path = write_config(tmp_path, text, "staged.toml")
+    cfg = load_config(path, parse_overrides(["--stages.general.train_iters=2", "--stages.math.optimizer.lr=5e-4"]))
+    assert [s["train_iters"] for s in cfg["stages"]] == [2, 20]
+    assert cfg["stages"][1]["overrides"][("optimizer", "lr")] == 5e-4
+    with pytest.raises(ConfigError, match=r"NAME one of \['general', 'math'\]"):
+        load_config(path, {"stages.code.train_iters": 1})
+    with pytest.raises(ConfigError, match=r"unknown key optimizer\.lrr"):
+        load_config(path, {"stages.math.optimizer.lrr": 1.0})
+
+
+@pytest.mark.parametrize("name, world", [
+    ("tiny", 1), ("quickstart", 8), ("codegen_cpu", 4),
+    ("gopher_44m", 8), ("gopher_117m", 8), ("gopher_417m", 8), ("gopher_1.4b", 8), ("gopher_7.1b", 8),
+    ("codegen_350m", 8), ("codegen_2.7b", 8), ("codegen_6.1b", 8), ("codegen_16.1b", 8),
+])
+def test_example_configs_are_valid_for_their_launchers(name, world):
+    from train_utils import ROOT
+    cfg = load_config(os.path.join(ROOT, "examples", "configs", f"{name}.toml"))
+    assert validate_run(cfg, world, 32000) >= 1

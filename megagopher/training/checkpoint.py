@@ -109,6 +109,9 @@ def save_checkpoint(root, iteration, chunks, optimizer, progress, cfg, keep_last
             files[optim_file] = _save_file(opt_state, os.path.join(tmp_dir, optim_file))
     rng_file = f"rng_rank{rank:05d}.pt"
     files[rng_file] = _save_file(rng_states(), os.path.join(tmp_dir, rng_file))
+    if os.environ.get("MEGAGOPHER_FAULT_KILL_IN_SAVE") == str(iteration):
+        # Fault injection for the resume tests: die like a SIGKILLed job, half-way through a save.
+        os.kill(os.getpid(), 9)
     gathered = [None] * world
     dist.all_gather_object(gathered, (files, index))
     if rank == 0:

@@ -157,6 +157,20 @@ def _flatten_stage(stage, index):
     return out
 
 
+def _override_stage(stages, dotted, value):
+    """--stages.NAME.key=value (or --stages.NAME.section.key=value) on the raw stage tables."""
+    names = [st.get("name", f"stage{i}") for i, st in enumerate(stages)]
+    name, _, key = dotted.partition(".")
+    if name not in names or not key:
+        raise ConfigError(f"override --stages.{dotted}: stage overrides look like --stages.NAME.key=value "
+                          f"with NAME one of {names}")
+    table = stages[names.index(name)]
+    *path, last = key.split(".")
+    for part in path:
+        table = table.setdefault(part, {})
+    table[last] = value
+
+
 def load_config(path=None, overrides=None):
     """Reads ``path`` (TOML), applies ``overrides`` ({'section.key': value}), returns the resolved config."""
     raw = {}
@@ -176,14 +190,17 @@ def load_config(path=None, overrides=None):
         for key, value in table.items():
             _check_key(section, key)
             cfg[section][key] = _typed(section, key, value)
+    if not isinstance(stages, list):
+        raise ConfigError("stages must be an array of tables ([[stages]])")
     for dotted, value in (overrides or {}).items():
         if "." not in dotted:
             raise ConfigError(f"override --{dotted}: keys look like section.key")
         section, key = dotted.split(".", 1)
+        if section == "stages":
+            _override_stage(stages, key, value)
+            continue
         _check_key(section, key)
         cfg[section][key] = _typed(section, key, value)
-    if not isinstance(stages, list):
-        raise ConfigError("stages must be an array of tables ([[stages]])")
     cfg["stages"] = [_flatten_stage(s, i) for i, s in enumerate(stages)] or \
         [{"name": "main", "train_iters": cfg["training"]["train_iters"], "overrides": {}}]
     validate(cfg)

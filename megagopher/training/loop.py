@@ -29,7 +29,7 @@ from megagopher import kernels
 from megagopher import parallel_state as ps
 from megagopher.distributed import finalize_model_grads, wrap_data_parallel
 from megagopher.optimizer import LRSchedule, build_optimizer
-from megagopher.pipeline_parallel.schedules import forward_backward, forward_only
+from megagopher.pipeline_parallel.schedules import forward_backward
 from megagopher.pipeline_parallel.stages import build_model_chunks
 from megagopher.pipeline_parallel.trace import Tracer
 from megagopher.tensor_parallel import model_parallel_seed
@@ -211,10 +211,19 @@ class Trainer:
         for k in range(t["eval_iters"]):
             indices = data_lib.global_batch_indices(k * gbs, gbs, ps.get_dp_rank(), self.dp)
             mbatches = data_lib.microbatches(dataset, indices, mbs, self.device)
-            total += self._agree_on_step(forward_only(self.chunks, mbatches))[0]
+            total += self._agree_on_step(self._forward_only(mbatches))[0]
         for c in self.chunks:
             c.train()
         return total / (t["eval_iters"] * gbs * seq)
+
+    def _forward_only(self, mbatches):
+        if ps.get_pp_size() > 1:
+            from megagopher.pipeline_parallel.schedules import forward_only
+            return forward_only(self.chunks, mbatches)
+        total = torch.zeros(())
+        for mb in mbatches:
+            total = total + self.chunks[0](mb["tokens"], labels=mb["labels"]).float().sum().cpu()
+        return total
 
     # -- the run ----------------------------------------------------------------------------------------
     def _on_signal(self, signum, frame):

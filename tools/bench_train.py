@@ -1,0 +1,130 @@
+#!/usr/bin/env python
+"""Framework overhead: tokens/s of ``megagopher.train`` at tp = pp = dp = 1 against a plain PyTorch loop
+training the same model on the same batches.
+
+    python tools/bench_train.py [--config FILE.toml] [--steps N] [--warmup N] [--section.key=value ...]
+
+Both sides build the same GPTModel from the same config and seed and read the same synthetic batches; the
+plain loop is forward, backward, clip, AdamW, with nothing else. The framework adds its schedule entry
+point, the data-parallel wrapper's gradient buffer, the loss/flag all-reduce, the global-norm
+computation, metrics.jsonl and the console line. Steps after ``--warmup`` are timed; the medians are
+compared. Target: ratio >= 0.95.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+DEFAULT_CONFIG = """
+[model]
+num_layers = 4
+hidden_size = 256
+num_attention_heads = 8
+vocab_size = 4096
+seq_length = 256
+normalization = "rmsnorm"
+activation = "swiglu"
+position_embedding = "rope"
+[training]
+micro_batch_size = 8
+global_batch_size = 8
+seed = 1
+log_interval = 1000
+[optimizer]
+lr = 1e-3
+[data]
+source = "synthetic"
+[run]
+tensorboard = false
+"""
+
+
+def plain_loop(cfg, steps):
+    """The baseline: the same model and batches, trained by a minimal PyTorch loop. Returns step times."""
+    import torch
+    import torch.distributed as dist
+
+    from megagopher import parallel_state as ps
+    from megagopher.model import GPTModel
+    from megagopher.tensor_parallel import model_parallel_seed
+    from megagopher.training.config import model_config
+    from megagopher.training.data import SyntheticDataset, global_batch_indices, microbatches
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    ps.initialize_model_parallel()
+    t, o = cfg["training"], cfg["optimizer"]
+    model_parallel_seed(t["seed"], 0)
+    mcfg = model_config(cfg)
+    model = GPTModel(mcfg).initialize(t["seed"])
+    opt = torch.optim.AdamW(model.parameters(), lr=o["lr"], betas=(o["beta1"], o["beta2"]), eps=o["eps"],
+                            weight_decay=o["weight_decay"])
+    data = SyntheticDataset(mcfg.vocab_size, mcfg.seq_length, t["seed"])
+    gbs = t["global_batch_size"]
+    times = []
+    for step in range(steps):
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        for mb in microbatches(data, global_batch_indices(step * gbs, gbs, 0, 1), t["micro_batch_size"], "cpu"):
+            model(mb["tokens"], labels=mb["labels"]).sum().div(gbs * mcfg.seq_length).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o["clip_grad"])
+        opt.step()
+        times.append(time.perf_counter() - start)
+    ps.destroy_model_parallel()
+    return times
+
+
+def framework(cfg, steps, run_dir):
+    from megagopher.training.loop import Trainer
+    cfg["stages"][0]["train_iters"] = steps
+    cfg["run"]["dir"] = run_dir
+    Trainer(cfg).run()
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line)["step_time_s"] for line in f if line.strip()]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="TOML config (default: a 4-layer, 256-wide model on synthetic data)")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--json", help="also write the result as JSON")
+    args, rest = parser.parse_known_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    from megagopher.training.config import load_config, parse_overrides
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.config
+        if path is None:
+            path = os.path.join(tmp, "bench.toml")
+            with open(path, "w") as f:
+                f.write(DEFAULT_CONFIG)
+        cfg = load_config(path, parse_overrides(rest))
+        for key in ("tp", "pp"):
+            if cfg["parallel"][key] != 1:
+                sys.exit(f"bench_train measures tp = pp = dp = 1; got parallel.{key} = {cfg['parallel'][key]}")
+        tokens = cfg["training"]["global_batch_size"] * cfg["model"]["seq_length"]
+        # Interleave the two so that machine noise hits both alike: plain, framework, plain.
+        plain_a = plain_loop(load_config(path, parse_overrides(rest)), args.steps)
+        ours = framework(cfg, args.steps, os.path.join(tmp, "run"))
+        plain_b = plain_loop(load_config(path, parse_overrides(rest)), args.steps)
+    plain = plain_a[args.warmup:] + plain_b[args.warmup:]
+    ours = ours[args.warmup:]
+    result = {"tokens_per_step": tokens, "plain_tokens_per_s": tokens / statistics.median(plain),
+              "megagopher_tokens_per_s": tokens / statistics.median(ours)}
+    result["ratio"] = result["megagopher_tokens_per_s"] / result["plain_tokens_per_s"]
+    print(f"{'loop':<22}{'median step (ms)':>18}{'tokens/s':>12}")
+    print(f"{'plain PyTorch':<22}{1000 * statistics.median(plain):>18.1f}{result['plain_tokens_per_s']:>12.0f}")
+    print(f"{'megagopher.train':<22}{1000 * statistics.median(ours):>18.1f}{result['megagopher_tokens_per_s']:>12.0f}")
+    print(f"ratio megagopher / plain = {result['ratio']:.3f} (target >= 0.95)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""Arithmetic word problems with worked solutions, generated offline (the math corpus and evaluation).
+
+Eight story families (shopping, travel, factory output, fractions of a collection, unit conversion,
+savings, discounts, baking) each come in four difficulty levels: the number of solution steps, one to
+four. Every step is one sentence holding one equation written ``a * b = c`` (``$`` on money, ``*`` and
+``/`` for times and divide) so a test can re-check all arithmetic, and the text ends with
+"The answer is N." Numbers are drawn so every intermediate result is whole or whole cents. Problem i of
+a split comes from ``random.Random("math-<split>-<seed>-<i>")`` (string seeds hash with SHA-512, stable
+across runs and Python versions), so the corpus is a pure function of the seed.
+
+``extract_answer(text)`` reads the final number back (from "The answer is N", else the last number),
+normalised ("1,200.50" -> "1200.5"), for final-answer accuracy on model generations.
+"""
+import random
+import re
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
+
+NAMES = ["Ava", "Ben", "Chloe", "Daniel", "Emma", "Farid", "Grace", "Hiro", "Isla", "Jamal", "Kenji",
+         "Lena", "Mateo", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Samir", "Tara", "Umar", "Vera",
+         "Wei", "Ximena", "Yusuf", "Zoe"]
+
+
+def num(x):
+    """Canonical number string: 12, 7.5, 0.25 (no trailing zeros)."""
+    x = Fraction(x)
+    if x.denominator == 1:
+        return str(x.numerator)
+    d = Decimal(x.numerator) / Decimal(x.denominator)
+    return format(d.normalize(), "f")
+
+
+def money(x):
+    x = Fraction(x)
+    return f"${x.numerator // x.denominator}" if x.denominator == 1 else f"${float(x):.2f}"
+
+
+def _shopping(r, steps):
+    name, (item, plural), (item2, plural2) = r.choice(NAMES), *r.sample(
+        [("notebook", "notebooks"), ("pen", "pens"), ("apple", "apples"), ("ticket", "tickets"),
+         ("sticker pack", "sticker packs"), ("comic", "comics"), ("candle", "candles")], 2)
+    n1, p1 = r.randint(2, 12), Fraction(r.randint(2, 40), 4)
+    n2, p2 = r.randint(2, 9), Fraction(r.randint(1, 24), 2)
+    c1, c2 = n1 * p1, n2 * p2
+    q = [f"{name} buys {n1} {plural} at {money(p1)} each."]
+    sol = [f"The {plural} cost {n1} * {money(p1)} = {money(c1)}."]
+    total = c1
+    if steps >= 3:
+        q.append(f"{name} also buys {n2} {plural2} at {money(p2)} each.")
+        sol.append(f"The {plural2} cost {n2} * {money(p2)} = {money(c2)}.")
+        total = c1 + c2
+        sol.append(f"Altogether {name} spends {money(c1)} + {money(c2)} = {money(total)}.")
+    if steps in (2, 4):
+        bill = next(b for b in (10, 20, 50, 100, 200, 500) if b > total)
+        q.append(f"{name} pays with a {money(bill)} bill. How much change does {name} get?")
+        sol.append(f"The change is {money(bill)} - {money(total)} = {money(bill - total)}.")
+        return q, sol, bill - total
+    q.append(f"How much does {name} spend in dollars?")
+    return q, sol, total
+
+
+def _travel(r, steps):
+    name, vehicle = r.choice(NAMES), r.choice(["car", "train", "bus", "bicycle", "boat"])
+    v1, v2 = r.randint(2, 24) * 5, r.randint(2, 24) * 5
+    t1, t2 = r.randint(2, 6), r.randint(2, 5)
+    if steps == 1:
+        return ([f"{name}'s {vehicle} travels at {v1} km per hour for {t1} hours.",
+                 "How many kilometres does it travel?"], [f"It travels {v1} * {t1} = {v1 * t1} km."], v1 * t1)
+    if steps == 2:
+        minutes = r.choice([30, 90, 150, 210, 45, 75, 120])
+        hours = Fraction(minutes, 60)
+        v = r.randint(1, 20) * 4 if hours.denominator == 4 else v1
+        return ([f"{name}'s {vehicle} travels at {v} km per hour for {minutes} minutes.",
+                 "How many kilometres does it travel?"],
+                [f"{minutes} minutes is {minutes} / 60 = {num(hours)} hours.",
+                 f"It travels {v} * {num(hours)} = {num(v * hours)} km."], v * hours)
+    d1, d2 = v1 * t1, v2 * t2
+    q = [f"{name}'s {vehicle} travels at {v1} km per hour for {t1} hours, then at {v2} km per hour "
+         f"for {t2} hours."]
+    sol = [f"The first part is {v1} * {t1} = {d1} km.", f"The second part is {v2} * {t2} = {d2} km.",
+           f"In total that is {d1} + {d2} = {d1 + d2} km."]
+    if steps == 3:
+        return q + ["How many kilometres does it travel in total?"], sol, d1 + d2
+    trip = d1 + d2 + r.randint(1, 40) * 5
+    q += [f"The whole trip is {trip} km. How many kilometres are left to go?"]
+    return q, sol + [f"There are {trip} - {d1 + d2} = {trip - d1 - d2} km left."], trip - d1 - d2
+
+
+def _factory(r, steps):
+    thing = r.choice(["toys", "chairs", "bottles", "lamps", "cups", "boxes"])
+    bad_div = r.choice([4, 5, 10])
+    per_hour, hours, days = bad_div * r.randint(1, 6), r.randint(4, 10), r.randint(2, 7)
+    per_day = per_hour * hours
+    total = per_day * days
+    faulty = total // bad_div   # per_hour is a multiple of bad_div, so this is exact
+    if steps == 1:
+        return ([f"A machine makes {per_hour} {thing} per hour. It runs {hours} hours a day.",
+                 f"How many {thing} does it make in a day?"],
+                [f"It makes {per_hour} * {hours} = {per_day} {thing} a day."], per_day)
+    q = [f"A machine makes {per_hour} {thing} per hour and runs {hours} hours a day for {days} days."]
+    sol = [f"Each day it makes {per_hour} * {hours} = {per_day} {thing}.",
+           f"In {days} days it makes {per_day} * {days} = {total} {thing}."]
+    if steps == 2:
+        return q + [f"How many {thing} does it make?"], sol, total
+    q.append(f"One in every {bad_div} {thing} it makes is faulty.")
+    sol.append(f"The faulty ones are {total} / {bad_div} = {faulty} {thing}.")
+    if steps == 3:
+        return q + [f"How many faulty {thing} does it make?"], sol, faulty
+    sol.append(f"The good ones are {total} - {faulty} = {total - faulty} {thing}.")
+    return q + [f"How many good {thing} does it make?"], sol, total - faulty
+
+
+def _fractions(r, steps):
+    name, thing = r.choice(NAMES), r.choice(["marbles", "stickers", "cards", "stamps", "shells", "coins"])
+    den = r.choice([2, 3, 4, 5, 6])
+    f1, f2 = Fraction(r.randint(1, den - 1), den), Fraction(1, r.choice([2, 3, 4]))
+    # Start from a multiple of every denominator used, so each part is a whole number.
+    start = f1.denominator * f2.denominator * r.randint(1, 8)
+    gave = start * f1
+    left = start - gave
+    shared = left * f2
+    q = [f"{name} has {start} {thing}.",
+         f"{name} gives {f1.numerator}/{f1.denominator} of them to a friend."]
+    sol = [f"{f1.numerator}/{f1.denominator} of {start} is {start} * {f1.numerator} / {f1.denominator} = {gave}."]
+    if steps == 1:
+        return q + [f"How many {thing} does {name} give away?"], sol, gave
+    sol.append(f"{name} has {start} - {gave} = {left} {thing} left.")
+    if steps == 2:
+        return q + [f"How many {thing} does {name} have left?"], sol, left
+    q.append(f"Then {name} gives 1/{f2.denominator} of the rest to a cousin.")
+    sol.append(f"1/{f2.denominator} of {left} is {left} / {f2.denominator} = {shared}.")
+    if steps == 3:
+        return q + [f"How many {thing} does the cousin get?"], sol, shared
+    sol.append(f"{name} keeps {left} - {shared} = {left - shared} {thing}.")
+    return q + [f"How many {thing} does {name} keep?"], sol, left - shared
+
+
+_UNITS = [("metres", "centimetres", 100, "rope", "long", "cut into pieces", "pieces"),
+          ("kilograms", "grams", 1000, "bag of flour", "heavy", "split into portions", "portions"),
+          ("litres", "millilitres", 1000, "jug of juice", "full", "poured into glasses", "glasses"),
+          ("hours", "minutes", 60, "shift", "long", "divided into tasks", "tasks")]
+
+
+def _units(r, steps):
+    big, small, factor, thing, adj, verb, parts = r.choice(_UNITS)
+    amount = r.randint(2, 9)
+    total = amount * factor
+    piece = r.choice([d for d in range(5, factor // 2 + 1) if total % d == 0 and d % 5 == 0])
+    pieces = total // piece
+    used = r.randint(1, pieces - 1)
+    price = r.randint(1, 9)
+    q = [f"A {thing} is {amount} {big} {adj}."]
+    sol = [f"{amount} {big} is {amount} * {factor} = {total} {small}."]
+    if steps == 1:
+        return q + [f"How many {small} is that?"], sol, total
+    q.append(f"It is {verb} of {piece} {small} each.")
+    sol.append(f"That makes {total} / {piece} = {pieces} {parts}.")
+    if steps == 2:
+        return q + [f"How many {parts} are there?"], sol, pieces
+    q.append(f"{used} of the {parts} are used.")
+    sol.append(f"{pieces} - {used} = {pieces - used} {parts} are left.")
+    if steps == 3:
+        return q + [f"How many {parts} are left?"], sol, pieces - used
+    q.append(f"Each of the {parts} left is sold for {money(price)}. How many dollars does that bring in?")
+    sol.append(f"They sell for {pieces - used} * {money(price)} = {money((pieces - used) * price)}.")
+    return q, sol, (pieces - used) * price
+
+
+def _savings(r, steps):
+    name = r.choice(NAMES)
+    weekly, weeks, had = r.randint(3, 30), r.randint(2, 12), r.randint(5, 60)
+    saved = weekly * weeks
+    people = r.choice([2, 3, 4, 5])
+    left = people * r.randint(1, (saved + had - 1) // people)   # what is left shares out evenly
+    cost = saved + had - left
+    q = [f"{name} saves {money(weekly)} every week for {weeks} weeks."]
+    sol = [f"{name} saves {money(weekly)} * {weeks} = {money(saved)}."]
+    if steps == 1:
+        return q + [f"How much does {name} save?"], sol, saved
+    q.append(f"{name} already had {money(had)}.")
+    sol.append(f"With the {money(had)} from before, {name} has {money(saved)} + {money(had)} = {money(saved + had)}.")
+    if steps == 2:
+        return q + [f"How much money does {name} have now?"], sol, saved + had
+    q.append(f"{name} spends {money(cost)} on a present.")
+    sol.append(f"After the present, {money(saved + had)} - {money(cost)} = {money(left)} is left.")
+    if steps == 3:
+        return q + [f"How much money is left?"], sol, left
+    q.append(f"{name} shares what is left equally among {people} friends. How much does each friend get?")
+    sol.append(f"Each friend gets {money(left)} / {people} = {money(Fraction(left, people))}.")
+    return q, sol, Fraction(left, people)
+
+
+def _discount(r, steps):
+    name, item = r.choice(NAMES), r.choice(["jacket", "lamp", "backpack", "kettle", "board game", "chair"])
+    pct = r.choice([10, 20, 25, 30, 40, 50])
+    price = 20 * r.randint(1, 20)   # a multiple of 20 keeps every one of these percentages whole
+    off = Fraction(price * pct, 100)
+    sale = price - off
+    n = r.randint(2, 5)
+    q = [f"A {item} costs {money(price)}. It is on sale at {pct}% off."]
+    sol = [f"The discount is {money(price)} * {pct} / 100 = {money(off)}."]
+    if steps == 1:
+        return q + ["How many dollars is the discount?"], sol, off
+    sol.append(f"The sale price is {money(price)} - {money(off)} = {money(sale)}.")
+    if steps == 2:
+        return q + ["What is the sale price in dollars?"], sol, sale
+    q.append(f"{name} buys {n} of them at the sale price.")
+    sol.append(f"{n} of them cost {n} * {money(sale)} = {money(n * sale)}.")
+    if steps == 3:
+        return q + [f"How much does {name} pay?"], sol, n * sale
+    bill = next(b for b in (50, 100, 200, 500, 1000, 2000) if b > n * sale)
+    q.append(f"{name} pays with {money(bill)}. How much change does {name} get?")
+    sol.append(f"The change is {money(bill)} - {money(n * sale)} = {money(bill - n * sale)}.")
+    return q, sol, bill - n * sale
+
+
+def _baking(r, steps):
+    name, food = r.choice(NAMES), r.choice(["cookies", "muffins", "rolls", "cupcakes", "pies"])
+    trays, per_tray, bag = r.randint(2, 9), r.randint(6, 24), r.choice([2, 3, 4, 5, 6])
+    baked = trays * per_tray
+    eaten = r.randint(1, min(9, baked - bag))
+    left = baked - eaten
+    left_even = left - left % bag
+    eaten = baked - left_even
+    bags = left_even // bag
+    price = Fraction(r.randint(4, 30), 4)
+    q = [f"{name} bakes {trays} trays of {food} with {per_tray} on each tray."]
+    sol = [f"{name} bakes {trays} * {per_tray} = {baked} {food}."]
+    if steps == 1:
+        return q + [f"How many {food} does {name} bake?"], sol, baked
+    q.append(f"The family eats {eaten} of them.")
+    sol.append(f"After that, {baked} - {eaten} = {left_even} {food} are left.")
+    if steps == 2:
+        return q + [f"How many {food} are left?"], sol, left_even
+    q.append(f"The rest are put in bags of {bag}.")
+    sol.append(f"That fills {left_even} / {bag} = {bags} bags.")
+    if steps == 3:
+        return q + ["How many bags are filled?"], sol, bags
+    q.append(f"Each bag sells for {money(price)}. How many dollars do the bags bring in?")
+    sol.append(f"The bags bring in {bags} * {money(price)} = {money(bags * price)}.")
+    return q, sol, bags * price
+
+
+FAMILIES = {"shopping": _shopping, "travel": _travel, "factory": _factory, "fractions": _fractions,
+            "units": _units, "savings": _savings, "discount": _discount, "baking": _baking}
+
+
+def generate_problem(rng, steps=None, family=None):
+    """One problem from ``rng`` (a random.Random): a dict with text (question, worked solution and a last
+    line "The answer is N."), question, answer (canonical number string), steps (1-4) and family."""
+    steps = steps or rng.randint(1, 4)
+    family = family or rng.choice(sorted(FAMILIES))
+    question, solution, answer = FAMILIES[family](rng, steps)
+    question = " ".join(question)
+    text = question + "\n" + "\n".join(solution) + f"\nThe answer is {num(answer)}."
+    return {"text": text, "question": question, "answer": num(answer), "steps": steps, "family": family}
+
+
+def generate_problems(num_problems, seed=0, split="train"):
+    """``num_problems`` problems, problem i drawn from Random(f"math-{split}-{seed}-{i}")."""
+    return [generate_problem(random.Random(f"math-{split}-{seed}-{i}")) for i in range(num_problems)]
+
+
+def make_math_splits(num_train, num_eval, seed=0):
+    """(train, eval) lists with no question in both and no repeated question: the evaluation split is
+    drawn first from its own stream; train problems equal to an earlier one are skipped (and replaced),
+    so a model is never evaluated on a question it was trained on."""
+    seen, splits = set(), []
+    for split, wanted in (("eval", num_eval), ("train", num_train)):
+        rows, i = [], 0
+        while len(rows) < wanted:
+            row = generate_problem(random.Random(f"math-{split}-{seed}-{i}"))
+            i += 1
+            if row["question"] not in seen:
+                seen.add(row["question"])
+                rows.append(row)
+            if i > 20 * wanted + 1000:
+                raise RuntimeError(f"could not draw {wanted} distinct {split} problems")
+        splits.append(rows)
+    return splits[1], splits[0]
+
+
+_ANSWER_IS = re.compile(r"answer is\s*:?\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def normalize_number(s):
+    """'1,200.50' -> '1200.5', '$8.00' -> '8'; None if s is not a number."""
+    try:
+        d = Decimal(s.replace(",", "").replace("$", "").strip())
+    except InvalidOperation:
+        return None
+    if not d.is_finite():
+        return None
+    return str(int(d)) if d == d.to_integral_value() else format(d.normalize(), "f")
+
+
+def extract_answer(text):
+    """The final numeric answer of a solution, normalised (see normalize_number), or None. Uses the last
+    "The answer is N"; without one, the last number in the text (the usual GSM8K-style fallback)."""
+    found = _ANSWER_IS.findall(text)
+    if not found:
+        found = _NUMBER.findall(text)
+    return normalize_number(found[-1]) if found else None

@@ -1,0 +1,212 @@
+"""GPT-2-style byte-level BPE tokenizer (Radford et al. 2019, "Language Models are Unsupervised Multitask
+Learners", section 2.2; the algorithm is Sennrich et al. 2016's BPE applied to bytes).
+
+Encoding, exactly as GPT-2's ``encoder.py`` does for a given vocab.json + merges.txt pair:
+  1. pre-tokenise the text with GPT-2's regular expression (contractions, letter runs, digit runs,
+     punctuation runs, whitespace), so merges never cross those boundaries;
+  2. map each UTF-8 byte of a piece to a printable unicode character (``bytes_to_unicode``), so every
+     byte has a token and the vocabulary files stay printable text;
+  3. repeatedly merge the adjacent pair with the lowest merge rank until none applies.
+Because step 2 is a bijection on bytes, ``decode(encode(text)) == text`` for every string, including
+lone surrogates (carried through UTF-8 with ``surrogatepass``).
+
+Special tokens (``<|endoftext|>`` at least) are vocabulary entries that no byte or merge produces. As in
+GPT-2 (and tiktoken's ``encode_ordinary``), text that merely *looks* like ``<|endoftext|>`` is encoded as
+ordinary text unless the caller allows it, so a document cannot forge a document boundary.
+"""
+import json
+import os
+from functools import lru_cache
+
+import regex
+
+EOD_TOKEN = "<|endoftext|>"
+
+# GPT-2's pre-tokenisation pattern, verbatim from openai/gpt-2 src/encoder.py.
+GPT2_PATTERN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+
+
+@lru_cache(maxsize=None)
+def bytes_to_unicode():
+    """GPT-2's byte -> printable character map. Printable Latin-1 bytes map to themselves; the other 68
+    bytes (controls, space, soft hyphen...) are shifted to 256+ so no token string holds whitespace or a
+    control character. The order of this dict is also the id order of the 256 byte tokens in GPT-2's
+    vocabulary, which train_tokenizer reproduces."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+@lru_cache(maxsize=None)
+def _byte_translation():
+    # Latin-1 decoding turns byte b into chr(b); translate() then applies the GPT-2 map in C, which is
+    # several times faster than a per-byte Python lookup.
+    return {b: c for b, c in bytes_to_unicode().items()}
+
+
+def pretokenize(text):
+    """Split text into GPT-2 pre-tokens and return each as its byte-level (mapped) string."""
+    table = _byte_translation()
+    return [piece.encode("utf-8", "surrogatepass").decode("latin-1").translate(table)
+            for piece in GPT2_PATTERN.findall(text)]
+
+
+def read_vocab_files(directory):
+    """Read DIR/vocab.json and DIR/merges.txt; return (vocab dict, list of merge pairs). Errors name
+    the file and what is wrong with it."""
+    vocab_path = os.path.join(directory, "vocab.json")
+    merges_path = os.path.join(directory, "merges.txt")
+    for path in (vocab_path, merges_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tokenizer file {path} does not exist (a tokenizer directory holds "
+                                    f"vocab.json and merges.txt, as written by tools/train_tokenizer.py)")
+    try:
+        with open(vocab_path, encoding="utf-8") as f:
+            vocab = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{vocab_path} is not valid JSON: {e}") from None
+    if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+        raise ValueError(f"{vocab_path} must map token strings to integer ids")
+    merges = []
+    with open(merges_path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            # GPT-2's file starts with "#version: 0.2"; skip that and blank lines (the trailing newline).
+            if line_no == 1 and line.startswith("#version"):
+                continue
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 2:
+                raise ValueError(f"{merges_path} line {line_no}: expected two space-separated tokens, got {line!r}")
+            merges.append((parts[0], parts[1]))
+    return vocab, merges
+
+
+class Tokenizer:
+    """Byte-level BPE over a vocab (token string -> id) and an ordered merge list.
+
+    Public surface used by the trainer and tools: ``encode(str) -> list[int]``, ``decode(list[int]) ->
+    str``, ``eod`` (id of ``<|endoftext|>``), ``vocab_size`` (largest id + 1, special tokens included).
+    """
+
+    def __init__(self, vocab, merges, source="<memory>"):
+        self.encoder = dict(vocab)
+        self.decoder = {i: t for t, i in self.encoder.items()}
+        if len(self.decoder) != len(self.encoder):
+            raise ValueError(f"{source}: two tokens share one id")
+        self.byte_encoder = bytes_to_unicode()
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        missing = [c for c in self.byte_encoder.values() if c not in self.encoder]
+        if missing:
+            raise ValueError(f"{source}: vocabulary lacks {len(missing)} of the 256 byte tokens "
+                             f"(e.g. {missing[0]!r}); a byte-level vocabulary needs every byte")
+        self.bpe_ranks = {}
+        for rank, (a, b) in enumerate(merges):
+            if a + b not in self.encoder:
+                raise ValueError(f"{source}: merge {rank + 1} ({a!r} {b!r}) makes {a + b!r}, "
+                                 f"which is not in the vocabulary")
+            self.bpe_ranks[(a, b)] = rank   # a repeated pair keeps its last rank, as GPT-2's dict(zip()) does
+        if EOD_TOKEN not in self.encoder:
+            raise ValueError(f"{source}: vocabulary has no {EOD_TOKEN!r} token (the end-of-document id)")
+        producible = set(self.byte_encoder.values()) | {a + b for a, b in merges}
+        # Special tokens: entries no byte sequence can produce; encode() emits them only when allowed.
+        self.special_tokens = {t: i for t, i in self.encoder.items() if t not in producible or t == EOD_TOKEN}
+        self.eod = self.encoder[EOD_TOKEN]
+        self.vocab_size = max(self.encoder.values()) + 1
+        self._ids_cache = {}   # bounded to 500k pieces: a huge corpus must not exhaust memory
+
+    def bpe(self, word):
+        """Merge one mapped pre-token by rank; returns the list of token strings (GPT-2's bpe())."""
+        parts = list(word)
+        ranks = self.bpe_ranks
+        while len(parts) > 1:
+            # The lowest-ranked pair present is merged everywhere it occurs, left to right.
+            best, best_rank = None, None
+            for pair in zip(parts, parts[1:]):
+                r = ranks.get(pair)
+                if r is not None and (best_rank is None or r < best_rank):
+                    best, best_rank = pair, r
+            if best is None:
+                break
+            a, b = best
+            merged, i = [], 0
+            while i < len(parts):
+                if i < len(parts) - 1 and parts[i] == a and parts[i + 1] == b:
+                    merged.append(a + b)
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        return parts
+
+    def encode_ordinary(self, text):
+        """Encode text with no special-token handling (``<|endoftext|>`` in text is plain text)."""
+        # Hot loop of preprocessing: most pre-tokens repeat, so cache raw piece -> ids and skip both the
+        # byte mapping and the merge loop for them.
+        cache, ids = self._ids_cache, []
+        for piece in GPT2_PATTERN.findall(text):
+            piece_ids = cache.get(piece)
+            if piece_ids is None:
+                word = piece.encode("utf-8", "surrogatepass").decode("latin-1").translate(_byte_translation())
+                piece_ids = [self.encoder[t] for t in self.bpe(word)]
+                if len(cache) < 500_000:
+                    cache[piece] = piece_ids
+            ids += piece_ids
+        return ids
+
+    def encode(self, text, allowed_special=()):
+        """Encode text to ids. ``allowed_special`` lists special-token strings (or is "all") that are
+        mapped to their ids when they occur in text; by default none is, matching GPT-2."""
+        if allowed_special == "all":
+            allowed_special = self.special_tokens.keys()
+        allowed = [t for t in allowed_special if t in self.special_tokens]
+        unknown = [t for t in allowed_special if t not in self.special_tokens]
+        if unknown:
+            raise ValueError(f"not special tokens of this vocabulary: {unknown}; "
+                             f"valid: {sorted(self.special_tokens)}")
+        if not allowed:
+            return self.encode_ordinary(text)
+        splitter = regex.compile("(" + "|".join(regex.escape(t) for t in sorted(allowed, key=len, reverse=True)) + ")")
+        ids = []
+        for i, chunk in enumerate(splitter.split(text)):
+            if i % 2:
+                ids.append(self.special_tokens[chunk])
+            elif chunk:
+                ids.extend(self.encode_ordinary(chunk))
+        return ids
+
+    def decode(self, ids):
+        """Ids -> text. Invalid UTF-8 (e.g. a generation cut inside a character) decodes with U+FFFD."""
+        try:
+            tokens = [self.decoder[int(i)] for i in ids]
+        except KeyError as e:
+            raise ValueError(f"token id {e.args[0]} is outside the vocabulary (size {self.vocab_size})") from None
+        data = bytearray()
+        for t in tokens:
+            if t in self.special_tokens:
+                data += t.encode("utf-8")
+            else:
+                data += bytes(self.byte_decoder[c] for c in t)
+        try:
+            return data.decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError:
+            return data.decode("utf-8", "replace")
+
+    def token_to_id(self, token):
+        return self.encoder[token]
+
+
+def load_tokenizer(directory):
+    """Load DIR/vocab.json + DIR/merges.txt (GPT-2's format, as written by tools/train_tokenizer.py or
+    by OpenAI/Hugging Face for GPT-2) and return a :class:`Tokenizer` with ``encode(str) -> list[int]``,
+    ``decode(list[int]) -> str``, ``eod`` (the id of ``<|endoftext|>``) and ``vocab_size`` (largest id
+    + 1, special tokens included). Raises FileNotFoundError / ValueError naming the file at fault."""
+    vocab, merges = read_vocab_files(directory)
+    return Tokenizer(vocab, merges, source=os.path.join(directory, "vocab.json"))

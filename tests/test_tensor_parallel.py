@@ -99,6 +99,12 @@ def _mappings_and_rng(rank, world):
     assert torch.equal(w, torch.full((2, 2), 2.0))
     (w * (tp_rank + 1)).sum().backward()
     assert torch.equal(z.grad[:2], torch.ones(2, 2)) and torch.equal(z.grad[2:], torch.full((2, 2), 2.0))
+    # gather_from_tp_region joins the last dimension; its backward hands each rank its slice.
+    c = torch.full((2, 3), float(tp_rank), requires_grad=True)
+    joined = mappings.gather_from_tp_region(c)
+    assert joined.shape == (2, 6) and torch.equal(joined[:, 3:], torch.ones(2, 3))
+    (joined * torch.arange(6.0)).sum().backward()
+    assert torch.equal(c.grad, torch.arange(3.0).add(3 * tp_rank).expand(2, 3))
     # f: identity forward, all-reduce backward; g: all-reduce forward, identity backward.
     a = torch.ones(3, requires_grad=True)
     mappings.copy_to_tp_region(a).mul(tp_rank + 1).sum().backward()

@@ -57,9 +57,10 @@ def _gather_last(x, group):
     if n == 1:
         return x
     x = x.contiguous()
-    out = torch.empty((n,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+    # The single-tensor all-gather joins along dim 0 (gloo wants exactly that shape); re-cut and join on -1.
+    out = torch.empty((n * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     _all_gather_single(out, x, group=group)
-    return torch.cat(out.unbind(0), dim=-1)
+    return torch.cat(out.chunk(n, dim=0), dim=-1)
 
 
 def _split_first(x, group):

@@ -66,7 +66,7 @@ def _sha256(path):
     return h.hexdigest()
 
 
-def _save_file(obj, path):
+def save_file(obj, path):
     tmp = path + ".tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -101,14 +101,14 @@ def save_checkpoint(root, iteration, chunks, optimizer, progress, cfg, keep_last
     opt_state = optimizer.param_state(named) if optimizer is not None else None
     if dp_rank == 0:
         model_file = f"model_{tag}.pt"
-        files[model_file] = _save_file({n: p.detach().cpu() for n, p in named}, os.path.join(tmp_dir, model_file))
+        files[model_file] = save_file({n: p.detach().cpu() for n, p in named}, os.path.join(tmp_dir, model_file))
         for n, p in named:
             index[n] = {**_tensor_meta(p, ps.get_tp_size()), "tp_rank": tp_rank, "file": model_file}
         if opt_state is not None:
             optim_file = f"optim_{tag}.pt"
-            files[optim_file] = _save_file(opt_state, os.path.join(tmp_dir, optim_file))
+            files[optim_file] = save_file(opt_state, os.path.join(tmp_dir, optim_file))
     rng_file = f"rng_rank{rank:05d}.pt"
-    files[rng_file] = _save_file(rng_states(), os.path.join(tmp_dir, rng_file))
+    files[rng_file] = save_file(rng_states(), os.path.join(tmp_dir, rng_file))
     if os.environ.get("MEGAGOPHER_FAULT_KILL_IN_SAVE") == str(iteration):
         # Fault injection for the resume tests: die like a SIGKILLed job, half-way through a save.
         os.kill(os.getpid(), 9)
@@ -131,7 +131,7 @@ def save_checkpoint(root, iteration, chunks, optimizer, progress, cfg, keep_last
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp_dir, final)
-        _write_latest(root, iteration)
+        write_latest(root, iteration)
         if keep_last:
             for old in list_checkpoints(root)[:-keep_last]:
                 shutil.rmtree(iter_dir(root, old), ignore_errors=True)
@@ -156,7 +156,7 @@ def layout():
             "world": dist.get_world_size()}
 
 
-def _write_latest(root, iteration):
+def write_latest(root, iteration):
     tmp = os.path.join(root, "latest.tmp")
     with open(tmp, "w") as f:
         f.write(f"{iteration}\n")

@@ -111,9 +111,10 @@ class Trainer:
         self.chunks = self._wrap(chunks)
         if reader.meta["has_optimizer"]:
             self.pending_optimizer = reader
-        if reader.meta["layout"] == ckpt.layout():  # the same ranks: continue their random streams exactly
-            rng = torch.load(os.path.join(reader.path, f"rng_rank{self.rank:05d}.pt"), weights_only=False)
-            ckpt.set_rng_states(rng)
+        rng_path = os.path.join(reader.path, f"rng_rank{self.rank:05d}.pt")
+        if reader.meta["layout"] == ckpt.layout() and os.path.exists(rng_path):
+            # The same ranks: continue their random streams exactly (another layout reseeds instead).
+            ckpt.set_rng_states(torch.load(rng_path, weights_only=False))
         if self.rank == 0:
             print(f"megagopher: resumed from {reader.path} (stage {self.stage_index}, step {self.stage_iteration}, "
                   f"iteration {self.iteration})", flush=True)

@@ -1,0 +1,156 @@
+"""Offline resharding: a checkpoint rewritten for another (tp, pp, vpp) layout, or as one file of full
+tensors, without launching processes.
+
+Checkpoint tensors are keyed by layout-independent names and recorded with their unpadded full shape and
+split dimension (training/checkpoint.py), so resharding is one rule per tensor: read it whole
+(CheckpointReader drops the vocabulary padding), re-pad the vocabulary for the new TP size (Megatron's
+multiple of make_vocab_size_divisible_by * tp), and cut it into tp equal slices along its split dimension.
+Pipeline stage p's file holds the parameters of the model chunks the trainer builds for it
+(megagopher/pipeline_parallel/stages.py: layers split evenly or by parallel.pp_layers, the embedding on the
+first virtual stage, the final norm and output head on the last, and with tied embeddings on a pipeline
+the last stage's copy of the word embeddings, saved under the embedding's name), in the trainer's order.
+
+The output has save_checkpoint's structure: ``OUT/iter_NNNNNNN/model_tpXX_ppYY.pt`` and
+``optim_tpXX_ppYY.pt`` (optimizer state by parameter name then state key, resharded by the same rule),
+``metadata.json`` (tensor index, sha256 per file) written last, then ``OUT/latest``. RNG files are not
+written (random streams belong to ranks, which a new layout does not have); the metadata says so, and its
+layout leaves dp and world open (null), so a resuming trainer never looks for them.
+"""
+import json
+import os
+import shutil
+import time
+
+import torch
+
+from megagopher.export.loading import model_config_of, open_checkpoint, run_config
+from megagopher.tensor_parallel.layers import pad_vocab_size
+from megagopher.training import checkpoint as ckpt
+
+VOCAB_PARALLEL = ("embedding.word.weight", "output_layer")
+
+
+def stage_names(names, cfg, pp, vpp=1, pp_layers=None):
+    """For each pipeline rank, the parameter names its file holds, in the order the trainer saves them.
+    The chunks are built as stages.build_model_chunks builds them, on the meta device (no memory), and
+    named as save_checkpoint names them; ``names`` (the checkpoint's) must be exactly the names they hold."""
+    from megagopher.model import GPTModel
+    from megagopher.pipeline_parallel.stages import stage_layer_ranges
+    ranges = stage_layer_ranges(cfg.num_layers, pp, vpp, pp_layers)
+    out = [[] for _ in range(pp)]
+    with torch.device("meta"):
+        for v, layer_range in enumerate(ranges):  # virtual stage v lives on pipeline rank v % pp
+            chunk = GPTModel(cfg, pre_process=v == 0, post_process=v == pp * vpp - 1, layer_range=layer_range)
+            out[v % pp] += [name for name, _ in ckpt.named_parameters([chunk])]
+    held = {name for stage in out for name in stage}
+    if held != set(names):
+        raise ValueError(f"the checkpoint's tensors do not match its model config: missing "
+                         f"{sorted(held - set(names))[:5]}, unexpected {sorted(set(names) - held)[:5]}")
+    return out
+
+
+def shard(full, name, entry, cfg, tp, tp_rank):
+    """``tp_rank``'s slice of the full tensor ``name`` under tensor parallelism ``tp``."""
+    dim = entry["partition_dim"]
+    if dim is None:
+        return full
+    size = full.shape[dim]
+    padded = pad_vocab_size(size, tp, cfg.make_vocab_size_divisible_by) if name in VOCAB_PARALLEL else size
+    if padded % tp:
+        raise ValueError(f"tensor {name} has {size} rows along its split dimension {dim}, not divisible by tp {tp}")
+    if padded > size:
+        pad_shape = list(full.shape)
+        pad_shape[dim] = padded - size
+        full = torch.cat([full, torch.zeros(pad_shape, dtype=full.dtype)], dim=dim)
+    return full.chunk(tp, dim=dim)[tp_rank].clone()
+
+
+def _check_layout(cfg, tp, pp, vpp):
+    from megagopher import parallel_state as ps
+    try:
+        ps.validate_layout(tp * pp, tp=tp, pp=pp, vpp=vpp, num_attention_heads=cfg.num_attention_heads,
+                           num_query_groups=cfg.num_query_groups)
+    except ps.ParallelConfigError as e:
+        raise ValueError(str(e)) from None
+
+
+def _metadata(reader, tp, pp, vpp, pp_layers, tensors, files, with_optimizer):
+    """save_checkpoint's metadata.json for the new layout; dp and world are left open (null)."""
+    config = dict(reader.meta["config"])
+    config["parallel"] = {**config.get("parallel", {}), "tp": tp, "pp": pp, "vpp": vpp, "pp_layers": pp_layers or []}
+    return {"format_version": ckpt.FORMAT_VERSION, "iteration": reader.meta["iteration"], "progress": reader.meta["progress"],
+            "layout": {"tp": tp, "pp": pp, "dp": None, "vpp": vpp, "world": None}, "config": config,
+            "tensors": tensors, "files": files, "has_optimizer": bool(with_optimizer),
+            "optimizer_scalars": reader.meta.get("optimizer_scalars") if with_optimizer else None,
+            "versions": reader.meta.get("versions"), "time": time.time(),
+            "rng": "dropped: convert_checkpoint writes no RNG state (a new layout has new ranks)",
+            "converted_from": {"path": os.path.abspath(reader.path), "layout": reader.meta.get("layout")}}
+
+
+def convert(checkpoint, output, tp, pp, vpp=1, pp_layers=None, optimizer=True):
+    """Writes ``checkpoint`` for layout (tp, pp, vpp) as a checkpoint root ``output``; returns the new
+    iteration directory."""
+    reader = open_checkpoint(checkpoint)
+    cfg = model_config_of(reader)
+    run = run_config(reader)
+    for key, value in (("tp", tp), ("pp", pp), ("vpp", vpp)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{key} {value!r} must be a positive integer")
+    _check_layout(cfg, tp, pp, vpp)
+    if pp_layers is None:  # the run's own split when it fits the new layout
+        saved = run.get("parallel", {}).get("pp_layers") or None
+        pp_layers = saved if saved and len(saved) in (pp, pp * vpp) and sum(saved) == cfg.num_layers else None
+    names = reader.names()
+    per_stage = stage_names(names, cfg, pp, vpp, pp_layers)
+    with_optimizer = optimizer and reader.meta.get("has_optimizer", False)
+
+    iteration = int(reader.meta["iteration"])
+    final = ckpt.iter_dir(output, iteration)
+    if os.path.realpath(final) == os.path.realpath(reader.path):
+        raise ValueError(f"--output {output} would overwrite the checkpoint being converted ({reader.path}); "
+                         "write to another directory")
+    tmp_dir = final + ".tmp"
+    if os.path.exists(tmp_dir):
+        shutil.rmtree(tmp_dir)
+    os.makedirs(tmp_dir)
+    files, tensors = {}, {}
+    for pp_rank, stage in enumerate(per_stage):
+        full = {name: reader.full_tensor(name) for name in dict.fromkeys(stage)}
+        opt_full = {name: {key: reader.full_tensor(name, "optim", key) for key in reader.optimizer_keys(name)}
+                    for name in full} if with_optimizer else None
+        for tp_rank in range(tp):
+            tag = f"tp{tp_rank:02d}_pp{pp_rank:02d}"
+            model_file = f"model_{tag}.pt"
+            shards = {n: shard(full[n], n, reader.meta["tensors"][n], cfg, tp, tp_rank) for n in stage}
+            files[model_file] = ckpt.save_file(shards, os.path.join(tmp_dir, model_file))
+            if with_optimizer:
+                state = {}
+                for n in stage:
+                    entry = reader.meta["tensors"][n]
+                    state[n] = {k: shard(v, n, entry, cfg, tp, tp_rank) for k, v in opt_full[n].items()}
+                files[f"optim_{tag}.pt"] = ckpt.save_file(state, os.path.join(tmp_dir, f"optim_{tag}.pt"))
+            for n in stage:  # later ranks overwrite the index entry of a duplicated name, as save_checkpoint does
+                entry = reader.meta["tensors"][n]
+                index = tensors.setdefault(n, {"full_shape": entry["full_shape"],
+                                               "partition_dim": entry["partition_dim"], "tp_size": tp})
+                index.setdefault("shards", {})[str(tp_rank)] = model_file
+
+    meta = _metadata(reader, tp, pp, vpp, pp_layers, tensors, files, with_optimizer)
+    with open(os.path.join(tmp_dir, "metadata.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp_dir, final)
+    ckpt.write_latest(output, iteration)
+    return final
+
+
+def to_full(checkpoint, path):
+    """Writes {name: full unpadded tensor} of every model tensor to ``path`` (torch.save); returns the
+    number of tensors."""
+    reader = open_checkpoint(checkpoint)
+    full = {name: reader.full_tensor(name).clone() for name in reader.names()}
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    ckpt.save_file(full, path)
+    return len(full)

@@ -1,0 +1,168 @@
+"""megagopher.evaluate: final-answer accuracy on math word problems from known generations, the
+multiple-choice scorer's row formats and its choice of the most likely answer (raw and per byte), and
+end-to-end runs on a tiny trained checkpoint that append their "eval" line to the run's metrics.jsonl."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megagopher import evaluate as ev
+from megagopher.data.bpe_trainer import count_words, train_bpe, write_tokenizer_files
+from megagopher.data.math_problems import make_math_splits
+from megagopher.data.tokenizer import load_tokenizer
+from megagopher.export.loading import model_config_of, open_checkpoint
+from megagopher.model import GPTModel
+from megagopher.training.checkpoint import load_weights
+from train_utils import ROOT, read_metrics, run_train, write_config
+
+
+def test_math_accuracy_from_known_generations():
+    rows = [{"question": "q1", "answer": "1200.5"}, {"question": "q2", "answer": "7"},
+            {"question": "q3", "answer": "3"}, {"question": "q4", "answer": "10"}, {"question": "q5", "answer": "4"}]
+    generations = {
+        "q1\n": "So 1,000 + 200.50 = $1,200.50.\nThe answer is $1,200.50.\n",  # normalised: right
+        "q2\n": "It is 3 + 4 = 7.\nThe answer is 8.",                           # the final answer counts: wrong
+        "q3\n": "No number at all",                                             # nothing to extract: wrong
+        "q4\n": "Two tens make 10",                                             # the last number: right
+        "q5\n": "The answer is 4.0",                                            # 4.0 == 4: right
+    }
+    seen = []
+    result = ev.math_accuracy(rows, lambda prompt: generations[prompt], seen.append)
+    assert result == {"accuracy": 3 / 5, "correct": 3, "examples": 5}
+    assert [r["correct"] for r in seen] == [True, False, False, True, True]
+    assert seen[0]["predicted"] == "1200.5" and seen[2]["predicted"] is None
+    with pytest.raises(ValueError, match="'question' and 'answer'"):
+        ev.math_accuracy([{"text": "x"}], lambda p: "")
+
+
+def test_choice_row_formats():
+    expected = ("Which is a metal?", ["wood", "iron", "glass"], 1)
+    for row in (
+        {"question": "Which is a metal?", "choices": ["wood", "iron", "glass"], "answer": 1},
+        {"question": "Which is a metal?", "choices": ["wood", "iron", "glass"], "answer": "B"},
+        {"question": "Which is a metal?", "choices": ["wood", "iron", "glass"], "answer": "iron"},
+        {"question_stem": "Which is a metal?", "choices": {"text": ["wood", "iron", "glass"], "label": ["1", "2", "3"]},
+         "answerKey": "2"},
+        {"question": {"stem": "Which is a metal?", "choices": [{"text": "wood", "label": "A"},
+                                                               {"text": "iron", "label": "B"},
+                                                               {"text": "glass", "label": "C"}]}, "answerKey": "B"},
+    ):
+        assert ev.parse_choice_row(row) == expected
+    with pytest.raises(ValueError, match=r"row 3: answer 'Z' is none of the labels"):
+        ev.parse_choice_row({"question": "q", "choices": ["a", "b"], "answer": "Z"}, 3)
+    with pytest.raises(ValueError, match="at least two texts"):
+        ev.parse_choice_row({"question": "q", "choices": ["a"], "answer": 0})
+
+
+def test_choice_accuracy_picks_the_most_likely_choice():
+    rows = [{"question": "q", "choices": ["a", "a much longer answer"], "answer": 1},
+            {"question": "r", "choices": ["x", "y", "z"], "answer": 2}]
+    logliks = {("q", " a"): -3.0, ("q", " a much longer answer"): -6.0,            # raw picks 0, per byte picks 1
+               ("r", " x"): -5.0, ("r", " y"): -4.0, ("r", " z"): -1.0}
+    seen = []
+    result = ev.choice_accuracy(rows, lambda c, x: logliks[(c, x)], seen.append)
+    assert result["accuracy"] == 0.5 and result["accuracy_norm"] == 1.0 and result["examples"] == 2
+    assert [r["predicted"] for r in seen] == [0, 2] and [r["predicted_norm"] for r in seen] == [1, 2]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 2-step run whose config names a tokenizer trained on the math corpus, plus eval files."""
+    tmp = tmp_path_factory.mktemp("eval")
+    math_train, math_eval = make_math_splits(60, 3, seed=5)
+    tok_dir = str(tmp / "tok")
+    os.makedirs(tok_dir)
+    write_tokenizer_files(tok_dir, *train_bpe(count_words(r["text"] for r in math_train), 300))
+    vocab = load_tokenizer(tok_dir).vocab_size
+    run_dir = str(tmp / "run")
+    run_train(write_config(tmp), run_dir, f"--checkpoint.dir={tmp / 'ckpt'}", "--training.train_iters=2",
+              "--model.num_layers=2", "--model.seq_length=128", "--model.init_std=0.3",
+              f"--model.vocab_size={vocab}", f"--data.tokenizer_dir={tok_dir}")
+    with open(tmp / "math_eval.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in math_eval)
+    choice_rows = [
+        {"question": "Ava buys 3 pens at $2 each. How much does she spend?", "choices": ["6 dollars", "5", "a lot"],
+         "answer": "A"},
+        {"question_stem": "The machine makes toys.",
+         "choices": {"text": ["toys", "boxes of cups"], "label": ["A", "B"]}, "answerKey": "B"},
+    ]
+    with open(tmp / "choice.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in choice_rows)
+    return {"ckpt": str(tmp / "ckpt"), "run_dir": run_dir, "math": str(tmp / "math_eval.jsonl"),
+            "choice": str(tmp / "choice.jsonl"), "rows": math_eval, "choice_rows": choice_rows, "tok": tok_dir}
+
+
+def test_math_end_to_end_writes_the_eval_line(run):
+    metrics = os.path.join(run["run_dir"], "metrics.jsonl")
+    proc = subprocess.run([sys.executable, "-m", "megagopher.evaluate", "--checkpoint", run["ckpt"], "--task", "math",
+                           "--data", run["math"], "--limit", "2", "--max-new-tokens", "6", "--metrics", metrics,
+                           "--show", "2"], capture_output=True, text=True, timeout=180, cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shown = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(shown) == 2 and "accuracy" in proc.stdout.splitlines()[-1]
+    (line,) = read_metrics(run["run_dir"], event="eval")
+    assert line["task"] == "math" and line["iteration"] == 2 and line["examples"] == 2
+    assert line["accuracy"] == sum(r["correct"] for r in shown) / 2
+    # The same generations through the API: greedy after [eod] + question + newline.
+    from megagopher.generate import generate, load_model
+    lm = load_model(run["ckpt"])
+    tok = lm.tokenizer
+    for record, row in zip(shown, run["rows"]):
+        ids = [tok.eod] + tok.encode(row["question"] + "\n")
+        assert record["generated"] == tok.decode(generate(lm, ids, 6, eod=tok.eod))
+        assert record["expected"] == row["answer"]
+
+
+def test_choice_end_to_end_against_manual_log_likelihoods(run, capsys):
+    metrics = os.path.join(run["run_dir"], "eval_choice.jsonl")
+    assert ev.main(["--checkpoint", run["ckpt"], "--task", "choice", "--data", run["choice"], "--metrics", metrics,
+                    "--show", "5"]) == 0
+    out = capsys.readouterr().out
+    shown = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    reader = open_checkpoint(run["ckpt"])
+    model = GPTModel(model_config_of(reader))
+    load_weights(reader, [model])
+    model.eval()
+    tok = load_tokenizer(run["tok"])
+    correct = correct_norm = 0
+    for record, row in zip(shown, run["choice_rows"]):
+        question, texts, answer = ev.parse_choice_row(row)
+        manual = []
+        for text in texts:
+            context, continuation = [tok.eod] + tok.encode(question), tok.encode(" " + text)
+            with torch.no_grad():
+                logits = model(torch.tensor([context + continuation]))[0, :, :tok.vocab_size].double()
+            logp = torch.log_softmax(logits, -1)
+            manual.append(sum(float(logp[len(context) - 1 + i, t]) for i, t in enumerate(continuation)))
+        assert record["scores"] == pytest.approx(manual, abs=1e-4)
+        assert record["predicted"] == max(range(len(texts)), key=manual.__getitem__)
+        per_byte = [m / len((" " + t).encode()) for m, t in zip(manual, texts)]
+        correct += record["predicted"] == answer
+        correct_norm += max(range(len(texts)), key=per_byte.__getitem__) == answer
+    (line,) = [json.loads(s) for s in open(metrics)]
+    assert line["event"] == "eval" and line["task"] == "choice" and line["iteration"] == 2
+    assert line["accuracy"] == correct / 2 and line["accuracy_norm"] == correct_norm / 2
+
+
+def test_cli_errors(run, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": "1"}\n{"question": "q"}\n')
+    assert ev.main(["--checkpoint", run["ckpt"], "--task", "math", "--data", str(bad)]) == 2
+    assert "row 1: a math row needs 'question' and 'answer'" in capsys.readouterr().err
+    assert ev.main(["--checkpoint", run["ckpt"], "--task", "choice", "--data", str(bad)]) == 2
+    assert "row 0: 'choices' must hold at least two texts" in capsys.readouterr().err
+    assert ev.main(["--checkpoint", run["ckpt"], "--task", "math", "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+
+
+def test_generate_text_prompt_uses_the_run_tokenizer(run, capsys):
+    from megagopher import generate as gen
+    assert gen.main(["--checkpoint", run["ckpt"], "--prompt", "Ava buys 3 pens", "--max-new-tokens", "5"]) == 0
+    printed = capsys.readouterr().out
+    lm = gen.load_model(run["ckpt"])
+    new = gen.generate(lm, lm.tokenizer.encode("Ava buys 3 pens"), 5)
+    assert printed == lm.tokenizer.decode(new) + "\n"

@@ -1,0 +1,45 @@
+#!/usr/bin/env python3
+"""Export a megagopher checkpoint as a Hugging Face transformers model directory (ARCHITECTURE 4.6).
+
+    python tools/export_hf.py --checkpoint DIR --output OUT [--format llama|gpt_neox|gpt2] [--dtype fp32|bf16|fp16]
+
+DIR is a checkpoint root (``latest`` names the newest) or an iter_NNNNNNN directory, saved under any
+layout. OUT receives config.json, model.safetensors and, when the run had a tokenizer, vocab.json,
+merges.txt, tokenizer_config.json and special_tokens_map.json; ``AutoModelForCausalLM.from_pretrained(OUT)``
+loads it. The format is chosen from the model (see megagopher/export/hf.py); --format forces one and fails
+with the reasons when it cannot express the model.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--format", choices=("llama", "gpt_neox", "gpt2"), default=None,
+                   help="force a format (default: the one that expresses the model)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="weights' dtype (default: the checkpoint's)")
+    p.add_argument("--tokenizer-dir", default=None, help="tokenizer to write (default: the run's data.tokenizer_dir)")
+    p.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer files")
+    args = p.parse_args(argv)
+    import torch
+    from megagopher.export.hf import export_hf
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
+    try:
+        fmt, path = export_hf(args.checkpoint, args.output, args.format, dtype, args.tokenizer_dir,
+                              tokenizer=not args.no_tokenizer)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"export_hf: error: {e}", file=sys.stderr)
+        return 2
+    print(f"export_hf: wrote {args.output} ({fmt}) from {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,7 +3,11 @@
 Every function is differentiable and takes an optional ``backend=`` ("auto" | "triton" | "torch") that
 overrides ``use_backend``. Under "auto", CUDA tensors run the Triton kernels and CPU tensors the PyTorch
 references; an input the Triton kernel does not support falls back to PyTorch under "auto" and raises a
-clear error under "triton".
+clear error under "triton". "apex" (optional, see dispatch.py) runs NVIDIA apex's fused norms and softmax
+where it can and behaves as "auto" elsewhere.
+
+The Triton kernels live one op per module (attention, softmax, norms, rope, fused_swiglu,
+fused_cross_entropy), each with its autograd Function; triton_ops gathers them under the reference names.
 """
 from . import reference
 from .dispatch import Unsupported, current_backend, resolve, use_backend
@@ -13,7 +17,13 @@ __all__ = ["flash_attention", "scaled_masked_softmax", "rms_norm", "layer_norm",
 
 
 def _run(name, tensor, backend, args, kwargs):
-    which, strict = resolve(tensor, backend)
+    which, strict = resolve(tensor, backend, name)
+    if which == "apex":
+        from . import apex_ops  # only reached when NVIDIA apex is importable and the tensor is on CUDA
+        try:
+            return getattr(apex_ops, name)(*args, **kwargs)
+        except Unsupported:  # an input apex's kernels do not take: carry on as "auto"
+            which, strict = resolve(tensor, "auto", name)
     if which == "triton":
         from . import triton_ops  # imported lazily: importing triton must not be needed for the torch path
         try:

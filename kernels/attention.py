@@ -267,16 +267,16 @@ def _unit_last_stride(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _common_args(q, k):
-    b, sq, h, d = q.shape
-    sk, h_kv = k.shape[1], k.shape[2]
+def _meta(q, k):
+    """Constexprs shared by the launches, and the autotuning bucket of the sequence length."""
     dot_fp32 = dot_in_fp32(q.dtype)
-    return dict(HEAD_DIM=d, DOT_FP32=dot_fp32, PRECISION="ieee" if dot_fp32 else dot_precision(q.dtype)), \
-        (b, sq, h, d, sk, h_kv, next_pow2(max(sq, sk)))
+    meta = dict(HEAD_DIM=q.shape[-1], DOT_FP32=dot_fp32, PRECISION="ieee" if dot_fp32 else dot_precision(q.dtype))
+    return meta, next_pow2(max(q.shape[1], k.shape[1]))
 
 
 def _forward(q, k, v, causal, scale):
-    meta, (b, sq, h, d, sk, h_kv, bucket) = _common_args(q, k)
+    (b, sq, h, d), (sk, h_kv) = q.shape, k.shape[1:3]
+    meta, bucket = _meta(q, k)
     o = new_empty(q.shape, q.dtype, q.device)
     lse = new_empty((b, h, sq), torch.float32, q.device)
     grid = lambda cfg: (triton.cdiv(sq, cfg["BLOCK_M"]), b * h)
@@ -286,10 +286,12 @@ def _forward(q, k, v, causal, scale):
 
 
 def _backward(q, k, v, o, lse, do, causal, scale):
-    meta, (b, sq, h, d, sk, h_kv, bucket) = _common_args(q, k)
+    (b, sq, h, d), (sk, h_kv) = q.shape, k.shape[1:3]
+    meta, bucket = _meta(q, k)
     delta = new_empty((b, h, sq), torch.float32, q.device)
-    _bwd_delta_kernel[(triton.cdiv(sq, 64), b * h)](o, do, delta, *_strides(o), *_strides(do), h, sq,
-                                                   HEAD_DIM=d, BLOCK_M=64)
+    block_m = min(128, 8192 // d)  # two (block_m, d) fp32 tiles in registers
+    _bwd_delta_kernel[(triton.cdiv(sq, block_m), b * h)](o, do, delta, *_strides(o), *_strides(do), h, sq,
+                                                        HEAD_DIM=d, BLOCK_M=block_m)
     dq = new_empty(q.shape, q.dtype, q.device)
     dk = new_empty(k.shape, k.dtype, k.device)
     dv = new_empty(v.shape, v.dtype, v.device)

@@ -3,12 +3,17 @@
 "auto" (the default) runs Triton on CUDA tensors and PyTorch on CPU tensors; "triton" forces the Triton
 code (on CPU it needs the interpreter, TRITON_INTERPRET=1 set before triton is imported); "torch" runs the
 reference implementations. A per-call ``backend=`` argument overrides the context.
+
+"apex" is optional: NVIDIA apex's fused layer norm, RMS norm and Megatron softmax run when apex is
+importable and the tensor is on CUDA; every other case (another op, a CPU tensor, no apex, an input apex's
+kernels do not take) behaves as "auto". apex is never a dependency.
 """
 import contextlib
 import importlib.util
 import os
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch", "apex")
+APEX_OPS = ("layer_norm", "rms_norm", "scaled_masked_softmax")
 _current = ["auto"]
 
 
@@ -33,6 +38,21 @@ def triton_available():
     return importlib.util.find_spec("triton") is not None
 
 
+_apex = [None]  # cached answer of apex_available()
+
+
+def apex_available():
+    """NVIDIA's apex (not the unrelated PyPI package of the same name): its fused layer-norm extension."""
+    if _apex[0] is None:
+        try:
+            _apex[0] = (importlib.util.find_spec("apex") is not None
+                        and importlib.util.find_spec("apex.normalization") is not None
+                        and importlib.util.find_spec("fused_layer_norm_cuda") is not None)
+        except (ImportError, ValueError):
+            _apex[0] = False
+    return _apex[0]
+
+
 def interpreter_on():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -42,12 +62,16 @@ class Unsupported(ValueError):
     a fallback to PyTorch under "auto"."""
 
 
-def resolve(tensor, backend=None):
-    """Returns (backend, strict): which implementation to run for ``tensor``, and whether an unsupported
-    input must raise (an explicit "triton") rather than fall back (auto)."""
+def resolve(tensor, backend=None, op=None):
+    """Returns (backend, strict): which implementation to run for ``tensor`` (in op ``op``), and whether an
+    unsupported input must raise (an explicit "triton") rather than fall back (auto)."""
     name = backend or _current[0]
     if name not in BACKENDS:
         raise ValueError(f"kernels: unknown backend {name!r}; valid: {', '.join(BACKENDS)}")
+    if name == "apex":
+        if op in APEX_OPS and tensor.is_cuda and apex_available():
+            return "apex", False
+        name = "auto"
     if name == "torch":
         return "torch", False
     if name == "triton":

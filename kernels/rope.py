@@ -4,7 +4,8 @@ and backward, out of place or in place.
 With half = cos.shape[-1], channels [0, half) and [half, 2 half) of each head form the rotated pairs
 (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin); channels from 2 half on pass through unchanged (partial
 rotary, as in GPT-J/CodeGen's rotary_dim). The backward is the inverse rotation: the same kernel with sin
-negated. One program per token (b, s) covers all its heads, so cos/sin are read once per token.
+negated. Each program rotates a block of head vectors (b, s, h), reading their rows of the small cos/sin
+tables (which stay in cache).
 """
 import torch
 import triton
@@ -15,47 +16,48 @@ from .dispatch import Unsupported
 
 
 @triton.jit
-def _rope_kernel(X, Y, COS, SIN, SEQ, H, D, HALF,
+def _rope_kernel(X, Y, COS, SIN, ROWS, SEQ, H, D, HALF,
                  stride_xb, stride_xs, stride_xh, stride_yb, stride_ys, stride_yh, stride_cs,
                  INVERSE: tl.constexpr, COPY_REST: tl.constexpr,
-                 BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr):
-    pid = tl.program_id(0)
-    b = (pid // SEQ).to(tl.int64)
-    s = pid % SEQ
-    heads = tl.arange(0, BLOCK_H)
+                 BLOCK_R: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr):
+    # rows are the (b, s, h) head vectors in order; each program rotates BLOCK_R of them
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = r < ROWS
+    head = r % H
+    tok = r // H
+    s = tok % SEQ
+    b = (tok // SEQ).to(tl.int64)
+    x_row = X + b * stride_xb + s.to(tl.int64) * stride_xs + head * stride_xh
+    y_row = Y + b * stride_yb + s.to(tl.int64) * stride_ys + head * stride_yh
     j = tl.arange(0, BLOCK_HALF)
-    cos = tl.load(COS + s * stride_cs + j, mask=j < HALF, other=0.0).to(tl.float32)
-    sin = tl.load(SIN + s * stride_cs + j, mask=j < HALF, other=0.0).to(tl.float32)
+    ok = row_ok[:, None] & (j[None, :] < HALF)
+    cos = tl.load(COS + s[:, None] * stride_cs + j[None, :], mask=ok, other=0.0).to(tl.float32)
+    sin = tl.load(SIN + s[:, None] * stride_cs + j[None, :], mask=ok, other=0.0).to(tl.float32)
     if INVERSE:
         sin = -sin
-    x_tok = X + b * stride_xb + s * stride_xs
-    y_tok = Y + b * stride_yb + s * stride_ys
-    for h0 in range(0, H, BLOCK_H):
-        hh = h0 + heads
-        ok = (hh[:, None] < H) & (j[None, :] < HALF)
-        x_ptr = x_tok + hh[:, None] * stride_xh + j[None, :]
-        y_ptr = y_tok + hh[:, None] * stride_yh + j[None, :]
-        x1 = tl.load(x_ptr, mask=ok, other=0.0).to(tl.float32)
-        x2 = tl.load(x_ptr + HALF, mask=ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr, (x1 * cos[None, :] - x2 * sin[None, :]).to(Y.dtype.element_ty), mask=ok)
-        tl.store(y_ptr + HALF, (x2 * cos[None, :] + x1 * sin[None, :]).to(Y.dtype.element_ty), mask=ok)
-        if COPY_REST:  # out of place: the channels past the rotary part are copied through
-            for c0 in range(2 * HALF, D, BLOCK_REST):
-                c = c0 + tl.arange(0, BLOCK_REST)
-                ok_rest = (hh[:, None] < H) & (c[None, :] < D)
-                rest = tl.load(x_tok + hh[:, None] * stride_xh + c[None, :], mask=ok_rest, other=0.0)
-                tl.store(y_tok + hh[:, None] * stride_yh + c[None, :], rest.to(Y.dtype.element_ty), mask=ok_rest)
+    x1 = tl.load(x_row[:, None] + j[None, :], mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(x_row[:, None] + HALF + j[None, :], mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_row[:, None] + j[None, :], (x1 * cos - x2 * sin).to(Y.dtype.element_ty), mask=ok)
+    tl.store(y_row[:, None] + HALF + j[None, :], (x2 * cos + x1 * sin).to(Y.dtype.element_ty), mask=ok)
+    if COPY_REST:  # out of place: the channels past the rotary part are copied through
+        for c0 in range(2 * HALF, D, BLOCK_REST):
+            c = c0 + tl.arange(0, BLOCK_REST)
+            ok_rest = row_ok[:, None] & (c[None, :] < D)
+            rest = tl.load(x_row[:, None] + c[None, :], mask=ok_rest, other=0.0)
+            tl.store(y_row[:, None] + c[None, :], rest.to(Y.dtype.element_ty), mask=ok_rest)
 
 
 def _launch(x, y, cos, sin, inverse):
     b, s, h, d = x.shape
     half = cos.shape[-1]
+    rows = b * s * h
     block_half = next_pow2(half)
-    block_h = max(1, min(next_pow2(h), 4096 // block_half))  # about 4k elements of each half per step
+    block_r = max(1, min(next_pow2(rows), 2048 // block_half))  # about 2k elements of each half per program
     copy_rest = (x.data_ptr() != y.data_ptr()) and 2 * half < d
-    _rope_kernel[(b * s,)](x, y, cos, sin, s, h, d, half, *x.stride()[:3], *y.stride()[:3], cos.stride(0),
-                           INVERSE=inverse, COPY_REST=copy_rest, BLOCK_H=block_h, BLOCK_HALF=block_half,
-                           BLOCK_REST=min(next_pow2(max(d - 2 * half, 1)), 128))
+    _rope_kernel[(triton.cdiv(rows, block_r),)](
+        x, y, cos, sin, rows, s, h, d, half, *x.stride()[:3], *y.stride()[:3], cos.stride(0),
+        INVERSE=inverse, COPY_REST=copy_rest, BLOCK_R=block_r, BLOCK_HALF=block_half,
+        BLOCK_REST=min(next_pow2(max(d - 2 * half, 1)), 128))
 
 
 class RopeFunction(torch.autograd.Function):

@@ -16,22 +16,11 @@ from .dispatch import Unsupported, interpreter_on
 
 
 @triton.jit
-def _masked_scores(x_row, m_row, stride_mk, cols, row_i, scale, SEQ_K,
-                   HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr):
-    ok = cols < SEQ_K
-    s = tl.load(x_row + cols, mask=ok, other=0.0).to(tl.float32) * scale
-    keep = ok
-    if CAUSAL:
-        keep = keep & (cols <= row_i)
-    if HAS_MASK:
-        keep = keep & (tl.load(m_row + cols * stride_mk, mask=ok, other=1) == 0)
-    return tl.where(keep, s, float("-inf"))
-
-
-@triton.jit
 def _softmax_fwd_kernel(X, MASK, Y, scale, H, SEQ_Q, SEQ_K, stride_mb, stride_mh, stride_mq, stride_mk,
                         HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr,
                         SINGLE_BLOCK: tl.constexpr):
+    # The masked scores are computed inline in each pass rather than in a jitted helper: a helper call
+    # costs milliseconds each under the interpreter, where the tests run.
     row = tl.program_id(0)
     row_i = row % SEQ_Q
     bh = row // SEQ_Q
@@ -40,27 +29,51 @@ def _softmax_fwd_kernel(X, MASK, Y, scale, H, SEQ_Q, SEQ_K, stride_mb, stride_mh
     m_row = MASK + (bh // H).to(tl.int64) * stride_mb + (bh % H) * stride_mh + row_i.to(tl.int64) * stride_mq
     offs = tl.arange(0, BLOCK)
     if SINGLE_BLOCK:  # the row fits one block: it stays in registers
-        s = _masked_scores(x_row, m_row, stride_mk, offs, row_i, scale, SEQ_K, HAS_MASK, CAUSAL)
+        keep = offs < SEQ_K
+        s = tl.load(x_row + offs, mask=keep, other=0.0).to(tl.float32) * scale
+        if CAUSAL:
+            keep = keep & (offs <= row_i)
+        if HAS_MASK:
+            keep = keep & (tl.load(m_row + offs * stride_mk, mask=offs < SEQ_K, other=1) == 0)
+        s = tl.where(keep, s, float("-inf"))
         m = tl.max(s, 0)
         e = tl.exp(s - tl.where(m == float("-inf"), 0.0, m))  # a fully masked row: all exp(-inf) = 0
         l = tl.sum(e, 0)
         tl.store(y_row + offs, (e / tl.where(l > 0, l, 1.0)).to(Y.dtype.element_ty), mask=offs < SEQ_K)
     else:
-        m = float("-inf")
-        l = 0.0
+        # pass 1: online max and normaliser (Milakov & Gimelshein), kept per lane so the loop has no
+        # reductions; the lanes are combined once at the end.
+        m_lane = tl.full([BLOCK], float("-inf"), tl.float32)
+        l_lane = tl.zeros([BLOCK], tl.float32)
         hi = tl.minimum(SEQ_K, row_i + 1) if CAUSAL else SEQ_K  # causal: later keys add nothing
         for start in range(0, hi, BLOCK):
-            s = _masked_scores(x_row, m_row, stride_mk, start + offs, row_i, scale, SEQ_K, HAS_MASK, CAUSAL)
-            m_new = tl.maximum(m, tl.max(s, 0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe), 0)
-            m = m_new
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        inv_l = 1.0 / tl.where(l > 0, l, 1.0)
-        for start in range(0, SEQ_K, BLOCK):  # every element is written, zeros where masked
             cols = start + offs
-            s = _masked_scores(x_row, m_row, stride_mk, cols, row_i, scale, SEQ_K, HAS_MASK, CAUSAL)
-            tl.store(y_row + cols, (tl.exp(s - m_safe) * inv_l).to(Y.dtype.element_ty), mask=cols < SEQ_K)
+            keep = cols < SEQ_K
+            s = tl.load(x_row + cols, mask=keep, other=0.0).to(tl.float32) * scale
+            if CAUSAL:
+                keep = keep & (cols <= row_i)
+            if HAS_MASK:
+                keep = keep & (tl.load(m_row + cols * stride_mk, mask=cols < SEQ_K, other=1) == 0)
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_lane, s)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane masked so far stays at l = 0
+            l_lane = l_lane * tl.exp(m_lane - m_safe) + tl.exp(s - m_safe)
+            m_lane = m_new
+        m = tl.max(m_lane, 0)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        l = tl.sum(l_lane * tl.exp(m_lane - m_safe), 0)
+        # pass 2: every element is written, zeros where masked
+        inv_l = 1.0 / tl.where(l > 0, l, 1.0)
+        for start in range(0, SEQ_K, BLOCK):
+            cols = start + offs
+            keep = cols < SEQ_K
+            s = tl.load(x_row + cols, mask=keep, other=0.0).to(tl.float32) * scale
+            if CAUSAL:
+                keep = keep & (cols <= row_i)
+            if HAS_MASK:
+                keep = keep & (tl.load(m_row + cols * stride_mk, mask=cols < SEQ_K, other=1) == 0)
+            y = tl.where(keep, tl.exp(s - m_safe) * inv_l, 0.0)
+            tl.store(y_row + cols, y.to(Y.dtype.element_ty), mask=cols < SEQ_K)
 
 
 @triton.jit
@@ -140,8 +153,10 @@ def scaled_masked_softmax(x, mask=None, scale=1.0, causal=False):
         raise Unsupported(f"{op}: expected x of shape (b, h, sq, sk), got {tuple(x.shape)} ({DTYPE_NAMES[x.dtype]})")
     if mask is not None:
         try:
-            torch.broadcast_shapes(mask.shape, x.shape)
+            fits = torch.broadcast_shapes(mask.shape, x.shape) == x.shape
         except RuntimeError:
+            fits = False
+        if not fits:
             raise Unsupported(f"{op}: mask of shape {tuple(mask.shape)} does not broadcast to x {tuple(x.shape)}")
     check_nonempty(op, x)
     return ScaledMaskedSoftmaxFunction.apply(x.contiguous(), mask, float(scale), bool(causal))

@@ -132,6 +132,20 @@ def _mappings_and_rng(rank, world):
         torch.testing.assert_close(loss, ref.to(loss.dtype), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(shard.grad, ref_in.grad.chunk(2, dim=-1)[tp_rank], rtol=1e-6, atol=1e-6)
 
+    # The fused (Triton) local part gives the same loss and gradient as the PyTorch one; here it runs under
+    # the interpreter on CPU (conftest sets TRITON_INTERPRET=1 before triton is imported).
+    from megagopher import kernels
+    shard32 = full.float().chunk(2, dim=-1)[tp_rank].contiguous()
+    results = {}
+    for backend in ("torch", "triton"):
+        x = shard32.clone().requires_grad_()
+        with kernels.use_backend(backend):
+            loss = vocab_parallel_cross_entropy(x, labels, vocab_size=vocab, label_smoothing=0.1)
+        (loss * torch.arange(20.0).view(5, 4)).sum().backward()
+        results[backend] = (loss.detach(), x.grad)
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results["triton"][1], results["torch"][1], rtol=1e-5, atol=1e-6)
+
     # RNG streams: the tracker's differ across TP ranks and match across DP; the default one is shared.
     model_parallel_seed(99, tp_rank)
     with get_rng_tracker().fork():

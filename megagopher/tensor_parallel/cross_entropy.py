@@ -70,6 +70,50 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad.to(ctx.in_dtype), None, None, None, None, None
 
 
+class _FusedVocabParallelCrossEntropy(torch.autograd.Function):
+    """The same loss with this rank's part done by the fused Triton kernels (megagopher.kernels): one pass
+    over the shard for (max, sum of exp, target logit, sum of logits), and a backward that recomputes the
+    softmax blockwise from the global logsumexp instead of saving an fp32 softmax of the shard."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, vocab_size, label_smoothing, group, ignore_index):
+        from megagopher.kernels.fused_cross_entropy import vocab_parallel_local_stats
+        tp_rank = dist.get_rank(group) if group is not None else 0
+        local_v = logits.shape[-1]
+        start = tp_rank * local_v
+        n_real = max(0, min(local_v, vocab_size - start))
+        st = vocab_parallel_local_stats(logits, labels, start, n_real, ignore_index=ignore_index)
+        gmax = _all_reduce(st.max.clone(), dist.ReduceOp.MAX, group)
+        sum_exp = _all_reduce(st.sum_exp * torch.exp(st.max - gmax), dist.ReduceOp.SUM, group)
+        lse = gmax + sum_exp.log()
+        loss = lse - _all_reduce(st.target.clone(), dist.ReduceOp.SUM, group)
+        if label_smoothing > 0:
+            sum_z = _all_reduce(st.sum_logits.clone(), dist.ReduceOp.SUM, group)
+            loss = (1 - label_smoothing) * loss + label_smoothing * (lse - sum_z / vocab_size)
+        loss = loss.masked_fill(labels == ignore_index, 0.0)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.args = (start, n_real, ignore_index, label_smoothing, vocab_size)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        from megagopher.kernels.fused_cross_entropy import vocab_parallel_local_grad
+        logits, labels, lse = ctx.saved_tensors
+        start, n_real, ignore_index, eps, vocab_size = ctx.args
+        grad = vocab_parallel_local_grad(logits, labels, start, lse, grad_loss.contiguous(), n_real,
+                                         ignore_index=ignore_index, label_smoothing=eps, vocab_size=vocab_size)
+        return grad, None, None, None, None, None
+
+
+def _use_fused(logits):
+    """The fused local part runs where the kernels' dispatch picks Triton for cross entropy (CUDA tensors
+    under "auto"; CPU tensors under an explicit "triton", through the interpreter)."""
+    from megagopher.kernels import dispatch
+    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    return dispatch.resolve(logits, None, "cross_entropy")[0] == "triton"
+
+
 def vocab_parallel_cross_entropy(logits, labels, vocab_size=None, label_smoothing=0.0, group=None,
                                  ignore_index=-100):
     """Per-token fp32 loss (shape of ``labels``) from logits sharded over the last dim across TP.
@@ -85,5 +129,7 @@ def vocab_parallel_cross_entropy(logits, labels, vocab_size=None, label_smoothin
         raise ValueError(f"vocab_parallel_cross_entropy: vocab_size {vocab_size} outside (0, {total}]")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing = {label_smoothing} must be in [0, 1)")
-    return _VocabParallelCrossEntropy.apply(logits, labels, vocab_size, float(label_smoothing), group,
-                                            ignore_index)
+    args = (logits, labels, vocab_size, float(label_smoothing), group, ignore_index)
+    if _use_fused(logits):
+        return _FusedVocabParallelCrossEntropy.apply(*args)
+    return _VocabParallelCrossEntropy.apply(*args)

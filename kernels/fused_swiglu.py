@@ -15,7 +15,8 @@ BLOCK = 1024
 
 @triton.jit
 def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))  # exp(-x) overflows to inf for very negative x: 1 / inf = 0, as it should
+    e = tl.exp(-tl.abs(x))  # in (0, 1]: never overflows, whatever the sign of x
+    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 @triton.jit

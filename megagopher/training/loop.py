@@ -179,7 +179,7 @@ class Trainer:
                 raise NonFiniteLoss(f"non-finite loss {loss} at iteration {self.iteration} on rank(s) {bad_ranks}; "
                                     "stopping (training.nan_policy = 'skip' skips such steps instead)")
             optimizer.zero_grad()
-            return loss, False, float("nan")
+            return None, False, None
         updated, grad_norm = optimizer.step()
         return loss, updated, grad_norm
 

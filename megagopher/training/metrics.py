@@ -36,6 +36,11 @@ def peak_tflops(device_name):
     return None
 
 
+def _num(value, fmt):
+    """A number for the console line; '-' where a skipped step has none."""
+    return "-" if value is None else format(value, fmt)
+
+
 def _fmt_duration(seconds):
     if not math.isfinite(seconds):
         return "?"
@@ -80,8 +85,8 @@ class MetricsLogger:
         if stage_progress:
             done, total, per_step = stage_progress
             parts.append(f"iter {done}/{total}")
-        parts += [f"tokens {row['tokens']:,}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.3e}",
-                  f"grad norm {row['grad_norm']:.3f}"]
+        parts += [f"tokens {row['tokens']:,}", f"loss {_num(row['loss'], '.4f')}", f"lr {row['lr']:.3e}",
+                  f"grad norm {_num(row['grad_norm'], '.3f')}"]
         if row.get("loss_scale") is not None:
             parts.append(f"loss scale {row['loss_scale']:.0f}")
         parts += [f"skipped {row.get('skipped_total', int(row['skipped']))}",

@@ -133,3 +133,16 @@ def test_example_configs_are_valid_for_their_launchers(name, world):
     from train_utils import ROOT
     cfg = load_config(os.path.join(ROOT, "examples", "configs", f"{name}.toml"))
     assert validate_run(cfg, world, 32000) >= 1
+
+
+def test_batch_rampup_and_params_norm(tmp_path):
+    run_dir = str(tmp_path / "ramp")
+    run_train(write_config(tmp_path), run_dir, "--training.rampup_batch_size=[4, 4, 16]", "--training.train_iters=6",
+              "--training.log_params_norm=true")
+    rows = read_metrics(run_dir)
+    assert [r["global_batch_size"] for r in rows] == [4, 4, 4, 4, 8, 8]
+    assert [r["tokens"] for r in rows] == [16 * n for n in (4, 8, 12, 16, 24, 32)]
+    assert all(r["params_norm"] > 0 for r in rows)
+    with pytest.raises(ConfigError, match=r"rampup_batch_size = \[3, 5, 16\] passes through global batch size 3"):
+        cfg = load_config(write_config(tmp_path), {"training.rampup_batch_size": [3, 5, 16]})
+        validate_run(cfg, 1, 90)

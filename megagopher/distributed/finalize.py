@@ -5,8 +5,12 @@
 2. Tied embeddings across pipeline stages: the first stage's word embeddings and the last stage's
    output-head copy are one parameter; summing their gradients over the embedding group keeps both copies
    equal after every optimizer step (invariant 1 made them start equal).
-Data-parallel reduction of the gradients is the data-parallel wrapper's business (distributed/ddp.py),
-which runs before these.
+Data-parallel reduction of the gradients is the data-parallel wrapper's business (distributed/ddp.py):
+its ``finish_grad_sync`` runs first, then these two work on ``main_grad``. With the distributed optimizer
+only this rank's shards of main_grad are reduced at that point; summing whole gradients over TP or the
+embedding group is still right for those shards, because TP peers share a buffer layout and the tied
+embedding sits alone at the start of a bucket of the same size on both stages (param_and_grad_buffer.py).
+Unwrapped models (plain ``.grad``) work too.
 """
 import torch
 import torch.distributed as dist
@@ -33,6 +37,10 @@ def _all_reduce_coalesced(grads, group):
 def finalize_model_grads(model_chunks):
     """Sums sequence-parallel replicated gradients over TP and tied-embedding gradients over the embedding
     group. Collective over those groups: every rank calls it after its backward passes."""
+    for chunk in model_chunks:
+        if hasattr(chunk, "finish_grad_sync"):
+            chunk.finish_grad_sync()
+    model_chunks = [getattr(chunk, "module", chunk) for chunk in model_chunks]
     if not ps.is_initialized():
         return
     if ps.get_tp_size() > 1:
@@ -40,15 +48,16 @@ def finalize_model_grads(model_chunks):
                     if getattr(p, "sequence_parallel", False) and _grad(p) is not None]
         _all_reduce_coalesced(sp_grads, ps.get_tp_group())
     if ps.get_pp_size() > 1 and ps.get_embedding_group() is not None:
-        tied = [p for m in model_chunks for p in _tied_embedding_params(m)]
+        tied = [p for m in model_chunks for p in tied_embedding_params(m)]
         for p in tied:
             if _grad(p) is None:
                 p.grad = torch.zeros_like(p)
         _all_reduce_coalesced([_grad(p) for p in tied], ps.get_embedding_group())
 
 
-def _tied_embedding_params(model):
+def tied_embedding_params(model):
     """The word-embedding weight (first stage) or its output-head copy (last stage) of a tied model."""
+    model = getattr(model, "module", model)
     if not model.cfg.tie_embeddings:
         return []
     if model.pre_process:
@@ -56,3 +65,6 @@ def _tied_embedding_params(model):
     if model.post_process:
         return [model.output_layer]
     return []
+
+
+_tied_embedding_params = tied_embedding_params  # the older private name

@@ -1,88 +1,334 @@
-"""The optimizer step of a training iteration: global-norm clipping then AdamW.
+"""The optimizer step of a training iteration: mixed precision, ZeRO-1 sharding, global-norm clipping,
+AdamW. After Megatron-Core's Float16OptimizerWithFloat16Params and DistributedOptimizer, folded into one
+class because they differ only in *which part* of the flat buffers a rank updates.
 
 The trainer talks to it through a small interface, whatever the precision or sharding behind it:
-    scale_loss(loss)   the loss to backpropagate (a loss scaler multiplies here)
-    step()             -> (updated: bool, grad_norm: float); computes the global gradient norm
-                       (invariant 4), clips, and updates; returns updated=False for a skipped step
-    zero_grad(), set_lr(lr), loss_scale (None unless fp16), state_dict(), load_state_dict()
-Weight decay is not applied to biases and norm weights (every 1-D parameter), as in Megatron-LM.
+    scale_loss(loss)   the loss to backpropagate (the fp16 loss scaler multiplies here)
+    step()             -> (updated, grad_norm): unscales, checks for inf/NaN on every rank (fp16), computes
+                       the global gradient norm (invariant 4), clips, runs AdamW, writes the parameters
+                       back (all-gathering them under ZeRO-1). A skipped step returns (False, None).
+    zero_grad(), set_lr(lr), loss_scale (None unless fp16), params_norm(), state_dict(), load_state_dict()
+
+How it works. The data-parallel wrapper keeps each chunk's parameters and fp32 gradients in flat buffers
+(distributed/param_and_grad_buffer.py). The optimizer works on *shards*: contiguous ranges of those
+buffers. Without the distributed optimizer a rank's one shard is the whole buffer; with it (ZeRO-1,
+Rajbhandari et al. 2020) it is this rank's 1/dp of every bucket, whose gradient the reduce-scatter has
+just summed. Per shard it holds the fp32 master weights and Adam's two moments, flat, and updates them
+elementwise; weight decay is applied only to the ranges of matrices (never to biases and norm weights,
+as in Megatron-LM), and only ranges of parameters this rank "counts" enter the norm (clip.counts_once).
+
+Memory per parameter (Megatron's accounting; Korthikanti et al. keep the same table), d = data-parallel size:
+    precision  params  grads  master  moments    non-distributed   distributed
+    fp32         4       4      -        8           16              8 + 8/d
+    bf16/fp16    2       4      4        8           18              6 + 12/d
+fp32 models need no master copy: the fp32 parameters are updated in place.
 """
+import math
+
 import torch
+import torch.distributed as dist
 
+from megagopher import parallel_state as ps
+from megagopher.distributed.ddp import DistributedDataParallel
+from megagopher.distributed.param_and_grad_buffer import ParamAndGradBuffer, _all_gather_single
 from megagopher.optimizer.clip import clip_by_norm, counts_once, global_norm
+from megagopher.optimizer.grad_scaler import DynamicLossScaler
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
 
 
-def _params(model_chunks):
-    return [p for m in model_chunks for p in m.parameters() if p.requires_grad]
+def _merge(ranges):
+    """Joins touching [lo, hi) ranges (sorted) so the update runs one op per run of parameters."""
+    out = []
+    for lo, hi in ranges:
+        if out and out[-1][1] == lo:
+            out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return out
 
 
-def param_groups(params, weight_decay):
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+class _Shard:
+    """One contiguous range [start, end) of a buffer that this rank updates, and its optimizer state."""
+
+    def __init__(self, buffer, start, end):
+        self.buffer, self.start, self.end = buffer, start, end
+        self.model_params = buffer.param_data[start:end]
+        self.grad = buffer.grad_data[start:end]
+        if buffer.dtype == torch.float32:
+            self.master = self.model_params  # the fp32 parameters are their own master weights
+        else:
+            self.master = self.model_params.detach().float().clone()
+        self.exp_avg = torch.zeros_like(self.master)
+        self.exp_avg_sq = torch.zeros_like(self.master)
+        decay, counted = [], []
+        for p in sorted(buffer.params, key=lambda q: buffer.param_range[id(q)][0]):
+            p_lo, p_hi = buffer.param_range[id(p)]
+            lo, hi = max(p_lo, start) - start, min(p_hi, end) - start
+            if lo >= hi:
+                continue
+            if p.ndim > 1:
+                decay.append((lo, hi))
+            if counts_once(p):
+                counted.append((lo, hi))
+        self.decay_ranges, self.norm_ranges = _merge(decay), _merge(counted)
+
+    @property
+    def has_master_copy(self):
+        return self.master is not self.model_params
 
 
 class Optimizer:
-    """fp32 AdamW over the model's own parameters."""
+    """AdamW over the flat fp32 shards of the model chunks' buffers (see the module docstring)."""
 
-    loss_scale = None
+    def __init__(self, model_chunks, lr=3e-4, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, clip_grad=1.0,
+                 distributed=False, loss_scaler=None):
+        self.chunks = list(model_chunks)
+        self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, (beta1, beta2), eps
+        self.clip_grad, self.distributed, self.scaler = clip_grad, distributed, loss_scaler
+        self.buffers, self._unwrapped = [], []
+        for chunk in self.chunks:
+            if isinstance(chunk, DistributedDataParallel):
+                if chunk.use_distributed_optimizer != distributed:
+                    raise ValueError(f"optimizer.distributed = {distributed} but the model chunks were wrapped "
+                                     f"with distributed_optimizer={chunk.use_distributed_optimizer}")
+                self.buffers.append(chunk.buffer)
+            else:
+                # A model without the data-parallel wrapper: give it a local buffer (no communication)
+                # and copy its .grad in at step time.
+                if distributed and ps.get_dp_size() > 1:
+                    raise ValueError("optimizer.distributed = true needs the model chunks wrapped by "
+                                     "megagopher.distributed.wrap_data_parallel(..., distributed_optimizer=True)")
+                params = [p for p in chunk.parameters() if p.requires_grad]
+                buffer = ParamAndGradBuffer(params, expose_main_grad=False)
+                self.buffers.append(buffer)
+                self._unwrapped.append(buffer)
+        self.shards = [_Shard(b, lo, hi) for b in self.buffers for lo, hi in b.owned_ranges()]
+        # Shards of a distributed optimizer are disjoint across DP: norms and inf checks sum over DP too.
+        self._norm_groups = [ps.get_dp_cp_group()] if distributed and ps.get_dp_size() * ps.get_cp_size() > 1 \
+            else []
+        self.step_count = 0
 
-    def __init__(self, model_chunks, lr=3e-4, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, clip_grad=1.0):
-        self.params = _params(model_chunks)
-        self.clip_grad = clip_grad
-        self.inner = torch.optim.AdamW(param_groups(self.params, weight_decay), lr=lr, betas=(beta1, beta2),
-                                       eps=eps)
+    # -- the trainer's interface -------------------------------------------------------------------
+
+    @property
+    def loss_scale(self):
+        return self.scaler.scale if self.scaler is not None else None
 
     def scale_loss(self, loss):
-        return loss
+        return loss * self.scaler.scale if self.scaler is not None else loss
 
     def set_lr(self, lr):
-        for group in self.inner.param_groups:
-            group["lr"] = lr
+        self.lr = lr
 
     def zero_grad(self):
-        for p in self.params:
-            p.grad = None
+        for chunk in self.chunks:
+            if isinstance(chunk, DistributedDataParallel):
+                chunk.zero_grad_buffer()
+            else:
+                for p in chunk.parameters():
+                    p.grad = None
+        for buffer in self._unwrapped:
+            buffer.grad_data.zero_()
 
+    @torch.no_grad()
     def step(self):
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        norm = global_norm([p.grad for p in self.params if counts_once(p)])
-        clip_by_norm([p.grad for p in self.params], norm, self.clip_grad)
-        self.inner.step()
+        self._collect_unwrapped_grads()
+        grads = [s.grad for s in self.shards]
+        if self.scaler is not None:
+            for g in grads:
+                g.mul_(1.0 / self.scaler.scale)
+            found_inf = self._found_inf_anywhere(grads)
+            self.scaler.update(found_inf)
+            if found_inf:  # every rank agrees, so every rank skips, and the parameters stay replicated
+                return False, None
+        norm = global_norm([s.grad[lo:hi] for s in self.shards for lo, hi in s.norm_ranges], self._norm_groups)
+        clip_by_norm(grads, norm, self.clip_grad)
+        self.step_count += 1
+        for shard in self.shards:
+            self._adamw(shard)
+            if shard.has_master_copy:
+                shard.model_params.copy_(shard.master)
+        for buffer in self.buffers:
+            buffer.all_gather_params()
         return True, float(norm)
 
-    # -- checkpoint interface: per-parameter state in the parameter's own (TP-shard) shape, keyed by name,
-    # so a checkpoint can be resharded; plus scalars.
-    def param_state(self, named_params):
-        out = {}
-        for name, p in named_params:
-            st = self.inner.state.get(p, {})
-            out[name] = {k: v.detach().cpu() for k, v in st.items() if k in ("exp_avg", "exp_avg_sq")}
-        return out
+    @torch.no_grad()
+    def params_norm(self):
+        """The global L2 norm of the (master) parameters, each counted once. Collective."""
+        return float(global_norm([s.master[lo:hi] for s in self.shards for lo, hi in s.norm_ranges],
+                                 self._norm_groups))
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _collect_unwrapped_grads(self):
+        for buffer in self._unwrapped:
+            for p in buffer.params:
+                if p.grad is not None:
+                    lo, hi = buffer.param_range[id(p)]
+                    buffer.grad_data[lo:hi].copy_(p.grad.reshape(-1))
+
+    def _found_inf_anywhere(self, grads):
+        found = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else ps.get_device())
+        for g in grads:
+            found = torch.maximum(found, (~torch.isfinite(g)).any().float())
+        if ps.is_initialized():  # model-parallel x data-parallel covers every rank
+            for group in (ps.get_model_parallel_group(), ps.get_dp_cp_group()):
+                if dist.get_world_size(group) > 1:
+                    dist.all_reduce(found, op=dist.ReduceOp.MAX, group=group)
+        return bool(found.item())
+
+    def _adamw(self, s):
+        """Decoupled weight decay (Loshchilov & Hutter 2019), the same arithmetic as torch.optim.AdamW."""
+        lr, (beta1, beta2), t = self.lr, self.betas, self.step_count
+        if self.weight_decay:
+            for lo, hi in s.decay_ranges:
+                s.master[lo:hi].mul_(1.0 - lr * self.weight_decay)
+        s.exp_avg.lerp_(s.grad, 1.0 - beta1)
+        s.exp_avg_sq.mul_(beta2).addcmul_(s.grad, s.grad, value=1.0 - beta2)
+        denom = (s.exp_avg_sq.sqrt() / math.sqrt(1.0 - beta2 ** t)).add_(self.eps)
+        s.master.addcdiv_(s.exp_avg, denom, value=-lr / (1.0 - beta1 ** t))
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    # Two forms. state_dict() is this rank's shards as they are (resuming needs the same layout).
+    # param_state() is per parameter, in the parameter's (TP-shard) shape, gathered over DP: the
+    # layout-independent form training/checkpoint.py saves, which loads under another dp or without ZeRO-1.
 
     def scalar_state(self):
-        steps = [int(st["step"]) for st in self.inner.state.values() if "step" in st]
-        return {"step": max(steps) if steps else 0}
+        """The non-tensor state (JSON-able): the step count and the loss scaler's."""
+        return {"step": self.step_count, "loss_scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
+    def load_scalar_state(self, state):
+        if not state:
+            return
+        self.step_count = int(state["step"])
+        if self.scaler is not None and state.get("loss_scaler"):
+            self.scaler.load_state_dict(state["loss_scaler"])
+
+    @torch.no_grad()
+    def param_state(self, named_params):
+        """{name: {"master", "exp_avg", "exp_avg_sq": fp32 CPU tensors of the parameter's shape}} for the
+        given (name, parameter) pairs. Collective over DP under ZeRO-1 (every rank gets everything)."""
+        names = {id(p): n for n, p in named_params}
+        out = {}
+        for buffer in self.buffers:
+            full = self._full_state(buffer)
+            for p in buffer.params:
+                if id(p) in names:
+                    lo, hi = buffer.param_range[id(p)]
+                    out[names[id(p)]] = {k: full[k][lo:hi].view(p.shape).cpu().clone() for k in STATE_KEYS}
+        return out
+
+    @torch.no_grad()
     def load_param_state(self, named_params, state):
-        for name, p in named_params:
-            if state.get(name):
-                self.inner.state[p] = {k: v.to(p.device, torch.float32).clone() for k, v in state[name].items()}
+        """The inverse of param_state: each rank copies the parts of its shards it owns."""
+        names = {id(p): n for n, p in named_params}
+        for s in self.shards:
+            for p in s.buffer.params:
+                p_lo, p_hi = s.buffer.param_range[id(p)]
+                lo, hi = max(p_lo, s.start), min(p_hi, s.end)
+                if lo >= hi:
+                    continue
+                name = names.get(id(p))
+                if name not in state:
+                    raise KeyError(f"optimizer state has no entry for parameter {name or s.buffer.name(p)}")
+                for key in STATE_KEYS:
+                    saved = state[name][key].reshape(-1)[lo - p_lo:hi - p_lo]
+                    getattr(s, key)[lo - s.start:hi - s.start].copy_(saved)
 
-    def load_scalar_state(self, scalars):
-        for st in self.inner.state.values():
-            st["step"] = torch.tensor(float(scalars["step"]))
+    def _full_state(self, buffer):
+        """Flat fp32 master and moments for the whole buffer, all-gathered bucket by bucket under ZeRO-1."""
+        full = {}
+        for key in STATE_KEYS:
+            flat = torch.zeros(buffer.numel, dtype=torch.float32, device=buffer.grad_data.device)
+            for s in self.shards:
+                if s.buffer is buffer:
+                    flat[s.start:s.end] = getattr(s, key)
+            if buffer.shard and buffer.dp_size > 1:
+                for b in buffer.buckets:
+                    lo, hi = b.shard_range(buffer.dp_rank, buffer.dp_size)
+                    piece = flat[b.start:b.end]
+                    _all_gather_single(piece, piece[lo:hi].clone(), group=buffer.group)
+            full[key] = flat
+        return full
+
+    def _layout(self):
+        return {"distributed": self.distributed, "dp_size": ps.get_dp_size() * ps.get_cp_size(),
+                "shards": [(s.start, s.end) for s in self.shards],
+                "buffer_numel": [b.numel for b in self.buffers]}
 
     def state_dict(self):
-        return self.inner.state_dict()
+        """This rank's optimizer state as it is (its shards only, under ZeRO-1): fp32 master weights, Adam
+        moments, step count, loss-scaler state. The moments are references; a master that is a view of the
+        fp32 parameters is copied (saving a view would save the whole parameter buffer)."""
+        def shard_state(s):
+            return {"master": s.master if s.has_master_copy else s.master.clone(), "exp_avg": s.exp_avg,
+                    "exp_avg_sq": s.exp_avg_sq}
+        return {**self.scalar_state(), "layout": self._layout(), "dp_rank": ps.get_dp_rank(),
+                "shards": [shard_state(s) for s in self.shards]}
 
+    @torch.no_grad()
     def load_state_dict(self, state):
-        self.inner.load_state_dict(state)
+        if state["layout"] != self._layout():
+            raise ValueError(f"optimizer state was saved with layout {state['layout']}, this run has "
+                             f"{self._layout()}: state_dict() needs the same layout (dp, optimizer.distributed, "
+                             "model); param_state()/load_param_state() reshard")
+        for shard, saved in zip(self.shards, state["shards"]):
+            for key in STATE_KEYS:
+                getattr(shard, key).copy_(saved[key])
+        self.load_scalar_state(state)
+
+    def state_bytes(self):
+        """Bytes of the tensors the optimizer holds beyond the model's own (master copies, moments)."""
+        total = 0
+        for s in self.shards:
+            tensors = [s.exp_avg, s.exp_avg_sq] + ([s.master] if s.has_master_copy else [])
+            total += sum(t.numel() * t.element_size() for t in tensors)
+        return total
+
+
+def _require(cfg, section, key, ok, valid, default=None):
+    if key not in cfg:
+        if default is None:
+            raise ValueError(f"{section}.{key} is missing")
+        return default
+    value = cfg[key]
+    if isinstance(value, bool) != isinstance(default, bool) or not ok(value):
+        raise ValueError(f"{section}.{key} = {value!r} is invalid; valid: {valid}")
+    return value
 
 
 def build_optimizer(model_chunks, opt_cfg, training_cfg=None):
-    """``opt_cfg``: the resolved ``[optimizer]`` section (a dict)."""
-    return Optimizer(model_chunks, lr=opt_cfg["lr"], weight_decay=opt_cfg["weight_decay"], beta1=opt_cfg["beta1"],
-                     beta2=opt_cfg["beta2"], eps=opt_cfg["eps"], clip_grad=opt_cfg["clip_grad"])
+    """``opt_cfg``: the resolved ``[optimizer]`` section; ``training_cfg``: ``[training]`` (precision and
+    loss-scaler keys; fp32 when omitted). Call after wrap_data_parallel and after casting the chunks."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    o = {
+        "lr": _require(opt_cfg, "optimizer", "lr", lambda v: number(v) and v >= 0, "a number >= 0"),
+        "weight_decay": _require(opt_cfg, "optimizer", "weight_decay", lambda v: number(v) and v >= 0,
+                                 "a number >= 0", 0.0),
+        "beta1": _require(opt_cfg, "optimizer", "beta1", lambda v: number(v) and 0 <= v < 1, "0 <= beta1 < 1", 0.9),
+        "beta2": _require(opt_cfg, "optimizer", "beta2", lambda v: number(v) and 0 <= v < 1, "0 <= beta2 < 1",
+                          0.95),
+        "eps": _require(opt_cfg, "optimizer", "eps", lambda v: number(v) and v > 0, "a number > 0", 1e-8),
+        "clip_grad": _require(opt_cfg, "optimizer", "clip_grad", lambda v: number(v) and v >= 0,
+                              "a number >= 0 (0 disables clipping)", 1.0),
+        "distributed": _require(opt_cfg, "optimizer", "distributed", lambda v: isinstance(v, bool),
+                                "true or false", False),
+    }
+    t = dict(training_cfg or {})
+    precision = t.get("precision", "fp32")
+    if precision not in PRECISIONS:
+        raise ValueError(f"training.precision = {precision!r}; valid: {', '.join(map(repr, PRECISIONS))}")
+    dtypes = {p.dtype for c in model_chunks for p in c.parameters() if p.requires_grad}
+    if dtypes != {PRECISIONS[precision]}:
+        raise ValueError(f"training.precision = {precision!r} expects {PRECISIONS[precision]} parameters but the "
+                         f"model has {sorted(map(str, dtypes))}: cast the chunks (chunk.to(dtype)) before "
+                         "wrap_data_parallel and build_optimizer")
+    scaler = None
+    if precision == "fp16":
+        scaler = DynamicLossScaler(initial_scale=t.get("initial_loss_scale", 2.0 ** 16),
+                                   min_scale=t.get("min_loss_scale", 1.0),
+                                   growth_interval=t.get("loss_scale_window", 1000),
+                                   hysteresis=t.get("hysteresis", 2))
+    return Optimizer(model_chunks, loss_scaler=scaler, **o)

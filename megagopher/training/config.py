@@ -34,6 +34,7 @@ DEFAULTS = {
         "precision": "fp32", "recompute": "none", "recompute_num_layers": 0,
         "log_interval": 1, "eval_interval": 0, "eval_iters": 2,
         "rampup_batch_size": [],            # Megatron's --rampup-batch-size: [start, increment, samples]
+        "log_params_norm": False,           # add the global parameter norm to every metrics row
         "initial_loss_scale": 65536.0, "min_loss_scale": 1.0, "loss_scale_window": 1000, "hysteresis": 2,
         "device": "auto",                   # "auto" | "cpu" | "cuda"
         "kernel_backend": "auto",           # megagopher.kernels backend: "auto" | "triton" | "torch"

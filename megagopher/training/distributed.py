@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from megagopher import parallel_state as ps
+from megagopher.optimizer.batch_rampup import validate_rampup
 from megagopher.training.config import ConfigError, model_config, stage_config
 
 
@@ -37,17 +38,21 @@ def validate_run(cfg, world_size, vocab_size):
             if len(p["pp_layers"]) != p["pp"] or sum(p["pp_layers"]) != m["num_layers"]:
                 raise ConfigError(f"parallel.pp_layers = {p['pp_layers']} must have parallel.pp = {p['pp']} "
                                   f"entries summing to model.num_layers = {m['num_layers']}")
-        num_microbatches = t["global_batch_size"] // (t["micro_batch_size"] * dp)
         try:
-            from megagopher.pipeline_parallel.schedules import validate_schedule
-        except ImportError:
-            validate_schedule = None
-        if validate_schedule is not None:
+            validate_rampup(t["global_batch_size"], t["rampup_batch_size"], t["micro_batch_size"], dp)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        sizes = {t["global_batch_size"]}
+        if t["rampup_batch_size"]:
+            start, increment, _ = t["rampup_batch_size"]
+            sizes |= set(range(start, t["global_batch_size"], increment))
+        from megagopher.pipeline_parallel.schedules import validate_schedule
+        for size in sorted(sizes):
             try:
-                validate_schedule(p["schedule"], p["pp"], p["vpp"], num_microbatches)
+                validate_schedule(p["schedule"], p["pp"], p["vpp"], size // (t["micro_batch_size"] * dp))
             except ValueError as e:
-                raise ConfigError(f"{e} (training.global_batch_size = {t['global_batch_size']}, "
-                                  f"micro_batch_size = {t['micro_batch_size']}, dp = {dp})") from None
+                raise ConfigError(f"{e} (global batch size {size}, training.micro_batch_size = "
+                                  f"{t['micro_batch_size']}, dp = {dp})") from None
         if scfg["model"]["seq_length"] > model_config(cfg).max_position_embeddings and m["position_embedding"] == "learned":
             raise ConfigError(f"model.seq_length = {scfg['model']['seq_length']} exceeds "
                               f"model.max_position_embeddings = {m['max_position_embeddings']}")

@@ -28,8 +28,9 @@ import torch.distributed as dist
 from megagopher import kernels
 from megagopher import parallel_state as ps
 from megagopher.distributed import finalize_model_grads, wrap_data_parallel
-from megagopher.optimizer import LRSchedule, build_optimizer
-from megagopher.pipeline_parallel.schedules import forward_backward
+from megagopher.memory import memory_report
+from megagopher.optimizer import LRSchedule, build_optimizer, global_batch_size_at
+from megagopher.pipeline_parallel.schedules import forward_backward, forward_only
 from megagopher.pipeline_parallel.stages import build_model_chunks
 from megagopher.pipeline_parallel.trace import Tracer
 from megagopher.tensor_parallel import model_parallel_seed
@@ -60,6 +61,7 @@ class Trainer:
         model_parallel_seed(t["seed"], ps.get_tp_rank(), ps.get_pp_rank(), self.device)
         self.tracer = Tracer(enabled=p["trace"])
         self.iteration, self.consumed_tokens, self.stage_index, self.stage_iteration = 0, 0, 0, 0
+        self.stage_samples = 0  # samples consumed in the current stage: the data position (ramp-up aware)
         self.skipped_total = 0
         self.optimizer, self.pending_optimizer = None, None
         self.stop_requested = False
@@ -107,6 +109,7 @@ class Trainer:
         progress = reader.meta["progress"]
         self.iteration, self.consumed_tokens = progress["iteration"], progress["consumed_tokens"]
         self.stage_index, self.stage_iteration = progress["stage_index"], progress["stage_iteration"]
+        self.stage_samples = progress["stage_samples"]
         self.skipped_total = progress.get("skipped_total", 0)
         self.chunks = self._wrap(chunks)
         if reader.meta["has_optimizer"]:
@@ -144,7 +147,8 @@ class Trainer:
 
     def _progress(self):
         return {"iteration": self.iteration, "consumed_tokens": self.consumed_tokens, "stage_index": self.stage_index,
-                "stage_iteration": self.stage_iteration, "num_layers": self.num_layers,
+                "stage_iteration": self.stage_iteration, "stage_samples": self.stage_samples,
+                "num_layers": self.num_layers,
                 "skipped_total": self.skipped_total}
 
     def save(self):
@@ -157,9 +161,9 @@ class Trainer:
             print(f"megagopher: saved checkpoint {path}", flush=True)
 
     # -- one step ---------------------------------------------------------------------------------------
-    def train_step(self, dataset, scfg, consumed_samples):
+    def train_step(self, dataset, scfg, consumed_samples, gbs):
         t = scfg["training"]
-        gbs, mbs, seq = t["global_batch_size"], t["micro_batch_size"], scfg["model"]["seq_length"]
+        mbs, seq = t["micro_batch_size"], scfg["model"]["seq_length"]
         indices = data_lib.global_batch_indices(consumed_samples, gbs, ps.get_dp_rank(), self.dp)
         mbatches = data_lib.microbatches(dataset, indices, mbs, self.device)
         global_tokens = gbs * seq
@@ -212,19 +216,10 @@ class Trainer:
         for k in range(t["eval_iters"]):
             indices = data_lib.global_batch_indices(k * gbs, gbs, ps.get_dp_rank(), self.dp)
             mbatches = data_lib.microbatches(dataset, indices, mbs, self.device)
-            total += self._agree_on_step(self._forward_only(mbatches))[0]
+            total += self._agree_on_step(forward_only(self.chunks, mbatches))[0]
         for c in self.chunks:
             c.train()
         return total / (t["eval_iters"] * gbs * seq)
-
-    def _forward_only(self, mbatches):
-        if ps.get_pp_size() > 1:
-            from megagopher.pipeline_parallel.schedules import forward_only
-            return forward_only(self.chunks, mbatches)
-        total = torch.zeros(())
-        for mb in mbatches:
-            total = total + self.chunks[0](mb["tokens"], labels=mb["labels"]).float().sum().cpu()
-        return total
 
     # -- the run ----------------------------------------------------------------------------------------
     def _on_signal(self, signum, frame):
@@ -244,6 +239,10 @@ class Trainer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        if self.rank == 0:
+            report = memory_report(self.model_cfg, cfg["parallel"], cfg["training"], cfg["optimizer"],
+                                   world_size=self.world_size, device=self.device.type)
+            print(f"megagopher: {report['line']}", flush=True)
         logger = MetricsLogger(run_dir, self.rank == 0, cfg["run"]["tensorboard"], device_name,
                                resume_iteration=self.iteration)
         try:
@@ -285,10 +284,13 @@ class Trainer:
                 lr = schedule(self.stage_iteration)
                 self.optimizer.set_lr(lr)
                 start = time.perf_counter()
-                consumed = (self.stage_iteration - 1) * t["global_batch_size"]
-                loss, updated, grad_norm = self.train_step(train_ds, scfg, consumed)
+                gbs = global_batch_size_at(self.stage_samples, t["global_batch_size"], t["rampup_batch_size"],
+                                           t["micro_batch_size"], self.dp)
+                loss, updated, grad_norm = self.train_step(train_ds, scfg, self.stage_samples, gbs)
+                self.stage_samples += gbs
+                params_norm = self.optimizer.params_norm() if t["log_params_norm"] else None
                 step_time = time.perf_counter() - start
-                tokens = t["global_batch_size"] * seq
+                tokens = gbs * seq
                 self.consumed_tokens += tokens
                 self.skipped_total += int(not updated)
                 steps_done += 1
@@ -297,7 +299,9 @@ class Trainer:
                        "grad_norm": grad_norm, "loss_scale": self.optimizer.loss_scale, "skipped": not updated,
                        "tokens": self.consumed_tokens, "step_time_s": step_time, "tokens_per_s": tokens / step_time,
                        "tflops_per_device": flops_per_token * tokens / step_time / self.world_size / 1e12,
-                       "skipped_total": self.skipped_total}
+                       "skipped_total": self.skipped_total, "global_batch_size": gbs}
+                if params_norm is not None:
+                    row["params_norm"] = params_norm
                 console = self.stage_iteration % t["log_interval"] == 0 or self.stage_iteration == t["train_iters"]
                 memory = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
                 logger.log_step(row, console, (self.stage_iteration, t["train_iters"], per_step),
@@ -314,6 +318,6 @@ class Trainer:
                     return
                 if interval and self.iteration % interval == 0 and self.stage_iteration < t["train_iters"]:
                     self.save()
-            self.stage_iteration = 0
+            self.stage_iteration, self.stage_samples = 0, 0
             self.stage_index = stage_index + 1
             self.save()  # every stage ends with a checkpoint the next one (or a restart) starts from

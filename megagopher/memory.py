@@ -1,0 +1,272 @@
+"""Predicted memory per rank: parameters, gradients, optimizer state and activations, for a config.
+
+    report = memory_report(model_cfg, parallel, training, optimizer)   # the config's sections (dicts)
+    print(report["line"])                                              # bytes in report["params"], ...
+
+Model states follow Megatron's accounting (Korthikanti et al. 2022 and the Megatron-Core docs), which is
+what megagopher allocates (distributed/param_and_grad_buffer.py, optimizer/optimizer.py): parameters in
+the training dtype, fp32 gradients, fp32 master weights (bf16/fp16 only) and two fp32 Adam moments,
+the latter two divided by dp under the distributed optimizer.
+
+Activations are counted tensor by tensor from what megagopher's layers save for the backward pass with
+the fused (Triton) kernels, the path that runs on GPUs: a norm keeps its input and fp32 statistics,
+flash attention keeps q, k, v, its output and the log-sum-exp, the unfused path keeps the softmax output
+(and, with attention dropout, its mask and the dropped probabilities), every linear keeps its input, GeLU
+its input and SwiGLU both halves. Under sequence parallelism megagopher's column-parallel linears keep
+the *all-gathered* input, one copy per linear (Megatron-LM re-gathers it in the backward pass instead;
+see docs/memory.md). Korthikanti et al.'s sbh(34 + 5as/h) is the same count for GPT-3's layer with
+16-bit activations, 1-byte dropout masks and unfused attention; ``layer_activations`` itemises ours.
+
+Pipelining multiplies the per-micro-batch activations by the micro-batches a stage holds at once: the
+first stage of 1F1B and ZB-H1 holds min(pp, m), GPipe all m, the interleaved schedule
+(vpp - 1) * pp + 2 (pp - 1) + 1 micro-batch-chunks (Narayanan et al. 2021). Not counted: the pipeline's
+communication buffers, ZB-H1's deferred weight-gradient inputs, temporary buffers of the backward pass,
+allocator fragmentation.
+
+``saved_activation_bytes(fn)`` measures the same thing: the bytes of the distinct storages autograd saves
+while ``fn`` runs (torch.autograd.graph.saved_tensors_hooks), parameters excluded.
+"""
+import math
+
+import torch
+
+from megagopher.model.config import GPTConfig
+
+ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+# -- parameters ------------------------------------------------------------------------------------------
+
+def _padded_vocab(cfg, tp):
+    multiple = cfg.make_vocab_size_divisible_by * tp
+    return int(math.ceil(cfg.vocab_size / multiple) * multiple)
+
+
+def layer_params(cfg, tp=1):
+    """Parameters of one transformer layer on one TP rank."""
+    h, d, a, g, f = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_query_groups, cfg.ffn_hidden_size
+    norm = h * (2 if cfg.normalization == "layernorm" else 1)
+    qkv = (a + 2 * g) * d // tp
+    n = norm * (1 if cfg.parallel_residual else 2)
+    n += qkv * h + (qkv if cfg.bias else 0)                         # fused QKV, column-parallel
+    n += h * a * d // tp + (h if cfg.bias else 0)                   # output projection, row-parallel
+    up = 2 if cfg.activation == "swiglu" else 1
+    n += up * (f // tp * h + (f // tp if cfg.bias else 0))          # fc1 (and fc_up)
+    n += h * f // tp + (h if cfg.bias else 0)                       # fc2
+    return n
+
+
+def stage_params(cfg, tp, num_layers, pre_process, post_process, pp=1):
+    """Parameters of one pipeline rank (the sum over its chunks), as GPTModel builds them."""
+    h = cfg.hidden_size
+    n = num_layers * layer_params(cfg, tp)
+    vocab_rows = _padded_vocab(cfg, tp) // tp
+    if pre_process:
+        n += vocab_rows * h + (cfg.max_position_embeddings * h if cfg.position_embedding == "learned" else 0)
+    if post_process:
+        n += h * (2 if cfg.normalization == "layernorm" else 1)
+        if not cfg.tie_embeddings or not pre_process:
+            n += vocab_rows * h
+    return n
+
+
+# -- activations -----------------------------------------------------------------------------------------
+
+def layer_activations(cfg, s, b, tp=1, sp=False, recompute="none", e=2, mask_bytes=1):
+    """Bytes one transformer layer saves for the backward pass of one micro-batch, itemised.
+
+    e: bytes per activation element (2 for bf16/fp16, 4 for fp32); mask_bytes: bytes per dropout-mask
+    element (1 on CUDA, where dropout keeps a bool mask; e on CPU, which keeps a scaled float mask)."""
+    h, d, a, g, f = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_query_groups, cfg.ffn_hidden_size
+    sp = sp and tp > 1
+    n = s * b                       # tokens of the micro-batch
+    n_sp = n // tp if sp else n     # tokens a rank holds between the TP regions (norms, dropout, residual)
+    stats = 1 if cfg.normalization == "rmsnorm" else 2  # fp32 rstd (and mean) per token
+    norm = n_sp * h * e + stats * n_sp * 4
+    if recompute == "full":  # checkpoint() keeps only the layer's input
+        return {"layer input (full recompute)": n_sp * h * e}
+    swiglu = cfg.activation == "swiglu"
+    out = {"input norm (input, statistics)": norm}
+    if not cfg.parallel_residual:
+        out["post-attention norm (residual sum, statistics)"] = norm
+    # The column-parallel linears' inputs: each norm's output, or under SP one gathered copy per linear.
+    column_linears = 1 + (2 if swiglu else 1)
+    norms_feeding = 1 if cfg.parallel_residual else 2
+    out["column-parallel inputs"] = (column_linears if sp else norms_feeding) * n * h * e
+    rope, grouped = cfg.position_embedding == "rope", a != g
+    repeat_kv = cfg.core_attention == "unfused" and grouped and recompute != "selective"
+    if not repeat_kv:  # v (and k) are views of the projection's output, which therefore stays alive
+        out["qkv (projection output)"] = n * (a + 2 * g) * d // tp * e
+    if rope or grouped:  # q is a copy: rotated, or reshaped out of the grouped layout
+        out["q (rotated or regrouped copy)"] = n * a * d // tp * e
+    if rope:
+        out["k (rotated copy)"] = n * g * d // tp * e
+    if recompute != "selective":  # selective recompute keeps q, k, v and recomputes the rest of the core
+        heads = a // tp
+        if cfg.core_attention == "flash":
+            out["flash attention (output, log-sum-exp)"] = n * a * d // tp * e + b * heads * s * 4
+        else:
+            if repeat_kv:  # copies, saved by the matmuls instead of the projection's output
+                out["k, v repeated to every head"] = 2 * n * a * d // tp * e
+            out["softmax output"] = b * heads * s * s * e
+            if cfg.attention_dropout > 0:
+                out["attention dropout (mask, output)"] = b * heads * s * s * (mask_bytes + e)
+    # The projection's input is a copy of the attention output laid out [s, b, heads * d], except that with
+    # one sequence per micro-batch the flash output already has that layout (a view, counted above).
+    if not (cfg.core_attention == "flash" and b == 1 and recompute != "selective"):
+        out["output projection input"] = n * a * d // tp * e
+    out["MLP (activation input(s), fc2 input)"] = (3 if swiglu else 2) * n * f // tp * e
+    if cfg.dropout > 0:
+        out["hidden dropout masks"] = (1 if cfg.parallel_residual else 2) * n_sp * h * mask_bytes
+    return out
+
+
+def extra_activations(cfg, s, b, tp=1, sp=False, pre_process=True, post_process=True, e=2, mask_bytes=1):
+    """Bytes saved outside the transformer layers, per micro-batch: token ids and the embedding's masks
+    (first stage); rotary tables; final norm, output-layer input and the cross entropy's fp32 softmax
+    (last stage)."""
+    h = cfg.hidden_size
+    sp = sp and tp > 1
+    n = s * b
+    n_sp = n // tp if sp else n
+    vocab_rows = _padded_vocab(cfg, tp) // tp
+    out = {}
+    if pre_process:
+        ids = 8 * n + (n if tp > 1 else 0)  # int64 ids (over TP: this shard's local ids, and the outside mask)
+        if cfg.position_embedding == "learned":
+            ids += 8 * s
+        if cfg.dropout > 0:
+            ids += n_sp * h * mask_bytes
+        out["embedding (ids, masks)"] = ids
+    if cfg.position_embedding == "rope":
+        out["rotary tables"] = 2 * s * (cfg.rotary_dim // 2) * 4
+    if post_process:
+        stats = 1 if cfg.normalization == "rmsnorm" else 2
+        out["final norm"] = n_sp * h * e + stats * n_sp * 4
+        out["output layer input"] = n * h * e
+        out["cross entropy (fp32 softmax, labels)"] = n * vocab_rows * 4 + 8 * n + 2 * n + vocab_rows
+    return out
+
+
+def in_flight_microbatch_chunks(schedule, pp, vpp, num_microbatches, pp_rank=0):
+    """How many (micro-batch, chunk) activation sets pipeline rank ``pp_rank`` holds at its peak."""
+    m = num_microbatches
+    if pp == 1:
+        return 1
+    if schedule == "gpipe":
+        return m * vpp
+    if schedule == "interleaved" and vpp > 1:
+        return min(m * vpp, (pp - pp_rank - 1) * 2 + (vpp - 1) * pp + 1)
+    return min(pp - pp_rank, m)  # 1F1B, ZB-H1
+
+
+# -- the report ------------------------------------------------------------------------------------------
+
+def _as_config(model_cfg):
+    return model_cfg if isinstance(model_cfg, GPTConfig) else GPTConfig(**model_cfg)
+
+
+def _stage_layout(cfg, pp, vpp, pp_layers):
+    """For every pipeline rank: [(layers, pre_process, post_process)] of its chunks."""
+    from megagopher.pipeline_parallel.stages import stage_layer_ranges
+    ranges = stage_layer_ranges(cfg.num_layers, pp, vpp, pp_layers or None)
+    stages = [[] for _ in range(pp)]
+    for v, (start, end) in enumerate(ranges):
+        stages[v % pp].append((end - start, v == 0, v == pp * vpp - 1))
+    return stages
+
+
+def memory_report(model_cfg, parallel, training, optimizer, world_size=None, device=None, pp_rank=None):
+    """Predicted bytes per rank, for the pipeline rank that needs the most (or ``pp_rank``).
+
+    model_cfg: a GPTConfig or the [model] section; parallel, training, optimizer: the config's sections
+    (missing keys take megagopher's defaults). dp comes from parallel.dp, else from ``world_size``.
+    device: "cuda" or "cpu" (dropout masks are 1 byte per element on CUDA, an activation element on
+    CPU); default training.device, "auto" meaning CUDA when available.
+    Returns {"params", "grads", "optimizer", "activations", "total": bytes; "num_params": this rank's
+    parameter count; "pp_rank"; "activation_items": the per-micro-batch breakdown; "line": a summary}."""
+    cfg = _as_config(model_cfg)
+    p, t, o = dict(parallel or {}), dict(training or {}), dict(optimizer or {})
+    tp, pp, vpp, cp = p.get("tp", 1), p.get("pp", 1), p.get("vpp", 1), p.get("cp", 1)
+    dp = p.get("dp") or (world_size // (tp * pp * cp) if world_size else 1)
+    sp, schedule = p.get("sp", False), p.get("schedule", "1f1b")
+    precision = t.get("precision", "fp32")
+    if precision not in ELEMENT_BYTES:
+        raise ValueError(f"training.precision = {precision!r}; valid: {', '.join(map(repr, ELEMENT_BYTES))}")
+    recompute = t.get("recompute", "none")
+    if recompute not in ("none", "selective", "full"):
+        raise ValueError(f"training.recompute = {recompute!r}; valid: 'none', 'selective', 'full'")
+    recompute_layers = t.get("recompute_num_layers") or None
+    mbs, gbs = t.get("micro_batch_size", 1), t.get("global_batch_size", dp * t.get("micro_batch_size", 1))
+    num_microbatches = max(1, gbs // (mbs * dp))
+    distributed = o.get("distributed", False)
+    device = device or t.get("device", "auto")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    e = ELEMENT_BYTES[precision]
+    mask_bytes = 1 if str(device).startswith("cuda") else e
+    s, b = cfg.seq_length, mbs
+    param_bytes = e
+    state_bytes = 8 if precision == "fp32" else 12  # moments, plus the fp32 master copy for 16-bit params
+
+    reports = []
+    for rank, chunks in enumerate(_stage_layout(cfg, pp, vpp, p.get("pp_layers"))):
+        n_params = sum(stage_params(cfg, tp, layers, pre, post) for layers, pre, post in chunks)
+        per_chunk, items = [], {}
+        for layers, pre, post in chunks:
+            full = min(layers, recompute_layers or layers) if recompute == "full" else 0
+            chunk_items = {}
+            for count, mode in ((full, "full"), (layers - full, recompute if recompute != "full" else "none")):
+                for k, v in layer_activations(cfg, s, b, tp, sp, mode, e, mask_bytes).items():
+                    chunk_items[k] = chunk_items.get(k, 0) + count * v
+            for k, v in extra_activations(cfg, s, b, tp, sp, pre, post, e, mask_bytes).items():
+                chunk_items[k] = chunk_items.get(k, 0) + v
+            per_chunk.append(sum(chunk_items.values()))
+            for k, v in chunk_items.items():
+                items[k] = items.get(k, 0) + v
+        in_flight = in_flight_microbatch_chunks(schedule, pp, vpp, num_microbatches, rank)
+        # Chunks are held in turn; count the average chunk once per micro-batch-chunk in flight.
+        activations = int(sum(per_chunk) / len(per_chunk) * in_flight)
+        model_states = {"params": n_params * param_bytes, "grads": n_params * 4,
+                        "optimizer": n_params * state_bytes // (dp * cp if distributed else 1)}
+        total = sum(model_states.values()) + activations
+        reports.append({**model_states, "activations": activations, "total": total, "num_params": n_params,
+                        "pp_rank": rank, "in_flight": in_flight, "activation_items": items})
+    report = reports[pp_rank] if pp_rank is not None else max(reports, key=lambda r: r["total"])
+    report["line"] = _line(report, pp, dp, distributed, precision, recompute, schedule)
+    return report
+
+
+def _fmt(n):
+    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def _line(r, pp, dp, distributed, precision, recompute, schedule):
+    where = f" (pipeline rank {r['pp_rank']} of {pp}, {schedule}: {r['in_flight']} micro-batch(es) in flight)" \
+        if pp > 1 else ""
+    zero = f" (ZeRO-1 over dp {dp})" if distributed else ""
+    return (f"memory per rank{where}: params {_fmt(r['params'])} ({r['num_params'] / 1e6:.2f}M {precision}) "
+            f"+ grads {_fmt(r['grads'])} (fp32) + optimizer {_fmt(r['optimizer'])}{zero} "
+            f"+ activations {_fmt(r['activations'])} (recompute {recompute}) = {_fmt(r['total'])} predicted")
+
+
+# -- measurement -----------------------------------------------------------------------------------------
+
+def saved_activation_bytes(fn, exclude=()):
+    """Runs ``fn()`` and returns (its result, bytes of the distinct storages autograd saved for backward,
+    {storage: (bytes, shape, dtype)}). Tensors sharing storage with ``exclude`` (parameters) are skipped."""
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    seen = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in excluded and storage.nbytes():
+            seen[storage.data_ptr()] = (storage.nbytes(), tuple(tensor.shape), tensor.dtype)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = fn()
+    return result, sum(v[0] for v in seen.values()), seen

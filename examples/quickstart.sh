@@ -44,5 +44,5 @@ math = [r for r in rows if r.get("event") == "eval" and r.get("task") == "math"]
 print(f"final training loss {train[-1]['loss']:.4f} (iteration {train[-1]['iteration']}, stage {train[-1]['stage']}); "
       f"first {train[0]['loss']:.4f}")
 if math:
-    print(f"word-problem accuracy {100 * math[-1]['accuracy']:.1f}% on {math[-1].get('count', '?')} held-out problems")
+    print(f"word-problem accuracy {100 * math[-1]['accuracy']:.1f}% on {math[-1]['examples']} held-out problems")
 PYEND

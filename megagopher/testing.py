@@ -42,12 +42,27 @@ def _worker(rank, fn, world_size, port, result_dir, args, timeout_s):
             dist.destroy_process_group()
 
 
-def spawn(fn, world_size, *args, timeout_s=120):
-    """Runs fn(rank, world_size, *args) on ``world_size`` gloo ranks; returns the per-rank results."""
+def spawn(fn, world_size, *args, timeout_s=120, join_timeout_s=900):
+    """Runs fn(rank, world_size, *args) on ``world_size`` gloo ranks; returns the per-rank results.
+
+    A rank that fails alone can leave the others waiting in a collective; gloo's own timeout
+    (``timeout_s``) ends most such waits, and ``join_timeout_s`` bounds the whole run: past it every rank
+    is killed and the call fails, instead of hanging the test session."""
     import pickle
+    import time
     with tempfile.TemporaryDirectory() as result_dir:
-        mp.spawn(_worker, args=(fn, world_size, free_port(), result_dir, args, timeout_s), nprocs=world_size,
-                 join=True)
+        context = mp.start_processes(_worker, args=(fn, world_size, free_port(), result_dir, args, timeout_s),
+                                     nprocs=world_size, join=False, start_method="spawn")
+        deadline = time.monotonic() + join_timeout_s
+        try:
+            while not context.join(timeout=1.0):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"spawn: {world_size} ranks still running after {join_timeout_s} s")
+        except Exception:
+            for proc in context.processes:
+                if proc.is_alive():
+                    proc.kill()
+            raise
         results = []
         for rank in range(world_size):
             with open(os.path.join(result_dir, f"{rank}.pkl"), "rb") as f:

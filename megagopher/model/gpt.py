@@ -22,6 +22,7 @@ from megagopher.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
                                         checkpoint, gather_from_sp_region, gather_from_tp_region,
                                         get_rng_tracker, init_parameters, set_init,
                                         vocab_parallel_cross_entropy)
+from megagopher.pipeline_parallel.weight_grad import linear
 from megagopher.tensor_parallel.mappings import copy_to_tp_region
 
 
@@ -271,7 +272,7 @@ class GPTModel(nn.Module):
         x = self.final_norm(x)
         if self.tp_size > 1:
             x = gather_from_sp_region(x) if self.sp else copy_to_tp_region(x)
-        logits = F.linear(x, self.output_weight())  # [s, b, padded_vocab / tp]
+        logits = linear(x, self.output_weight())  # [s, b, padded_vocab / tp]; W deferrable under zb-h1
         if labels is None:
             return logits.transpose(0, 1)
         loss = vocab_parallel_cross_entropy(logits, labels.t(), vocab_size=self.cfg.vocab_size,

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megagopher import parallel_state as ps
+from megagopher.pipeline_parallel.weight_grad import linear  # F.linear, W-deferrable under ZB-H1
 from megagopher.tensor_parallel import mappings
 
 
@@ -105,10 +106,10 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x):
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
+            return linear(x, self.weight, self.bias)
         x = mappings.gather_from_sp_region(x, self.group) if self.sequence_parallel \
             else mappings.copy_to_tp_region(x, self.group)
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
         return mappings.gather_from_tp_region(y, self.group) if self.gather_output else y
 
 
@@ -138,10 +139,10 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x):
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
+            return linear(x, self.weight, self.bias)
         if not self.input_is_parallel:
             x = mappings.scatter_to_tp_region(x, self.group)
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)
         y = mappings.reduce_scatter_to_sp_region(y, self.group) if self.sequence_parallel \
             else mappings.reduce_from_tp_region(y, self.group)
         return y + self.bias if self.bias is not None else y

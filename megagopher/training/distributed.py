@@ -35,9 +35,11 @@ def validate_run(cfg, world_size, vocab_size):
                 where = f" (stage {stage['name']!r})" if len(cfg["stages"]) > 1 else ""
                 raise ConfigError(f"{e}{where}") from None
         if p["pp_layers"]:
-            if len(p["pp_layers"]) != p["pp"] or sum(p["pp_layers"]) != m["num_layers"]:
-                raise ConfigError(f"parallel.pp_layers = {p['pp_layers']} must have parallel.pp = {p['pp']} "
-                                  f"entries summing to model.num_layers = {m['num_layers']}")
+            if len(p["pp_layers"]) not in (p["pp"], p["pp"] * p["vpp"]) or sum(p["pp_layers"]) != m["num_layers"] \
+                    or min(p["pp_layers"]) < 1:
+                raise ConfigError(f"parallel.pp_layers = {p['pp_layers']} must have parallel.pp = {p['pp']} (or pp * "
+                                  f"vpp = {p['pp'] * p['vpp']}) positive entries summing to model.num_layers = "
+                                  f"{m['num_layers']}")
         try:
             validate_rampup(t["global_batch_size"], t["rampup_batch_size"], t["micro_batch_size"], dp)
         except ValueError as e:

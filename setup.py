@@ -14,7 +14,7 @@ setup(
     description="Megatron-style 3D-parallel pretraining with Triton kernels, proven correct on CPU",
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["megagopher", "megagopher.*"]) + ["megagopher.kernels"],
     package_dir={"megagopher.kernels": "kernels"},
     install_requires=[

@@ -65,16 +65,22 @@ def init_parameters(module, seed, tp_rank=None, tp_size=None):
     for name, param in module.named_parameters():
         if not hasattr(param, "full_shape"):
             continue
-        full = full_init_tensor(param, name, seed)
-        if param.partition_dim is not None:
-            dim = param.partition_dim
-            padded = param.shape[dim] * tp_size
-            if padded > full.shape[dim]:  # vocabulary padding: zero rows that no token ever uses
-                pad_shape = list(full.shape)
-                pad_shape[dim] = padded - full.shape[dim]
-                full = torch.cat([full, torch.zeros(pad_shape)], dim=dim)
-            full = full.chunk(tp_size, dim=dim)[tp_rank]
-        param.copy_(full.to(param.dtype))
+        param.copy_(take_shard(param, full_init_tensor(param, name, seed), tp_rank, tp_size).to(param.dtype))
+
+
+def take_shard(param, full, tp_rank, tp_size):
+    """This TP rank's slice of ``full`` (the unpadded whole of ``param``) along its split dimension, after
+    padding the vocabulary with zero rows that no token ever uses. Used for initialisation and for loading
+    a checkpoint saved under any layout."""
+    dim = getattr(param, "partition_dim", None)
+    if dim is None:
+        return full
+    padded = param.shape[dim] * tp_size
+    if padded > full.shape[dim]:
+        pad_shape = list(full.shape)
+        pad_shape[dim] = padded - full.shape[dim]
+        full = torch.cat([full, torch.zeros(pad_shape, dtype=full.dtype)], dim=dim)
+    return full.chunk(tp_size, dim=dim)[tp_rank]
 
 
 def pad_vocab_size(vocab_size, tp_size, divisible_by=128):

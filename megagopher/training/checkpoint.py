@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from megagopher import parallel_state as ps
+from megagopher.tensor_parallel.layers import take_shard
 from megagopher.tensor_parallel.random import get_rng_tracker
 
 FORMAT_VERSION = 1
@@ -242,16 +243,7 @@ class CheckpointReader:
 
 def shard_for(param, full):
     """This rank's slice of ``full`` for ``param`` under the current layout (re-padding the vocabulary)."""
-    dim = getattr(param, "partition_dim", None)
-    if dim is None:
-        return full
-    tp_size, tp_rank = ps.get_tp_size(), ps.get_tp_rank()
-    padded = param.shape[dim] * tp_size
-    if padded > full.shape[dim]:
-        pad_shape = list(full.shape)
-        pad_shape[dim] = padded - full.shape[dim]
-        full = torch.cat([full, torch.zeros(pad_shape, dtype=full.dtype)], dim=dim)
-    return full.chunk(tp_size, dim=dim)[tp_rank]
+    return take_shard(param, full, ps.get_tp_rank(), ps.get_tp_size())
 
 
 def load_weights(reader, chunks, name_map=None):

@@ -27,7 +27,9 @@ def validate_run(cfg, world_size, vocab_size):
             try:
                 dp = ps.validate_layout(
                     world_size, tp=p["tp"], pp=p["pp"], cp=p["cp"], vpp=p["vpp"], dp=p["dp"] or None,
-                    num_layers=None if p["pp_layers"] else num_layers, num_attention_heads=m["num_attention_heads"],
+                    # parallel.pp_layers places the configured layers; a grown model is split evenly.
+                    num_layers=None if p["pp_layers"] and num_layers == m["num_layers"] else num_layers,
+                    num_attention_heads=m["num_attention_heads"],
                     num_query_groups=m["num_query_groups"] or m["num_attention_heads"],
                     micro_batch_size=t["micro_batch_size"], global_batch_size=t["global_batch_size"],
                     seq_length=scfg["model"]["seq_length"], sequence_parallel=p["sp"])

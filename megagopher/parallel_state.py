@@ -31,7 +31,6 @@ class _State:
     vpp: int = 1
     coords: dict = field(default_factory=dict)  # this rank's tp/cp/dp/pp coordinates
     groups: dict = field(default_factory=dict)  # name -> (process group, list of global ranks)
-    virtual_pp_rank: int = 0
 
 
 _state = None
@@ -104,7 +103,7 @@ def initialize_model_parallel(tp=1, pp=1, vpp=1, cp=1):
         return list(buckets.values())
 
     specs = {"tp": ("tp",), "cp": ("cp",), "dp": ("dp",), "pp": ("pp",), "dp_cp": ("dp", "cp"),
-             "mp": ("tp", "pp"), "tp_cp": ("tp", "cp")}
+             "mp": ("tp", "pp")}
     # Every rank must create every group, in the same order (a requirement of new_group).
     for name, varying in specs.items():
         for ranks in all_ranks(varying):

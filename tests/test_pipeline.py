@@ -239,20 +239,20 @@ def _p2p_named_operations(rank, world):
         # Steady state of 1F1B: stage s sends its activation on and receives a gradient from s + 1, while
         # s + 1 sends that gradient back and receives the activation.
         if stage % 2 == 0 and not last:
-            got = p2p.send_forward_recv_backward(act, shape)
+            got = p2p.communicate(send_next=act, recv_next=True, shape=shape)[1]
             assert torch.equal(got, torch.full(shape, -11.0 - stage))
         elif stage % 2 == 1:
-            got = p2p.send_backward_recv_forward(grad, shape)
+            got = p2p.communicate(send_prev=grad, recv_prev=True, shape=shape)[0]
             assert torch.equal(got, torch.full(shape, 10.0 + stage - 1))
         # Both directions at once around the ring (the interleaved steady state), pp = 2 included.
-        from_prev, from_next = p2p.send_forward_backward_recv_forward_backward(
-            act, grad, recv_prev=True, recv_next=True, shape=shape)
+        from_prev, from_next = p2p.communicate(send_next=act, send_prev=grad, recv_prev=True, recv_next=True,
+                                              shape=shape)
         assert torch.equal(from_prev, torch.full(shape, 10.0 + (stage - 1) % pp))
         assert torch.equal(from_next, torch.full(shape, -10.0 - (stage + 1) % pp))
         if not last:
-            p2p.send_forward(act)
+            p2p.communicate(send_next=act)
         if not first:
-            assert torch.equal(p2p.recv_forward(shape), torch.full(shape, 10.0 + stage - 1))
+            assert torch.equal(p2p.communicate(recv_prev=True, shape=shape)[0], torch.full(shape, 10.0 + stage - 1))
         out.append(pp)
         ps.destroy_model_parallel()
     return out

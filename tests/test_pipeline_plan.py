@@ -19,7 +19,7 @@ from megagopher.pipeline_parallel import plan
 from megagopher.pipeline_parallel.plan import ScheduleError, validate_schedule
 from megagopher.pipeline_parallel.stages import stage_layer_ranges
 from megagopher.pipeline_parallel.trace import Tracer, bubble_fractions, load_events, to_chrome_trace
-from megagopher.pipeline_parallel.weight_grad import linear, store
+from megagopher.tensor_parallel.weight_grad import linear, store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEDULE_VPP = [("gpipe", 1), ("gpipe", 2), ("1f1b", 1), ("zb-h1", 1), ("interleaved", 1), ("interleaved", 2),

@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-DTYPES = ("fp32", "bf16", "fp16")
+from megagopher.common import PRECISION_DTYPES, PRECISIONS  # noqa: E402
 
 
 def main(argv=None):
@@ -24,13 +24,12 @@ def main(argv=None):
     p.add_argument("--output", required=True)
     p.add_argument("--format", choices=("llama", "gpt_neox", "gpt2"), default=None,
                    help="force a format (default: the one that expresses the model)")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="weights' dtype (default: the checkpoint's)")
+    p.add_argument("--dtype", choices=PRECISIONS, default=None, help="weights' dtype (default: the checkpoint's)")
     p.add_argument("--tokenizer-dir", default=None, help="tokenizer to write (default: the run's data.tokenizer_dir)")
     p.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer files")
     args = p.parse_args(argv)
-    import torch
     from megagopher.export.hf import export_hf
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
+    dtype = PRECISION_DTYPES.get(args.dtype)
     try:
         fmt, path = export_hf(args.checkpoint, args.output, args.format, dtype, args.tokenizer_dir,
                               tokenizer=not args.no_tokenizer)

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megagopher import parallel_state as ps
+from megagopher.common import unwrap_model
 
 
 def _grad(p):
@@ -40,7 +41,7 @@ def finalize_model_grads(model_chunks):
     for chunk in model_chunks:
         if hasattr(chunk, "finish_grad_sync"):
             chunk.finish_grad_sync()
-    model_chunks = [getattr(chunk, "module", chunk) for chunk in model_chunks]
+    model_chunks = [unwrap_model(chunk) for chunk in model_chunks]
     if not ps.is_initialized():
         return
     if ps.get_tp_size() > 1:
@@ -57,7 +58,7 @@ def finalize_model_grads(model_chunks):
 
 def tied_embedding_params(model):
     """The word-embedding weight (first stage) or its output-head copy (last stage) of a tied model."""
-    model = getattr(model, "module", model)
+    model = unwrap_model(model)
     if not model.cfg.tie_embeddings:
         return []
     if model.pre_process:
@@ -66,5 +67,3 @@ def tied_embedding_params(model):
         return [model.output_layer]
     return []
 
-
-_tied_embedding_params = tied_embedding_params  # the older private name

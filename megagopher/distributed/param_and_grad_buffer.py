@@ -32,9 +32,7 @@ import math
 import torch
 import torch.distributed as dist
 
-# torch >= 2.12 renamed the *_into_tensor collectives; keep both working.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+from megagopher.common import all_gather_single, reduce_scatter_single
 
 
 class Bucket:
@@ -140,7 +138,7 @@ class ParamAndGradBuffer:
         if self.shard:
             lo, hi = bucket.shard_range(self.dp_rank, self.dp_size)
             # In place: this rank's shard of the bucket receives the sum of everyone's copy of that shard.
-            bucket.work = _reduce_scatter_single(bucket.grad_data[lo:hi], bucket.grad_data, group=self.group,
+            bucket.work = reduce_scatter_single(bucket.grad_data[lo:hi], bucket.grad_data, group=self.group,
                                                  async_op=True)
         else:
             bucket.work = dist.all_reduce(bucket.grad_data, group=self.group, async_op=True)
@@ -185,7 +183,7 @@ class ParamAndGradBuffer:
         works = []
         for b in self.buckets:
             lo, hi = b.shard_range(self.dp_rank, self.dp_size)
-            works.append(_all_gather_single(b.param_data, b.param_data[lo:hi], group=self.group,
+            works.append(all_gather_single(b.param_data, b.param_data[lo:hi], group=self.group,
                                             async_op=True))
         for w in works:
             w.wait()

@@ -22,7 +22,7 @@ from megagopher.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
                                         checkpoint, gather_from_sp_region, gather_from_tp_region,
                                         get_rng_tracker, init_parameters, set_init,
                                         vocab_parallel_cross_entropy)
-from megagopher.pipeline_parallel.weight_grad import linear
+from megagopher.tensor_parallel.weight_grad import linear
 from megagopher.tensor_parallel.mappings import copy_to_tp_region
 
 

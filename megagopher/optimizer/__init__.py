@@ -3,7 +3,7 @@ from .batch_rampup import global_batch_size_at, validate_rampup
 from .clip import clip_by_norm, counts_once, global_norm
 from .grad_scaler import DynamicLossScaler
 from .lr_schedule import LRSchedule
-from .optimizer import PRECISIONS, Optimizer, build_optimizer
+from .optimizer import Optimizer, build_optimizer
 
-__all__ = ["Optimizer", "build_optimizer", "PRECISIONS", "DynamicLossScaler", "LRSchedule", "global_norm",
+__all__ = ["Optimizer", "build_optimizer", "DynamicLossScaler", "LRSchedule", "global_norm",
            "clip_by_norm", "counts_once", "global_batch_size_at", "validate_rampup"]

@@ -30,11 +30,11 @@ import torch.distributed as dist
 
 from megagopher import parallel_state as ps
 from megagopher.distributed.ddp import DistributedDataParallel
-from megagopher.distributed.param_and_grad_buffer import ParamAndGradBuffer, _all_gather_single
+from megagopher.common import PRECISION_DTYPES, all_gather_single
+from megagopher.distributed.param_and_grad_buffer import ParamAndGradBuffer
 from megagopher.optimizer.clip import clip_by_norm, counts_once, global_norm
 from megagopher.optimizer.grad_scaler import DynamicLossScaler
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
 
 
@@ -249,7 +249,7 @@ class Optimizer:
                 for b in buffer.buckets:
                     lo, hi = b.shard_range(buffer.dp_rank, buffer.dp_size)
                     piece = flat[b.start:b.end]
-                    _all_gather_single(piece, piece[lo:hi].clone(), group=buffer.group)
+                    all_gather_single(piece, piece[lo:hi].clone(), group=buffer.group)
             full[key] = flat
         return full
 
@@ -319,10 +319,10 @@ def build_optimizer(model_chunks, opt_cfg, training_cfg=None):
     t = dict(training_cfg or {})
     precision = t.get("precision", "fp32")
     if precision not in PRECISIONS:
-        raise ValueError(f"training.precision = {precision!r}; valid: {', '.join(map(repr, PRECISIONS))}")
+        raise ValueError(f"training.precision = {precision!r}; valid: {', '.join(map(repr, PRECISION_DTYPES))}")
     dtypes = {p.dtype for c in model_chunks for p in c.parameters() if p.requires_grad}
-    if dtypes != {PRECISIONS[precision]}:
-        raise ValueError(f"training.precision = {precision!r} expects {PRECISIONS[precision]} parameters but the "
+    if dtypes != {PRECISION_DTYPES[precision]}:
+        raise ValueError(f"training.precision = {precision!r} expects {PRECISION_DTYPES[precision]} parameters but the "
                          f"model has {sorted(map(str, dtypes))}: cast the chunks (chunk.to(dtype)) before "
                          "wrap_data_parallel and build_optimizer")
     scaler = None

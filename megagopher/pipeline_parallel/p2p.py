@@ -8,9 +8,9 @@ Every exchange is one ``batch_isend_irecv`` that posts its operations in a canon
 (send to next, receive from previous) before the gradient (send to previous, receive from next). Two
 neighbours therefore pair their messages the same way on gloo and on NCCL, even when pp = 2 makes the
 previous and the next stage the same rank; tags (0 activations, 1 gradients) separate them where the
-backend supports tags. ``communicate`` is Megatron's ``_communicate``; the named functions below are the
-combined operations of a 1F1B steady state (``send_forward_recv_backward`` and its mirror
-``send_backward_recv_forward``) and the one-way ones of warm-up and cool-down.
+backend supports tags. ``communicate`` is Megatron's ``_communicate``: one call covers the one-way exchanges of warm-up and
+cool-down and the combined ones of the steady state (Megatron's ``send_forward_recv_backward`` and its
+mirror are ``communicate(send_next=..., recv_next=True)`` and ``communicate(send_prev=..., recv_prev=True)``).
 
 ``communicate(..., wait=False)`` returns an ``Exchange`` whose ``wait()`` gives the received tensors: the
 schedules post sends and receives as soon as they know them and wait only when they use the data.
@@ -87,45 +87,3 @@ def communicate(send_next=None, send_prev=None, recv_prev=False, recv_next=False
     exchange = Exchange(works, from_prev, from_next, sends)
     return exchange.wait() if wait else exchange
 
-
-# The named operations (Megatron's names). Each is a single batched exchange.
-
-def send_forward(output, **kw):
-    communicate(send_next=output, **kw)
-
-
-def recv_forward(shape, dtype=torch.float32, **kw):
-    return communicate(recv_prev=True, shape=shape, dtype=dtype, **kw)[0]
-
-
-def send_backward(input_grad, **kw):
-    communicate(send_prev=input_grad, **kw)
-
-
-def recv_backward(shape, dtype=torch.float32, **kw):
-    return communicate(recv_next=True, shape=shape, dtype=dtype, **kw)[1]
-
-
-def send_forward_recv_backward(output, shape, dtype=torch.float32, **kw):
-    """1F1B steady state, after a forward: send its output on, receive the gradient of an earlier one."""
-    return communicate(send_next=output, recv_next=True, shape=shape, dtype=dtype, **kw)[1]
-
-
-def send_backward_recv_forward(input_grad, shape, dtype=torch.float32, **kw):
-    """1F1B steady state, after a backward: send its input gradient back, receive the next activation."""
-    return communicate(send_prev=input_grad, recv_prev=True, shape=shape, dtype=dtype, **kw)[0]
-
-
-def send_forward_recv_forward(output, recv_prev, shape, dtype=torch.float32, **kw):
-    return communicate(send_next=output, recv_prev=recv_prev, shape=shape, dtype=dtype, **kw)[0]
-
-
-def send_backward_recv_backward(input_grad, recv_next, shape, dtype=torch.float32, **kw):
-    return communicate(send_prev=input_grad, recv_next=recv_next, shape=shape, dtype=dtype, **kw)[1]
-
-
-def send_forward_backward_recv_forward_backward(output, input_grad, recv_prev, recv_next, shape,
-                                                dtype=torch.float32, **kw):
-    """Interleaved steady state: both directions at once; returns (activation, gradient)."""
-    return communicate(send_next=output, send_prev=input_grad, recv_prev=recv_prev, recv_next=recv_next,
-                       shape=shape, dtype=dtype, **kw)

@@ -22,17 +22,14 @@ import contextlib
 import torch
 
 from megagopher import parallel_state as ps
+from megagopher.common import unwrap_model
 from megagopher.pipeline_parallel import p2p
 from megagopher.pipeline_parallel.plan import (ScheduleError, build_plan, memory_bookkeeping, time_steps,
                                                validate_schedule)
-from megagopher.pipeline_parallel.weight_grad import store as weight_grad_store
+from megagopher.tensor_parallel.weight_grad import store as weight_grad_store
 
 __all__ = ["forward_backward", "forward_only", "forward_backward_no_pipelining", "validate_schedule",
            "ScheduleError", "memory_bookkeeping"]
-
-
-def _module(chunk):
-    return getattr(chunk, "module", chunk)
 
 
 def _no_sync(chunk, sync):
@@ -120,7 +117,7 @@ class _PipelineRuntime:
         self.table, self.split_backward = table, split_backward
         self.pp, self.rank, self.vpp = ps.get_pp_size(), ps.get_pp_rank(), len(chunks)
         self.num_virtual = self.pp * self.vpp
-        module = _module(chunks[0])
+        module = unwrap_model(chunks[0])
         params = [p for p in module.parameters() if p.is_floating_point()]
         self.dtype = dtype or (params[0].dtype if params else torch.float32)
         self.device = microbatches[0]["tokens"].device

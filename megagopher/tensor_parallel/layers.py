@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megagopher import parallel_state as ps
-from megagopher.pipeline_parallel.weight_grad import linear  # F.linear, W-deferrable under ZB-H1
+from megagopher.tensor_parallel.weight_grad import linear  # F.linear, W-deferrable under ZB-H1
 from megagopher.tensor_parallel import mappings
 
 

@@ -21,10 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megagopher import parallel_state as ps
-
-# torch >= 2.12 renamed the *_into_tensor collectives; keep both working.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+from megagopher.common import all_gather_single, reduce_scatter_single
 
 
 def _tp_group(group):
@@ -59,7 +56,7 @@ def _gather_last(x, group):
     x = x.contiguous()
     # The single-tensor all-gather joins along dim 0 (gloo wants exactly that shape); re-cut and join on -1.
     out = torch.empty((n * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    _all_gather_single(out, x, group=group)
+    all_gather_single(out, x, group=group)
     return torch.cat(out.chunk(n, dim=0), dim=-1)
 
 
@@ -78,7 +75,7 @@ def _gather_first(x, group):
         return x
     x = x.contiguous()
     out = torch.empty((n * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    _all_gather_single(out, x, group=group)
+    all_gather_single(out, x, group=group)
     return out
 
 
@@ -90,7 +87,7 @@ def _reduce_scatter_first(x, group):
         raise ValueError(f"cannot reduce-scatter dimension {x.shape[0]} over {n} sequence-parallel ranks")
     x = x.contiguous()
     out = torch.empty((x.shape[0] // n,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    _reduce_scatter_single(out, x, group=group)
+    reduce_scatter_single(out, x, group=group)
     return out
 
 

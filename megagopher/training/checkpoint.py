@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from megagopher import parallel_state as ps
+from megagopher.common import unwrap_model
 from megagopher.tensor_parallel.layers import take_shard
 from megagopher.tensor_parallel.random import get_rng_tracker
 
@@ -43,16 +44,12 @@ class CheckpointCorrupt(RuntimeError):
     pass
 
 
-def unwrap(chunk):
-    return getattr(chunk, "module", chunk)
-
-
 def named_parameters(chunks):
     """(global name, parameter) of every parameter this rank holds; a tied-embedding copy on the last
     stage is named after the word embeddings it mirrors."""
     out = []
     for chunk in chunks:
-        for name, p in unwrap(chunk).named_parameters():
+        for name, p in unwrap_model(chunk).named_parameters():
             if getattr(p, "shared_embedding", False):
                 name = p.init_name
             out.append((name, p))

@@ -31,8 +31,8 @@ echo "== training (tp2 x pp2 x dp2, 8 ranks)"
 $PY -m torch.distributed.run --standalone --nproc-per-node 8 -m megagopher.train \
     --config examples/configs/quickstart.toml "$@"
 
-read -r RUN_DIR CKPT_DIR < <($PY -c "import sys; from megagopher.training.config import load_config, parse_overrides
-c = load_config('examples/configs/quickstart.toml', parse_overrides(sys.argv[1:])); print(c['run']['dir'], c['checkpoint']['dir'])" "$@")
+read -r RUN_DIR CKPT_DIR < <($PY -c "import sys; from megagopher.config import load_config, parse_overrides
+c = load_config('examples/configs/quickstart.toml', parse_overrides(sys.argv[1:])); print(c.run.dir, c.checkpoint.dir)" "$@")
 echo "== evaluating word-problem accuracy on the held-out split"
 $PY -m megagopher.evaluate --checkpoint "$CKPT_DIR" --task math --data "$DATA/math_eval.jsonl" \
     --limit "${MATH_EVAL_LIMIT:-100}" --metrics "$RUN_DIR/metrics.jsonl"

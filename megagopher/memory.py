@@ -1,6 +1,6 @@
 """Predicted memory per rank: parameters, gradients, optimizer state and activations, for a config.
 
-    report = memory_report(model_cfg, parallel, training, optimizer)   # the config's sections (dicts)
+    report = memory_report(model_cfg, parallel, training, optimizer)   # the config's sections
     print(report["line"])                                              # bytes in report["params"], ...
 
 Model states follow Megatron's accounting (Korthikanti et al. 2022 and the Megatron-Core docs), which is
@@ -19,7 +19,8 @@ see docs/memory.md). Korthikanti et al.'s sbh(34 + 5as/h) is the same count for 
 
 Pipelining multiplies the per-micro-batch activations by the micro-batches a stage holds at once: the
 first stage of 1F1B and ZB-H1 holds min(pp, m), GPipe all m, the interleaved schedule
-(vpp - 1) * pp + 2 (pp - 1) + 1 micro-batch-chunks (Narayanan et al. 2021). Not counted: the pipeline's
+(vpp - 1) * (pp + m % pp) + 2 (pp - 1) + 1 micro-batch-chunks (Narayanan et al. 2021, with the leftover
+micro-batches in the first group): the count comes from the pipeline plan's own bookkeeping. Not counted: the pipeline's
 communication buffers, ZB-H1's deferred weight-gradient inputs, temporary buffers of the backward pass,
 allocator fragmentation.
 
@@ -30,9 +31,11 @@ import math
 
 import torch
 
-from megagopher.model.config import GPTConfig
-
-ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+from megagopher.common import element_bytes
+from megagopher.config.model import GPTConfig
+from megagopher.config.schema import coerce
+from megagopher.pipeline_parallel.plan import build_plan, memory_bookkeeping
+from megagopher.pipeline_parallel.stages import stage_layer_ranges
 
 
 # -- parameters ------------------------------------------------------------------------------------------
@@ -149,26 +152,19 @@ def extra_activations(cfg, s, b, tp=1, sp=False, pre_process=True, post_process=
 
 
 def in_flight_microbatch_chunks(schedule, pp, vpp, num_microbatches, pp_rank=0):
-    """How many (micro-batch, chunk) activation sets pipeline rank ``pp_rank`` holds at its peak."""
-    m = num_microbatches
+    """How many (micro-batch, chunk) activation sets pipeline rank ``pp_rank`` holds at its peak: the
+    pipeline plan's own bookkeeping of the order that rank runs (plan.py), so the report and the runtime
+    can never disagree (1F1B and ZB-H1: min(pp - rank, m); GPipe: m * vpp; interleaved: its warm-up + 1)."""
     if pp == 1:
         return 1
-    if schedule == "gpipe":
-        return m * vpp
-    if schedule == "interleaved" and vpp > 1:
-        return min(m * vpp, (pp - pp_rank - 1) * 2 + (vpp - 1) * pp + 1)
-    return min(pp - pp_rank, m)  # 1F1B, ZB-H1
+    orders, _ = build_plan(schedule, pp, vpp, num_microbatches)
+    return memory_bookkeeping(orders[pp_rank])["activations"]
 
 
 # -- the report ------------------------------------------------------------------------------------------
 
-def _as_config(model_cfg):
-    return model_cfg if isinstance(model_cfg, GPTConfig) else GPTConfig(**model_cfg)
-
-
 def _stage_layout(cfg, pp, vpp, pp_layers):
     """For every pipeline rank: [(layers, pre_process, post_process)] of its chunks."""
-    from megagopher.pipeline_parallel.stages import stage_layer_ranges
     ranges = stage_layer_ranges(cfg.num_layers, pp, vpp, pp_layers or None)
     stages = [[] for _ in range(pp)]
     for v, (start, end) in enumerate(ranges):
@@ -176,64 +172,60 @@ def _stage_layout(cfg, pp, vpp, pp_layers):
     return stages
 
 
-def memory_report(model_cfg, parallel, training, optimizer, world_size=None, device=None, pp_rank=None):
+def _chunk_activations(cfg, chunk, t, p, e, mask_bytes):
+    """Activation bytes of one model chunk per micro-batch, itemised."""
+    layers, pre, post = chunk
+    full = min(layers, t.recompute_num_layers or layers) if t.recompute == "full" else 0
+    items = {}
+    for count, mode in ((full, "full"), (layers - full, t.recompute if t.recompute != "full" else "none")):
+        for k, v in layer_activations(cfg, cfg.seq_length, t.micro_batch_size, p.tp, p.sp, mode, e,
+                                      mask_bytes).items():
+            items[k] = items.get(k, 0) + count * v
+    for k, v in extra_activations(cfg, cfg.seq_length, t.micro_batch_size, p.tp, p.sp, pre, post, e,
+                                  mask_bytes).items():
+        items[k] = items.get(k, 0) + v
+    return items
+
+
+def memory_report(model_cfg, parallel=None, training=None, optimizer=None, world_size=None, device=None,
+                  pp_rank=None):
     """Predicted bytes per rank, for the pipeline rank that needs the most (or ``pp_rank``).
 
-    model_cfg: a GPTConfig or the [model] section; parallel, training, optimizer: the config's sections
-    (missing keys take megagopher's defaults). dp comes from parallel.dp, else from ``world_size``.
-    device: "cuda" or "cpu" (dropout masks are 1 byte per element on CUDA, an activation element on
-    CPU); default training.device, "auto" meaning CUDA when available.
+    model_cfg: a GPTConfig or the [model] table; parallel, training, optimizer: the config's sections
+    (section objects, or dicts of some of their keys). parallel.pp_layers must be the split of this depth
+    (JobConfig.pp_layers_at). dp comes from parallel.dp, else from ``world_size``. device: "cuda" or "cpu"
+    (dropout masks are 1 byte per element on CUDA, an activation element on CPU); default
+    training.device, "auto" meaning CUDA when available.
     Returns {"params", "grads", "optimizer", "activations", "total": bytes; "num_params": this rank's
     parameter count; "pp_rank"; "activation_items": the per-micro-batch breakdown; "line": a summary}."""
-    cfg = _as_config(model_cfg)
-    p, t, o = dict(parallel or {}), dict(training or {}), dict(optimizer or {})
-    tp, pp, vpp, cp = p.get("tp", 1), p.get("pp", 1), p.get("vpp", 1), p.get("cp", 1)
-    dp = p.get("dp") or (world_size // (tp * pp * cp) if world_size else 1)
-    sp, schedule = p.get("sp", False), p.get("schedule", "1f1b")
-    precision = t.get("precision", "fp32")
-    if precision not in ELEMENT_BYTES:
-        raise ValueError(f"training.precision = {precision!r}; valid: {', '.join(map(repr, ELEMENT_BYTES))}")
-    recompute = t.get("recompute", "none")
-    if recompute not in ("none", "selective", "full"):
-        raise ValueError(f"training.recompute = {recompute!r}; valid: 'none', 'selective', 'full'")
-    recompute_layers = t.get("recompute_num_layers") or None
-    mbs, gbs = t.get("micro_batch_size", 1), t.get("global_batch_size", dp * t.get("micro_batch_size", 1))
-    num_microbatches = max(1, gbs // (mbs * dp))
-    distributed = o.get("distributed", False)
-    device = device or t.get("device", "auto")
+    cfg = model_cfg if isinstance(model_cfg, GPTConfig) else GPTConfig(**model_cfg)
+    p, t, o = coerce("parallel", parallel), coerce("training", training), coerce("optimizer", optimizer)
+    dp = p.dp or (world_size // (p.tp * p.pp * p.cp) if world_size else 1)
+    num_microbatches = max(1, t.global_batch_size // (t.micro_batch_size * dp))
+    device = device or t.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    e = ELEMENT_BYTES[precision]
+    e = element_bytes(t.precision)
     mask_bytes = 1 if str(device).startswith("cuda") else e
-    s, b = cfg.seq_length, mbs
-    param_bytes = e
-    state_bytes = 8 if precision == "fp32" else 12  # moments, plus the fp32 master copy for 16-bit params
-
+    state_bytes = 8 if t.precision == "fp32" else 12  # moments, plus the fp32 master copy for 16-bit params
     reports = []
-    for rank, chunks in enumerate(_stage_layout(cfg, pp, vpp, p.get("pp_layers"))):
-        n_params = sum(stage_params(cfg, tp, layers, pre, post) for layers, pre, post in chunks)
+    for rank, chunks in enumerate(_stage_layout(cfg, p.pp, p.vpp, p.pp_layers)):
+        n_params = sum(stage_params(cfg, p.tp, layers, pre, post) for layers, pre, post in chunks)
         per_chunk, items = [], {}
-        for layers, pre, post in chunks:
-            full = min(layers, recompute_layers or layers) if recompute == "full" else 0
-            chunk_items = {}
-            for count, mode in ((full, "full"), (layers - full, recompute if recompute != "full" else "none")):
-                for k, v in layer_activations(cfg, s, b, tp, sp, mode, e, mask_bytes).items():
-                    chunk_items[k] = chunk_items.get(k, 0) + count * v
-            for k, v in extra_activations(cfg, s, b, tp, sp, pre, post, e, mask_bytes).items():
-                chunk_items[k] = chunk_items.get(k, 0) + v
+        for chunk in chunks:
+            chunk_items = _chunk_activations(cfg, chunk, t, p, e, mask_bytes)
             per_chunk.append(sum(chunk_items.values()))
             for k, v in chunk_items.items():
                 items[k] = items.get(k, 0) + v
-        in_flight = in_flight_microbatch_chunks(schedule, pp, vpp, num_microbatches, rank)
+        in_flight = in_flight_microbatch_chunks(p.schedule, p.pp, p.vpp, num_microbatches, rank)
         # Chunks are held in turn; count the average chunk once per micro-batch-chunk in flight.
         activations = int(sum(per_chunk) / len(per_chunk) * in_flight)
-        model_states = {"params": n_params * param_bytes, "grads": n_params * 4,
-                        "optimizer": n_params * state_bytes // (dp * cp if distributed else 1)}
-        total = sum(model_states.values()) + activations
-        reports.append({**model_states, "activations": activations, "total": total, "num_params": n_params,
-                        "pp_rank": rank, "in_flight": in_flight, "activation_items": items})
+        model_states = {"params": n_params * e, "grads": n_params * 4,
+                        "optimizer": n_params * state_bytes // (dp * p.cp if o.distributed else 1)}
+        reports.append({**model_states, "activations": activations, "total": sum(model_states.values()) + activations,
+                        "num_params": n_params, "pp_rank": rank, "in_flight": in_flight, "activation_items": items})
     report = reports[pp_rank] if pp_rank is not None else max(reports, key=lambda r: r["total"])
-    report["line"] = _line(report, pp, dp, distributed, precision, recompute, schedule)
+    report["line"] = _line(report, p.pp, dp, o.distributed, t.precision, t.recompute, p.schedule)
     return report
 
 

@@ -8,18 +8,15 @@ so the ranks of one tensor-parallel group are neighbours (on GPUs: the same node
 stages are the slowest-varying coordinate (they cross nodes). This module is the one place that holds
 the groups; everything else asks it through the getters below.
 
-``validate_layout`` checks a configuration before anything communicates (invariant 6): every rank
-computes the same verdict from the same config, so a bad one fails everywhere at once instead of
-leaving ranks waiting in a collective.
+The layout rule (``validate_layout``) lives with every other config rule in megagopher/config/validate.py;
+``initialize_model_parallel`` applies the same rule, so a library user gets the same message as a run.
 """
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-
-class ParallelConfigError(ValueError):
-    """A layout that cannot work; the message names the key, its value and what would be valid."""
+from megagopher.config.validate import ParallelConfigError, validate_layout  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -36,50 +33,9 @@ class _State:
 _state = None
 
 
-def _check_divisible(key, value, divisor, divisor_desc):
-    if divisor <= 0 or value % divisor:
-        raise ParallelConfigError(f"{key} = {value} is not divisible by {divisor_desc} = {divisor}")
-
-
-def validate_layout(world_size, tp=1, pp=1, cp=1, vpp=1, dp=None, num_layers=None, num_attention_heads=None,
-                    num_query_groups=None, micro_batch_size=None, global_batch_size=None, seq_length=None,
-                    sequence_parallel=False):
-    """Checks a parallel layout against the model and batch; returns dp. Raises ParallelConfigError."""
-    for key, value in (("parallel.tp", tp), ("parallel.pp", pp), ("parallel.cp", cp), ("parallel.vpp", vpp)):
-        if not isinstance(value, int) or value < 1:
-            raise ParallelConfigError(f"{key} = {value!r} must be a positive integer")
-    model_parallel = tp * pp * cp
-    if world_size % model_parallel:
-        raise ParallelConfigError(
-            f"world size {world_size} is not divisible by parallel.tp * parallel.cp * parallel.pp = "
-            f"{tp} * {cp} * {pp} = {model_parallel}")
-    derived_dp = world_size // model_parallel
-    if dp is not None and dp != derived_dp:
-        raise ParallelConfigError(
-            f"parallel.dp = {dp} but world size {world_size} / (tp {tp} * cp {cp} * pp {pp}) = {derived_dp}")
-    dp = derived_dp
-    if num_attention_heads is not None:
-        _check_divisible("model.num_attention_heads", num_attention_heads, tp, "parallel.tp")
-        groups = num_query_groups or num_attention_heads
-        _check_divisible("model.num_query_groups", groups, tp, "parallel.tp")
-        _check_divisible("model.num_attention_heads", num_attention_heads, groups, "model.num_query_groups")
-    if num_layers is not None:
-        _check_divisible("model.num_layers", num_layers, pp * vpp, "parallel.pp * parallel.vpp")
-    if vpp > 1 and pp == 1:
-        raise ParallelConfigError(f"parallel.vpp = {vpp} needs parallel.pp > 1 (virtual stages interleave a pipeline)")
-    if micro_batch_size is not None and global_batch_size is not None:
-        if micro_batch_size < 1:
-            raise ParallelConfigError(f"training.micro_batch_size = {micro_batch_size} must be >= 1")
-        _check_divisible("training.global_batch_size", global_batch_size, micro_batch_size * dp,
-                         "training.micro_batch_size * dp")
-    if seq_length is not None and (sequence_parallel or cp > 1):
-        _check_divisible("model.seq_length", seq_length, tp * cp if sequence_parallel else cp,
-                         "parallel.tp * parallel.cp (sequence/context parallel split the sequence)")
-    return dp
-
-
-def _rank_of(tp_rank, cp_rank, dp_rank, pp_rank, tp, cp, dp):
-    return tp_rank + tp * (cp_rank + cp * (dp_rank + dp * pp_rank))
+def _coords(rank, tp, cp, dp):
+    """The (tp, cp, dp, pp) coordinates of a global rank: the inverse of the formula above."""
+    return dict(tp=rank % tp, cp=(rank // tp) % cp, dp=(rank // (tp * cp)) % dp, pp=rank // (tp * cp * dp))
 
 
 def initialize_model_parallel(tp=1, pp=1, vpp=1, cp=1):
@@ -91,14 +47,14 @@ def initialize_model_parallel(tp=1, pp=1, vpp=1, cp=1):
     dp = validate_layout(world, tp=tp, pp=pp, cp=cp, vpp=vpp)
     rank = dist.get_rank()
     state = _State(tp=tp, cp=cp, dp=dp, pp=pp, vpp=vpp)
-    state.coords = dict(tp=rank % tp, cp=(rank // tp) % cp, dp=(rank // (tp * cp)) % dp, pp=rank // (tp * cp * dp))
+    state.coords = _coords(rank, tp, cp, dp)
 
     def all_ranks(varying):
         """Groups of ranks that differ only in the coordinates named in ``varying``."""
         fixed = [d for d in ("tp", "cp", "dp", "pp") if d not in varying]
         buckets = {}
         for r in range(world):
-            c = dict(tp=r % tp, cp=(r // tp) % cp, dp=(r // (tp * cp)) % dp, pp=r // (tp * cp * dp))
+            c = _coords(r, tp, cp, dp)
             buckets.setdefault(tuple(c[d] for d in fixed), []).append(r)
         return list(buckets.values())
 

@@ -1,6 +1,7 @@
 """Entry point: ``python -m megagopher.train --config FILE.toml [--section.key=value ...]``, alone or under
-torchrun (ARCHITECTURE 4.1). A bad config exits with status 2 and one line naming the problem, on every
-rank, before any process communicates."""
+torchrun (docs/ARCHITECTURE.md 4.1). A bad config exits with status 2 and one line naming the problem, on
+every rank, before any process communicates. ``--help-config`` prints every key with its default, choices
+and doc."""
 import argparse
 import sys
 
@@ -11,12 +12,17 @@ def main(argv=None):
         description="Megatron-style 3D-parallel pretraining. Overrides: --section.key=value or --section.key value "
                     "(TOML literals take their type).")
     parser.add_argument("--config", help="TOML config file")
+    parser.add_argument("--help-config", action="store_true", help="print every config key and exit")
     args, rest = parser.parse_known_args(argv)
-    from megagopher.training.config import ConfigError, load_config, parse_overrides
+    if args.help_config:
+        from megagopher.config.reference import help_text
+        sys.stdout.write(help_text())
+        return 0
+    from megagopher.config import ConfigError, load_config, parse_overrides
     try:
         cfg = load_config(args.config, parse_overrides(rest))
         from megagopher.training.loop import Trainer
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg)  # validates the config for this world size before any collective
     except ConfigError as e:
         print(f"megagopher.train: config error: {e}", file=sys.stderr, flush=True)
         return 2

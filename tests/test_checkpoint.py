@@ -39,9 +39,9 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
     run_dir, ckpt_dir = str(tmp_path / "run"), str(tmp_path / "ckpt")
     args = (f"--checkpoint.dir={ckpt_dir}", "--checkpoint.load=auto")
     # 1) killed in the middle of writing the checkpoint of iteration 2: iter_0000002 must not appear.
-    env_kill = dict(os.environ, MEGAGOPHER_FAULT_KILL_IN_SAVE="2")
-    proc = subprocess.run([sys.executable, "-m", "megagopher.train", "--config", cfg, f"--run.dir={run_dir}", *args],
-                          env=env_kill, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    inject = os.path.join(ROOT, "tests", "fault_injection.py")
+    proc = subprocess.run([sys.executable, inject, "kill-in-save", "2", "--config", cfg, f"--run.dir={run_dir}",
+                           *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL
     assert sorted(os.listdir(ckpt_dir)) == ["iter_0000001", "iter_0000002.tmp", "latest"]
     # 2) killed with SIGKILL at a random point after that (the stage boundary is at iteration 3).

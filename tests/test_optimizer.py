@@ -253,8 +253,8 @@ def test_config_errors_name_key_and_value():
                          ({"distributed": "yes"}, "optimizer.distributed = 'yes'")):
         with pytest.raises(ValueError, match=pattern):
             build_optimizer(chunks, {**OPT, **bad})
-    with pytest.raises(ValueError, match="optimizer.lr is missing"):
-        build_optimizer(chunks, {k: v for k, v in OPT.items() if k != "lr"})
+    with pytest.raises(ValueError, match=r"unknown key optimizer.lrr; valid keys of \[optimizer\]: lr, min_lr"):
+        build_optimizer(chunks, {**OPT, "lrr": 1.0})  # a misspelt key is an error, never a silent default
     with pytest.raises(ValueError, match="training.precision = 'bf16' expects torch.bfloat16"):
         build_optimizer(chunks, OPT, {"precision": "bf16"})
     with pytest.raises(ValueError, match="training.precision = 'fp8'"):

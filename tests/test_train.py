@@ -7,8 +7,7 @@ import time
 import pytest
 import tomllib
 
-from megagopher.training.config import ConfigError, load_config, parse_overrides, to_toml
-from megagopher.training.distributed import validate_run
+from megagopher.config import ConfigError, load_config, parse_overrides, to_toml, validate
 from train_utils import read_metrics, run_train, write_config
 
 # The same model, data and seed on 1 or 2 TP ranks: only the order of floating-point sums differs.
@@ -22,7 +21,7 @@ def test_overrides_types_and_round_trip(tmp_path):
     assert over == {"parallel.sp": True, "optimizer.lr": 3e-4, "run.dir": "runs/x", "data.blend": [[1.0, "a"]],
                     "training.train_iters": 5}
     cfg = load_config(cfg_path, over)
-    assert cfg["stages"][0]["train_iters"] == 5 and cfg["parallel"]["sp"] is True
+    assert cfg.stages[0].train_iters == 5 and cfg.parallel.sp is True
     text = to_toml(cfg)
     tomllib.loads(text)
     again = load_config(write_config(tmp_path, text, "again.toml"))
@@ -47,12 +46,11 @@ train_iters = 2
 model.seq_length = 32
 training.global_batch_size = 16
 """
-    from megagopher.training.config import stage_config
     cfg = load_config(write_config(tmp_path, text, "staged.toml"))
-    assert [s["name"] for s in cfg["stages"]] == ["general", "math"]
-    first, second = stage_config(cfg, 0), stage_config(cfg, 1)
-    assert first["optimizer"]["lr"] == 1e-3 and second["optimizer"]["lr"] == 3e-3
-    assert second["model"]["seq_length"] == 32 and second["training"]["global_batch_size"] == 16
+    assert [s.name for s in cfg.stages] == ["general", "math"]
+    first, second = cfg.stage(0), cfg.stage(1)
+    assert first.optimizer.lr == 1e-3 and second.optimizer.lr == 3e-3
+    assert second.model.seq_length == 32 and second.training.global_batch_size == 16
     bad = text.replace('model.seq_length = 32', 'model.hidden_size = 64')
     with pytest.raises(ConfigError, match=r"only model\.seq_length"):
         load_config(write_config(tmp_path, bad, "bad.toml"))
@@ -72,7 +70,7 @@ training.global_batch_size = 16
 def test_validation_messages(tmp_path, overrides, world, message):
     cfg = load_config(write_config(tmp_path), overrides)
     with pytest.raises(ConfigError, match=message):
-        validate_run(cfg, world, cfg["model"]["vocab_size"])
+        validate(cfg, world)
 
 
 def test_bad_layout_fails_on_every_rank_without_hanging(tmp_path):
@@ -116,8 +114,8 @@ train_iters = 20
 """
     path = write_config(tmp_path, text, "staged.toml")
     cfg = load_config(path, parse_overrides(["--stages.general.train_iters=2", "--stages.math.optimizer.lr=5e-4"]))
-    assert [s["train_iters"] for s in cfg["stages"]] == [2, 20]
-    assert cfg["stages"][1]["overrides"][("optimizer", "lr")] == 5e-4
+    assert [s.train_iters for s in cfg.stages] == [2, 20]
+    assert cfg.stages[1].overrides[("optimizer", "lr")] == 5e-4
     with pytest.raises(ConfigError, match=r"NAME one of \['general', 'math'\]"):
         load_config(path, {"stages.code.train_iters": 1})
     with pytest.raises(ConfigError, match=r"unknown key optimizer\.lrr"):
@@ -132,7 +130,7 @@ train_iters = 20
 def test_example_configs_are_valid_for_their_launchers(name, world):
     from train_utils import ROOT
     cfg = load_config(os.path.join(ROOT, "examples", "configs", f"{name}.toml"))
-    assert validate_run(cfg, world, 32000) >= 1
+    assert validate(cfg, world) >= 1
 
 
 def test_batch_rampup_and_params_norm(tmp_path):
@@ -145,4 +143,4 @@ def test_batch_rampup_and_params_norm(tmp_path):
     assert all(r["params_norm"] > 0 for r in rows)
     with pytest.raises(ConfigError, match=r"rampup_batch_size = \[3, 5, 16\] passes through global batch size 3"):
         cfg = load_config(write_config(tmp_path), {"training.rampup_batch_size": [3, 5, 16]})
-        validate_run(cfg, 1, 90)
+        validate(cfg, 1)

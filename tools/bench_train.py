@@ -50,27 +50,26 @@ def plain_loop(cfg, steps):
     from megagopher import parallel_state as ps
     from megagopher.model import GPTModel
     from megagopher.tensor_parallel import model_parallel_seed
-    from megagopher.training.config import model_config
     from megagopher.training.data import SyntheticDataset, global_batch_indices, microbatches
 
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     ps.initialize_model_parallel()
-    t, o = cfg["training"], cfg["optimizer"]
-    model_parallel_seed(t["seed"], 0)
-    mcfg = model_config(cfg)
-    model = GPTModel(mcfg).initialize(t["seed"])
-    opt = torch.optim.AdamW(model.parameters(), lr=o["lr"], betas=(o["beta1"], o["beta2"]), eps=o["eps"],
-                            weight_decay=o["weight_decay"])
-    data = SyntheticDataset(mcfg.vocab_size, mcfg.seq_length, t["seed"])
-    gbs = t["global_batch_size"]
+    t, o = cfg.training, cfg.optimizer
+    model_parallel_seed(t.seed, 0)
+    mcfg = cfg.model
+    model = GPTModel(mcfg).initialize(t.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                            weight_decay=o.weight_decay)
+    data = SyntheticDataset(mcfg.vocab_size, mcfg.seq_length, t.seed)
+    gbs = t.global_batch_size
     times = []
     for step in range(steps):
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        for mb in microbatches(data, global_batch_indices(step * gbs, gbs, 0, 1), t["micro_batch_size"], "cpu"):
+        for mb in microbatches(data, global_batch_indices(step * gbs, gbs, 0, 1), t.micro_batch_size, "cpu"):
             model(mb["tokens"], labels=mb["labels"]).sum().div(gbs * mcfg.seq_length).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), o["clip_grad"])
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
         opt.step()
         times.append(time.perf_counter() - start)
     ps.destroy_model_parallel()
@@ -79,8 +78,8 @@ def plain_loop(cfg, steps):
 
 def framework(cfg, steps, run_dir):
     from megagopher.training.loop import Trainer
-    cfg["stages"][0]["train_iters"] = steps
-    cfg["run"]["dir"] = run_dir
+    cfg.stages[0].train_iters = steps
+    cfg.run.dir = run_dir
     Trainer(cfg).run()
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line)["step_time_s"] for line in f if line.strip()]
@@ -96,7 +95,7 @@ def main():
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    from megagopher.training.config import load_config, parse_overrides
+    from megagopher.config import load_config, parse_overrides
     with tempfile.TemporaryDirectory() as tmp:
         path = args.config
         if path is None:
@@ -105,9 +104,9 @@ def main():
                 f.write(DEFAULT_CONFIG)
         cfg = load_config(path, parse_overrides(rest))
         for key in ("tp", "pp"):
-            if cfg["parallel"][key] != 1:
-                sys.exit(f"bench_train measures tp = pp = dp = 1; got parallel.{key} = {cfg['parallel'][key]}")
-        tokens = cfg["training"]["global_batch_size"] * cfg["model"]["seq_length"]
+            if getattr(cfg.parallel, key) != 1:
+                sys.exit(f"bench_train measures tp = pp = dp = 1; got parallel.{key} = {getattr(cfg.parallel, key)}")
+        tokens = cfg.training.global_batch_size * cfg.model.seq_length
         # Interleave the two so that machine noise hits both alike: plain, framework, plain.
         plain_a = plain_loop(load_config(path, parse_overrides(rest)), args.steps)
         ours = framework(cfg, args.steps, os.path.join(tmp, "run"))

@@ -21,6 +21,7 @@ import functools
 import torch.nn as nn
 
 from megagopher import parallel_state as ps
+from megagopher.config.schema import check_value, coerce
 from megagopher.distributed.finalize import tied_embedding_params
 from megagopher.distributed.param_and_grad_buffer import ParamAndGradBuffer
 
@@ -32,8 +33,7 @@ class DistributedDataParallel(nn.Module):
     def __init__(self, module, bucket_size_mb=25.0, overlap_grad_reduce=True, use_distributed_optimizer=False,
                  data_parallel_group=None, isolate_params=()):
         super().__init__()
-        if bucket_size_mb < 0:
-            raise ValueError(f"parallel.bucket_size_mb = {bucket_size_mb} must be >= 0 (0: one bucket)")
+        bucket_size_mb = check_value("parallel", "bucket_size_mb", bucket_size_mb)
         self.module = module
         self.overlap_grad_reduce = overlap_grad_reduce
         self.use_distributed_optimizer = use_distributed_optimizer
@@ -128,17 +128,11 @@ class DistributedDataParallel(nn.Module):
 def wrap_data_parallel(model_chunks, parallel_cfg=None, distributed_optimizer=False):
     """Wraps each chunk in DistributedDataParallel over the data-parallel (x context-parallel) group.
 
-    ``parallel_cfg``: the ``[parallel]`` section; reads ``bucket_size_mb`` (default 25, 0 = one bucket)
-    and ``overlap_grad_reduce`` (default true). Without an initialised parallel_state there is no group
-    and nothing is communicated (a serial run). Call it after casting the chunks to their training dtype:
-    it moves the parameters into a contiguous buffer of that dtype."""
-    cfg = dict(parallel_cfg or {})
-    bucket_size_mb = cfg.get("bucket_size_mb", 25.0)
-    overlap = cfg.get("overlap_grad_reduce", True)
-    if not isinstance(bucket_size_mb, (int, float)) or isinstance(bucket_size_mb, bool) or bucket_size_mb < 0:
-        raise ValueError(f"parallel.bucket_size_mb = {bucket_size_mb!r} must be a number >= 0 (0: one bucket)")
-    if not isinstance(overlap, bool):
-        raise ValueError(f"parallel.overlap_grad_reduce = {overlap!r} must be true or false")
+    ``parallel_cfg``: the ``[parallel]`` section (a ParallelConfig, or a dict of some of its keys); uses
+    ``bucket_size_mb`` (0 = one bucket) and ``overlap_grad_reduce``. Without an initialised parallel_state
+    there is no group and nothing is communicated (a serial run). Call it after casting the chunks to
+    their training dtype: it moves the parameters into a contiguous buffer of that dtype."""
+    cfg = coerce("parallel", parallel_cfg)
     group = ps.get_dp_cp_group() if ps.is_initialized() else None
     wrapped = []
     for chunk in model_chunks:
@@ -146,6 +140,6 @@ def wrap_data_parallel(model_chunks, parallel_cfg=None, distributed_optimizer=Fa
             raise ValueError("wrap_data_parallel: chunk is already wrapped")
         # Only a pipelined model sums a tied embedding across stages (distributed/finalize.py).
         isolate = tied_embedding_params(chunk) if ps.get_pp_size() > 1 else []
-        wrapped.append(DistributedDataParallel(chunk, bucket_size_mb, overlap, distributed_optimizer, group,
-                                               isolate_params=isolate))
+        wrapped.append(DistributedDataParallel(chunk, cfg.bucket_size_mb, cfg.overlap_grad_reduce,
+                                               distributed_optimizer, group, isolate_params=isolate))
     return wrapped

@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from megagopher.config.validate import validate_layout
 from megagopher.export.loading import model_config_of, open_checkpoint, run_config
 from megagopher.tensor_parallel.layers import pad_vocab_size
 from megagopher.training import checkpoint as ckpt
@@ -66,12 +67,8 @@ def shard(full, name, entry, cfg, tp, tp_rank):
 
 
 def _check_layout(cfg, tp, pp, vpp):
-    from megagopher import parallel_state as ps
-    try:
-        ps.validate_layout(tp * pp, tp=tp, pp=pp, vpp=vpp, num_attention_heads=cfg.num_attention_heads,
-                           num_query_groups=cfg.num_query_groups)
-    except ps.ParallelConfigError as e:
-        raise ValueError(str(e)) from None
+    validate_layout(tp * pp, tp=tp, pp=pp, vpp=vpp, num_attention_heads=cfg.num_attention_heads,
+                    num_query_groups=cfg.num_query_groups)
 
 
 def _metadata(reader, tp, pp, vpp, pp_layers, tensors, files, with_optimizer):
@@ -98,7 +95,7 @@ def convert(checkpoint, output, tp, pp, vpp=1, pp_layers=None, optimizer=True):
             raise ValueError(f"--{key} {value!r} must be a positive integer")
     _check_layout(cfg, tp, pp, vpp)
     if pp_layers is None:  # the run's own split when it fits the new layout
-        saved = run.get("parallel", {}).get("pp_layers") or None
+        saved = run.parallel.pp_layers or None
         pp_layers = saved if saved and len(saved) in (pp, pp * vpp) and sum(saved) == cfg.num_layers else None
     names = reader.names()
     per_stage = stage_names(names, cfg, pp, vpp, pp_layers)
@@ -141,7 +138,7 @@ def convert(checkpoint, output, tp, pp, vpp=1, pp_layers=None, optimizer=True):
     if os.path.exists(final):
         shutil.rmtree(final)
     os.replace(tmp_dir, final)
-    ckpt.write_latest(output, iteration)
+    ckpt.write_latest(output)
     return final
 
 

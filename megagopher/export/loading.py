@@ -8,50 +8,34 @@ tokenizer's when the run had one).
 """
 import os
 
-from megagopher.training.checkpoint import CheckpointReader, iter_dir, list_checkpoints
+from megagopher.config import from_tables
+from megagopher.training.checkpoint import CheckpointCorrupt, CheckpointReader, find_checkpoints
 
 
 class CheckpointNotFound(FileNotFoundError):
     pass
 
 
-def resolve_checkpoint(path):
-    """An ``iter_NNNNNNN`` directory from ``path``: that directory itself, or the one ``path/latest`` names
-    (falling back to the newest complete one when ``latest`` is missing)."""
-    if os.path.exists(os.path.join(path, "metadata.json")):
-        return path
-    if not os.path.isdir(path):
-        raise CheckpointNotFound(f"checkpoint {path!r} does not exist")
-    latest = os.path.join(path, "latest")
-    if os.path.exists(latest):
-        with open(latest) as f:
-            text = f.read().strip()
-        if not text.isdigit():
-            raise CheckpointNotFound(f"{latest} holds {text!r}, not an iteration number")
-        candidate = iter_dir(path, int(text))
-        if os.path.exists(os.path.join(candidate, "metadata.json")):
-            return candidate
-    found = list_checkpoints(path)
-    if not found:
-        raise CheckpointNotFound(f"{path!r} is neither a checkpoint (iter_NNNNNNN with metadata.json) nor a "
-                                 "checkpoint directory holding one")
-    return iter_dir(path, found[-1])
-
-
 def open_checkpoint(path):
-    """A CheckpointReader on the checkpoint ``path`` resolves to."""
-    return CheckpointReader(resolve_checkpoint(path))
+    """A CheckpointReader on the newest readable checkpoint ``path`` names (checkpoint.find_checkpoints: an
+    iter_N directory, or the newest complete one of a root, falling back past unreadable ones)."""
+    if not os.path.exists(path):
+        raise CheckpointNotFound(f"checkpoint {path!r} does not exist")
+    errors = []
+    for candidate in find_checkpoints(path):
+        try:
+            return CheckpointReader(candidate)
+        except CheckpointCorrupt as e:
+            errors.append(str(e))
+    if errors:
+        raise CheckpointNotFound(f"no readable checkpoint in {path!r}: {'; '.join(errors)}")
+    raise CheckpointNotFound(f"{path!r} is neither a checkpoint (iter_NNNNNNN with metadata.json) nor a "
+                             "checkpoint directory holding one")
 
 
 def run_config(reader):
-    """The run config saved with the checkpoint, its stage overrides turned back into the
-    ``{(section, key): value}`` form of megagopher.training.config."""
-    saved = reader.meta["config"]
-    cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in saved.items() if k != "stages"}
-    cfg["stages"] = [{**{k: v for k, v in st.items() if k != "overrides"},
-                      "overrides": {(s, k): v for s, k, v in st.get("overrides", [])}}
-                     for st in saved.get("stages", [])]
-    return cfg
+    """The run's JobConfig, as saved with the checkpoint."""
+    return from_tables(reader.meta["config"])
 
 
 def vocab_size_of(reader):
@@ -61,19 +45,17 @@ def vocab_size_of(reader):
 
 def model_config_of(reader):
     """The GPTConfig of the weights in ``reader``."""
-    from megagopher.training.config import model_config
     cfg = run_config(reader)
     progress = reader.meta.get("progress") or {}
-    return model_config(cfg, num_layers=progress.get("num_layers", cfg["model"]["num_layers"]),
-                        vocab_size=vocab_size_of(reader))
+    return cfg.model_at(num_layers=progress.get("num_layers", cfg.model.num_layers), vocab_size=vocab_size_of(reader))
 
 
 def tokenizer_dir_of(reader):
     """The run's data.tokenizer_dir (the last stage that sets one wins), or "" when it had none."""
     cfg = run_config(reader)
-    found = cfg.get("data", {}).get("tokenizer_dir", "")
-    for st in cfg["stages"]:
-        found = st["overrides"].get(("data", "tokenizer_dir")) or found
+    found = cfg.data.tokenizer_dir
+    for st in cfg.stages:
+        found = st.overrides.get(("data", "tokenizer_dir")) or found
     return found
 
 

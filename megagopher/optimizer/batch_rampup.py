@@ -6,33 +6,11 @@ where n = (global_batch_size - start) / increment is the number of increments, u
 have been consumed; from then on it is ``global_batch_size``. It is a pure function of the consumed samples,
 so a resumed run continues the ramp exactly. Every size on the way must split into whole micro-batches on
 every data-parallel rank (Megatron's consistency check); ``validate_rampup`` checks that before training
-starts (invariant 6) instead of failing halfway through the ramp.
+starts (invariant 6) instead of failing halfway through the ramp. That rule lives in config/validate.py.
 """
+from megagopher.config.validate import rampup_steps, validate_rampup  # noqa: F401 (validate_rampup re-exported)
 
 
-def _ramp(rampup, global_batch_size):
-    if len(rampup) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in rampup):
-        raise ValueError(f"training.rampup_batch_size = {rampup!r} must be [start, increment, samples], positive "
-                         "integers")
-    start, increment, samples = rampup
-    if start > global_batch_size:
-        raise ValueError(f"training.rampup_batch_size start = {start} exceeds training.global_batch_size = "
-                         f"{global_batch_size}")
-    if (global_batch_size - start) % increment:
-        raise ValueError(f"training.global_batch_size - rampup start = {global_batch_size} - {start} is not "
-                         f"divisible by the rampup increment {increment}")
-    return start, increment, samples, (global_batch_size - start) // increment
-
-
-def validate_rampup(global_batch_size, rampup, micro_batch_size, dp):
-    """Raises ValueError unless every batch size of the ramp divides into micro_batch_size * dp."""
-    if not rampup:
-        return
-    start, increment, _, n = _ramp(rampup, global_batch_size)
-    for size in (start + k * increment for k in range(n + 1)):
-        if size % (micro_batch_size * dp):
-            raise ValueError(f"training.rampup_batch_size = {list(rampup)} passes through global batch size {size}, "
-                             f"which is not divisible by training.micro_batch_size * dp = {micro_batch_size} * {dp}")
 
 
 def global_batch_size_at(consumed_samples, global_batch_size, rampup=None, micro_batch_size=1, dp=1):
@@ -42,7 +20,7 @@ def global_batch_size_at(consumed_samples, global_batch_size, rampup=None, micro
     if not rampup:
         size = global_batch_size
     else:
-        start, increment, samples, n = _ramp(rampup, global_batch_size)
+        start, increment, samples, n = rampup_steps(rampup, global_batch_size)
         if n == 0 or consumed_samples > samples:
             size = global_batch_size
         else:

@@ -10,19 +10,13 @@ Hysteresis: the scale is lowered only after ``hysteresis`` overflowing steps sin
 (consecutive or not), so that one stray overflow does not halve it at once. The counter refills whenever
 the scale grows.
 """
+from megagopher.config.validate import validate_loss_scaler
 
 
 class DynamicLossScaler:
     def __init__(self, initial_scale=2.0 ** 16, min_scale=1.0, growth_interval=1000, hysteresis=2,
                  growth_factor=2.0, backoff_factor=0.5):
-        checks = (("training.initial_loss_scale", initial_scale, initial_scale > 0),
-                  ("training.min_loss_scale", min_scale, 0 < min_scale <= initial_scale),
-                  ("training.loss_scale_window", growth_interval, growth_interval >= 1),
-                  ("training.hysteresis", hysteresis, hysteresis >= 1))
-        for key, value, ok in checks:
-            if not ok:
-                raise ValueError(f"{key} = {value!r} is invalid: need initial_loss_scale > 0, "
-                                 "0 < min_loss_scale <= initial_loss_scale, loss_scale_window >= 1, hysteresis >= 1")
+        validate_loss_scaler(initial_scale, min_scale, growth_interval, hysteresis)  # the training.* rules
         self.scale = float(initial_scale)
         self.min_scale, self.growth_interval, self.hysteresis = float(min_scale), int(growth_interval), int(hysteresis)
         self.growth_factor, self.backoff_factor = growth_factor, backoff_factor

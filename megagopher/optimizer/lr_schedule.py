@@ -6,19 +6,15 @@ over the last ``wsd_decay_fraction`` of the steps.
 """
 import math
 
-DECAYS = ("cosine", "linear", "constant", "wsd")
+from megagopher.config.schema import DECAYS, check_value
+from megagopher.config.validate import validate_lr_schedule
 
 
 class LRSchedule:
     def __init__(self, lr, min_lr=0.0, warmup_iters=0, total_iters=1, decay="cosine", warmup_init_lr=0.0,
                  wsd_decay_fraction=0.1):
-        if decay not in DECAYS:
-            raise ValueError(f"optimizer.decay = {decay!r}; valid: {', '.join(map(repr, DECAYS))}")
-        if min_lr > lr:
-            raise ValueError(f"optimizer.min_lr = {min_lr} is larger than optimizer.lr = {lr}")
-        if warmup_iters < 0 or total_iters < 1:
-            raise ValueError(f"optimizer.warmup_iters = {warmup_iters} and train_iters = {total_iters} must be "
-                             ">= 0 and >= 1")
+        check_value("optimizer", "decay", decay)  # the optimizer.* rules of config/validate.py
+        validate_lr_schedule(lr, min_lr, warmup_iters, total_iters)
         self.lr, self.min_lr, self.warmup_iters, self.total_iters = lr, min_lr, warmup_iters, total_iters
         self.decay, self.warmup_init_lr, self.wsd_decay_fraction = decay, warmup_init_lr, wsd_decay_fraction
 

@@ -29,8 +29,9 @@ import torch
 import torch.distributed as dist
 
 from megagopher import parallel_state as ps
-from megagopher.distributed.ddp import DistributedDataParallel
 from megagopher.common import PRECISION_DTYPES, all_gather_single
+from megagopher.config.schema import coerce
+from megagopher.distributed.ddp import DistributedDataParallel
 from megagopher.distributed.param_and_grad_buffer import ParamAndGradBuffer
 from megagopher.optimizer.clip import clip_by_norm, counts_once, global_norm
 from megagopher.optimizer.grad_scaler import DynamicLossScaler
@@ -288,47 +289,20 @@ class Optimizer:
         return total
 
 
-def _require(cfg, section, key, ok, valid, default=None):
-    if key not in cfg:
-        if default is None:
-            raise ValueError(f"{section}.{key} is missing")
-        return default
-    value = cfg[key]
-    if isinstance(value, bool) != isinstance(default, bool) or not ok(value):
-        raise ValueError(f"{section}.{key} = {value!r} is invalid; valid: {valid}")
-    return value
-
-
-def build_optimizer(model_chunks, opt_cfg, training_cfg=None):
-    """``opt_cfg``: the resolved ``[optimizer]`` section; ``training_cfg``: ``[training]`` (precision and
-    loss-scaler keys; fp32 when omitted). Call after wrap_data_parallel and after casting the chunks."""
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-    o = {
-        "lr": _require(opt_cfg, "optimizer", "lr", lambda v: number(v) and v >= 0, "a number >= 0"),
-        "weight_decay": _require(opt_cfg, "optimizer", "weight_decay", lambda v: number(v) and v >= 0,
-                                 "a number >= 0", 0.0),
-        "beta1": _require(opt_cfg, "optimizer", "beta1", lambda v: number(v) and 0 <= v < 1, "0 <= beta1 < 1", 0.9),
-        "beta2": _require(opt_cfg, "optimizer", "beta2", lambda v: number(v) and 0 <= v < 1, "0 <= beta2 < 1",
-                          0.95),
-        "eps": _require(opt_cfg, "optimizer", "eps", lambda v: number(v) and v > 0, "a number > 0", 1e-8),
-        "clip_grad": _require(opt_cfg, "optimizer", "clip_grad", lambda v: number(v) and v >= 0,
-                              "a number >= 0 (0 disables clipping)", 1.0),
-        "distributed": _require(opt_cfg, "optimizer", "distributed", lambda v: isinstance(v, bool),
-                                "true or false", False),
-    }
-    t = dict(training_cfg or {})
-    precision = t.get("precision", "fp32")
-    if precision not in PRECISIONS:
-        raise ValueError(f"training.precision = {precision!r}; valid: {', '.join(map(repr, PRECISION_DTYPES))}")
+def build_optimizer(model_chunks, opt_cfg=None, training_cfg=None):
+    """``opt_cfg``: the ``[optimizer]`` section; ``training_cfg``: ``[training]`` (precision and loss-scaler
+    keys). Each is a section object or a dict of some of its keys (checked like a config file's; missing
+    keys take their defaults). Call after wrap_data_parallel and after casting the chunks."""
+    o, t = coerce("optimizer", opt_cfg), coerce("training", training_cfg)
+    dtype = PRECISION_DTYPES[t.precision]
     dtypes = {p.dtype for c in model_chunks for p in c.parameters() if p.requires_grad}
-    if dtypes != {PRECISION_DTYPES[precision]}:
-        raise ValueError(f"training.precision = {precision!r} expects {PRECISION_DTYPES[precision]} parameters but the "
+    if dtypes != {dtype}:
+        raise ValueError(f"training.precision = {t.precision!r} expects {dtype} parameters but the "
                          f"model has {sorted(map(str, dtypes))}: cast the chunks (chunk.to(dtype)) before "
                          "wrap_data_parallel and build_optimizer")
     scaler = None
-    if precision == "fp16":
-        scaler = DynamicLossScaler(initial_scale=t.get("initial_loss_scale", 2.0 ** 16),
-                                   min_scale=t.get("min_loss_scale", 1.0),
-                                   growth_interval=t.get("loss_scale_window", 1000),
-                                   hysteresis=t.get("hysteresis", 2))
-    return Optimizer(model_chunks, loss_scaler=scaler, **o)
+    if t.precision == "fp16":
+        scaler = DynamicLossScaler(initial_scale=t.initial_loss_scale, min_scale=t.min_loss_scale,
+                                   growth_interval=t.loss_scale_window, hysteresis=t.hysteresis)
+    return Optimizer(model_chunks, lr=o.lr, weight_decay=o.weight_decay, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
+                     clip_grad=o.clip_grad, distributed=o.distributed, loss_scaler=scaler)

@@ -15,38 +15,14 @@ the matching receive at its own step t, in the same canonical order, so sends an
 on gloo and on NCCL, and no rank waits on a message that is produced later than the one it needs.
 """
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+import functools
 
-
-class ScheduleError(ValueError):
-    """A schedule / pp / vpp / micro-batch combination that cannot run; raised before any communication."""
-
-
-def validate_schedule(schedule, pp, vpp=1, num_microbatches=1):
-    """Raises ScheduleError (a ValueError naming the keys and values) when the combination cannot run.
-    Pure: every rank computes the same verdict from the same config."""
-    if schedule not in SCHEDULES:
-        raise ScheduleError(f"parallel.schedule = {schedule!r}; valid: {', '.join(map(repr, SCHEDULES))}")
-    for key, value in (("parallel.pp", pp), ("parallel.vpp", vpp), ("number of micro-batches", num_microbatches)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ScheduleError(f"{key} = {value!r} must be a positive integer")
-    if vpp > 1 and pp == 1:
-        raise ScheduleError(f"parallel.vpp = {vpp} needs parallel.pp > 1 (virtual stages interleave a pipeline)")
-    if vpp > 1 and schedule in ("1f1b", "zb-h1"):
-        raise ScheduleError(f"parallel.schedule = {schedule!r} runs one model chunk per rank, but parallel.vpp = "
-                            f"{vpp}; use parallel.schedule = 'interleaved' (or 'gpipe') for virtual stages, "
-                            "or parallel.vpp = 1")
-    if schedule == "interleaved" and vpp > 1 and num_microbatches < pp:
-        raise ScheduleError(
-            f"parallel.schedule = 'interleaved' with parallel.pp = {pp}, parallel.vpp = {vpp} needs at least "
-            f"parallel.pp = {pp} micro-batches per step, got {num_microbatches} (training.global_batch_size / "
-            f"(training.micro_batch_size * dp)): rank 0 could not keep a full group of micro-batches in flight "
-            "before its next chunk; raise the global batch size or use parallel.schedule = '1f1b'")
+from megagopher.common import SCHEDULES  # noqa: F401 (the schedule names, re-exported for the tools)
+from megagopher.config.validate import ScheduleError, validate_schedule  # the rule, with every other rule
 
 
 def rank_order(schedule, pp, vpp, num_microbatches, rank):
-    """The ordered operations of pipeline rank ``rank``."""
-    validate_schedule(schedule, pp, vpp, num_microbatches)
+    """The ordered operations of pipeline rank ``rank`` (validated by the callers: build_plan, simulated_events)."""
     build = {"gpipe": gpipe_order, "1f1b": one_f_one_b_order, "interleaved": interleaved_order,
              "zb-h1": zb_h1_order}[schedule]
     if schedule == "interleaved" and vpp == 1:
@@ -184,6 +160,7 @@ def simulated_events(schedule, pp, vpp, m, t_f=1.0, t_b=2.0, t_w=1.0):
     for pictures and as the bubble of the plan itself."""
     if schedule == "zb-h1" and t_b == 2.0:
         t_b = t_f
+    validate_schedule(schedule, pp, vpp, m)
     orders = [rank_order(schedule, pp, vpp, m, r) for r in range(pp)]
     done = simulate(orders, pp, vpp, {"F": t_f / vpp, "B": t_b / vpp, "W": t_w / vpp})
     events = [[] for _ in range(pp)]
@@ -193,11 +170,23 @@ def simulated_events(schedule, pp, vpp, m, t_f=1.0, t_b=2.0, t_w=1.0):
     return events
 
 
+@functools.lru_cache(maxsize=64)
 def build_plan(schedule, pp, vpp, num_microbatches):
-    """Every rank's order and the shared time-step table; validates first."""
+    """Every rank's order and the shared time-step table, validated and built once per (schedule, pp, vpp,
+    number of micro-batches) and then reused by every step (a ramp-up has a few sizes). The result is
+    shared: callers must not modify it."""
     validate_schedule(schedule, pp, vpp, num_microbatches)
     orders = [rank_order(schedule, pp, vpp, num_microbatches, r) for r in range(pp)]
     return orders, time_steps(orders, pp, vpp)
+
+
+@functools.lru_cache(maxsize=16)
+def forward_only_plan(pp, vpp, num_microbatches):
+    """The time-step table of evaluation: every micro-batch through every chunk, forwards only (GPipe's
+    first half), built once per shape."""
+    validate_schedule("gpipe", pp, vpp, num_microbatches)
+    orders = [[("F", mb, c) for c in range(vpp) for mb in range(num_microbatches)] for _ in range(pp)]
+    return time_steps(orders, pp, vpp)
 
 
 def memory_bookkeeping(order):

@@ -24,7 +24,7 @@ import torch
 from megagopher import parallel_state as ps
 from megagopher.common import unwrap_model
 from megagopher.pipeline_parallel import p2p
-from megagopher.pipeline_parallel.plan import (ScheduleError, build_plan, memory_bookkeeping, time_steps,
+from megagopher.pipeline_parallel.plan import (ScheduleError, build_plan, forward_only_plan, memory_bookkeeping,
                                                validate_schedule)
 from megagopher.tensor_parallel.weight_grad import store as weight_grad_store
 
@@ -78,10 +78,9 @@ def forward_backward(model_chunks, microbatches, loss_fn, schedule="1f1b", trace
     pp, vpp, m = ps.get_pp_size(), len(model_chunks), len(microbatches)
     if vpp != ps.get_vpp_size():
         raise ValueError(f"forward_backward got {vpp} model chunks but parallel.vpp = {ps.get_vpp_size()}")
-    validate_schedule(schedule, pp, vpp, m)
+    _, table = build_plan(schedule, pp, vpp, m)  # validated and built once per (schedule, pp, vpp, m)
     if pp == 1:
         return forward_backward_no_pipelining(model_chunks, microbatches, loss_fn, tracer, stats)
-    _, table = build_plan(schedule, pp, vpp, m)
     runtime = _PipelineRuntime(model_chunks, microbatches, loss_fn, table, tracer, tensor_shape, dtype,
                                split_backward=schedule == "zb-h1")
     total = runtime.run()
@@ -96,16 +95,15 @@ def forward_only(model_chunks, microbatches, tensor_shape=None, dtype=None):
     pp, vpp, m = ps.get_pp_size(), len(model_chunks), len(microbatches)
     if vpp != ps.get_vpp_size():
         raise ValueError(f"forward_only got {vpp} model chunks but parallel.vpp = {ps.get_vpp_size()}")
-    validate_schedule("gpipe", pp, vpp, m)
+    table = forward_only_plan(pp, vpp, m)
     with torch.no_grad():
         if pp == 1:
             total = torch.zeros((), device=microbatches[0]["tokens"].device)
             for mb in microbatches:
                 total += model_chunks[0](input_ids=mb["tokens"], labels=mb["labels"]).float().sum()
             return total.cpu()
-        orders = [[("F", mb, c) for c in range(vpp) for mb in range(m)] for _ in range(pp)]
-        runtime = _PipelineRuntime(model_chunks, microbatches, None, time_steps(orders, pp, vpp), None,
-                                   tensor_shape, dtype, split_backward=False)
+        runtime = _PipelineRuntime(model_chunks, microbatches, None, table, None, tensor_shape, dtype,
+                                   split_backward=False)
         return runtime.run()
 
 

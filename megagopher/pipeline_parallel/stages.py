@@ -9,37 +9,16 @@ embeddings the last stage holds a copy of the word embeddings that starts equal 
 invariant 1) and whose gradient distributed/finalize.py sums with the first stage's.
 """
 from megagopher import parallel_state as ps
+from megagopher.config.validate import layer_counts
 from megagopher.model import GPTModel
 
 
 def stage_layer_ranges(num_layers, pp, vpp=1, pp_layers=None):
-    """[(start, end)] for each of the pp * vpp virtual stages, in pipeline order. Raises ValueError
-    (naming the keys) when the layers cannot be split that way."""
-    stages = pp * vpp
-    if pp_layers:
-        counts = list(pp_layers)
-        if any(not isinstance(c, int) or isinstance(c, bool) or c < 0 for c in counts):
-            raise ValueError(f"parallel.pp_layers = {counts} must be non-negative integers")
-        if vpp > 1 and len(counts) == pp:  # per pipeline rank: each rank's chunks share its layers evenly
-            if any(c % vpp for c in counts):
-                raise ValueError(f"parallel.pp_layers = {counts} gives layers per pipeline rank; each must be "
-                                 f"divisible by parallel.vpp = {vpp} (or give pp * vpp = {stages} counts, one "
-                                 "per virtual stage)")
-            counts = [counts[v % pp] // vpp for v in range(stages)]
-        if len(counts) != stages:
-            raise ValueError(f"parallel.pp_layers = {counts} has {len(counts)} entries; it needs one per pipeline "
-                             f"stage (parallel.pp = {pp}) or one per virtual stage (parallel.pp * parallel.vpp = "
-                             f"{stages})")
-        if sum(counts) != num_layers:
-            raise ValueError(f"parallel.pp_layers = {counts} sums to {sum(counts)}, but model.num_layers = "
-                             f"{num_layers}")
-    else:
-        if num_layers % stages:
-            raise ValueError(f"model.num_layers = {num_layers} is not divisible by parallel.pp * parallel.vpp = "
-                             f"{pp} * {vpp} = {stages}; set parallel.pp_layers for an uneven split")
-        counts = [num_layers // stages] * stages
+    """[(start, end)] for each of the pp * vpp virtual stages, in pipeline order. The split rule (even, or
+    ``parallel.pp_layers``) is config/validate.py's ``layer_counts``; it raises a ConfigError (a ValueError
+    naming the keys) when the layers cannot be split that way."""
     ranges, start = [], 0
-    for count in counts:
+    for count in layer_counts(num_layers, pp, vpp, pp_layers):
         ranges.append((start, start + count))
         start += count
     return ranges

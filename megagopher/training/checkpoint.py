@@ -34,10 +34,11 @@ import torch.distributed as dist
 
 from megagopher import parallel_state as ps
 from megagopher.common import unwrap_model
+from megagopher.config import to_tables
 from megagopher.tensor_parallel.layers import take_shard
 from megagopher.tensor_parallel.random import get_rng_tracker
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the config is stored as TOML-shaped tables (config.to_tables)
 
 
 class CheckpointCorrupt(RuntimeError):
@@ -107,9 +108,6 @@ def save_checkpoint(root, iteration, chunks, optimizer, progress, cfg, keep_last
             files[optim_file] = save_file(opt_state, os.path.join(tmp_dir, optim_file))
     rng_file = f"rng_rank{rank:05d}.pt"
     files[rng_file] = save_file(rng_states(), os.path.join(tmp_dir, rng_file))
-    if os.environ.get("MEGAGOPHER_FAULT_KILL_IN_SAVE") == str(iteration):
-        # Fault injection for the resume tests: die like a SIGKILLed job, half-way through a save.
-        os.kill(os.getpid(), 9)
     gathered = [None] * world
     dist.all_gather_object(gathered, (files, index))
     if rank == 0:
@@ -120,7 +118,7 @@ def save_checkpoint(root, iteration, chunks, optimizer, progress, cfg, keep_last
                 entry = tensors.setdefault(name, {k: meta[k] for k in ("full_shape", "partition_dim", "tp_size")})
                 entry.setdefault("shards", {})[str(meta["tp_rank"])] = meta["file"]
         meta = {"format_version": FORMAT_VERSION, "iteration": iteration, "progress": progress,
-                "layout": layout(), "config": _jsonable(cfg), "tensors": tensors, "files": all_files,
+                "layout": layout(), "config": to_tables(cfg), "tensors": tensors, "files": all_files,
                 "has_optimizer": optimizer is not None,
                 "optimizer_scalars": optimizer.scalar_state() if optimizer is not None else None,
                 "versions": {"torch": torch.__version__, "megagopher": _version()}, "time": time.time()}
@@ -129,10 +127,10 @@ def save_checkpoint(root, iteration, chunks, optimizer, progress, cfg, keep_last
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp_dir, final)
-        write_latest(root, iteration)
         if keep_last:
             for old in list_checkpoints(root)[:-keep_last]:
                 shutil.rmtree(iter_dir(root, old), ignore_errors=True)
+        write_latest(root)
     dist.barrier()
     return final
 
@@ -142,22 +140,17 @@ def _version():
     return megagopher.__version__
 
 
-def _jsonable(cfg):
-    out = {k: v for k, v in cfg.items() if k != "stages"}
-    out["stages"] = [{**{k: v for k, v in st.items() if k != "overrides"},
-                      "overrides": [[s, k, v] for (s, k), v in st["overrides"].items()]} for st in cfg["stages"]]
-    return out
-
-
 def layout():
     return {"tp": ps.get_tp_size(), "pp": ps.get_pp_size(), "dp": ps.get_dp_size(), "vpp": ps.get_vpp_size(),
             "world": dist.get_world_size()}
 
 
-def write_latest(root, iteration):
+def write_latest(root):
+    """``latest`` := the newest complete checkpoint in ``root``, the one ``find_checkpoints`` puts first,
+    so the marker and the resolver always agree (temp name + rename: never half written)."""
     tmp = os.path.join(root, "latest.tmp")
     with open(tmp, "w") as f:
-        f.write(f"{iteration}\n")
+        f.write(f"{list_checkpoints(root)[-1]}\n")
     os.replace(tmp, os.path.join(root, "latest"))
 
 
@@ -261,21 +254,24 @@ def load_optimizer(reader, chunks, optimizer):
     optimizer.load_scalar_state(reader.meta["optimizer_scalars"])
 
 
-def find_loadable(root):
-    """Complete checkpoints in ``root``, newest first (``latest`` names the newest; a directory newer than
-    it cannot exist because ``latest`` is written after the rename)."""
-    return list(reversed(list_checkpoints(root))) if root and os.path.isdir(root) else []
+def find_checkpoints(path):
+    """The one policy for "the newest checkpoint", used by training, generate, evaluate, export and convert:
+    the checkpoint directories ``path`` names, newest first. ``path`` is one iter_N directory (then just it)
+    or a checkpoint root (then its complete iter_N directories, those with metadata.json: a save is renamed
+    into place only once complete, and ``latest`` is rewritten after every save to name the first of these).
+    Loaders try them in order, so a corrupt newest checkpoint falls back to the one before."""
+    if path and os.path.exists(os.path.join(path, "metadata.json")):
+        return [path]
+    if not path or not os.path.isdir(path):
+        return []
+    return [iter_dir(path, i) for i in reversed(list_checkpoints(path))]
 
 
 def resolve_load(load, root):
-    """checkpoint.load: "" (start fresh), "auto" (the newest in checkpoint.dir), or a directory."""
+    """checkpoint.load: "" (start fresh), "auto" (the checkpoints of checkpoint.dir), or a path."""
     if not load:
         return []
-    if load == "auto":
-        return [iter_dir(root, i) for i in find_loadable(root)]
-    if os.path.exists(os.path.join(load, "metadata.json")):
-        return [load]
-    return [iter_dir(load, i) for i in find_loadable(load)]
+    return find_checkpoints(root if load == "auto" else load)
 
 
 def agree(ok):

@@ -9,8 +9,12 @@ The synthetic source is a learnable, deterministic token stream: a random succes
 "grammar") fixed by the seed, followed with probability 0.85 and replaced by a uniform token otherwise.
 A model that learns the table reaches a loss near 0.15 * ln(V) + H(0.85) from ln(V) at the start.
 """
+import os
+
 import numpy as np
 import torch
+
+from megagopher.config import ConfigError
 
 
 class SyntheticDataset:
@@ -55,28 +59,31 @@ def microbatches(dataset, indices, micro_batch_size, device):
 
 def vocab_size_of(cfg):
     """The model's vocabulary: the tokenizer's when the data has one, else model.vocab_size."""
-    d = cfg["data"]
-    if d["source"] == "indexed" and d["tokenizer_dir"]:
+    d = cfg.data
+    if d.source == "indexed" and d.tokenizer_dir:
+        # Read from files the config names, so checked here (still before any collective), not in validate.
+        if not all(os.path.isfile(os.path.join(d.tokenizer_dir, f)) for f in ("vocab.json", "merges.txt")):
+            raise ConfigError(f"data.tokenizer_dir = {d.tokenizer_dir!r} holds no vocab.json and merges.txt")
         from megagopher.data.tokenizer import load_tokenizer
-        return load_tokenizer(d["tokenizer_dir"]).vocab_size
-    return cfg["model"]["vocab_size"]
+        return load_tokenizer(d.tokenizer_dir).vocab_size
+    return cfg.model.vocab_size
 
 
-def build_datasets(scfg, vocab_size, train_iters, dp):
-    """(train, valid) datasets for a stage; valid is None when the stage does not evaluate."""
-    t, d = scfg["training"], scfg["data"]
-    seq = scfg["model"]["seq_length"]
-    evaluates = t["eval_interval"] > 0
-    if d["source"] == "synthetic":
-        train = SyntheticDataset(vocab_size, seq, t["seed"])
-        valid = SyntheticDataset(vocab_size, seq, t["seed"] + 1) if evaluates else None
+def build_datasets(scfg, vocab_size, train_iters):
+    """(train, valid) datasets for a stage (``scfg``: JobConfig.stage(i)); valid is None when the stage does
+    not evaluate."""
+    t, d, seq = scfg.training, scfg.data, scfg.model.seq_length
+    evaluates = t.eval_interval > 0
+    if d.source == "synthetic":
+        train = SyntheticDataset(vocab_size, seq, t.seed)
+        valid = SyntheticDataset(vocab_size, seq, t.seed + 1) if evaluates else None
         return train, valid
     from megagopher.data import build_gpt_datasets
-    n_train = train_iters * t["global_batch_size"]
-    n_valid = t["eval_iters"] * t["global_batch_size"] if evaluates else 0
-    train, valid, _ = build_gpt_datasets(d["blend"], seq, t["seed"], d["split"], (n_train, n_valid, 0),
-                                         cache_dir=d["cache_dir"] or None)
-    if d["valid_blend"] and evaluates:
-        valid, _, _ = build_gpt_datasets(d["valid_blend"], seq, t["seed"], "1,0,0", (n_valid, 0, 0),
-                                         cache_dir=d["cache_dir"] or None)
+    n_train = train_iters * t.global_batch_size
+    n_valid = t.eval_iters * t.global_batch_size if evaluates else 0
+    train, valid, _ = build_gpt_datasets(d.blend, seq, t.seed, d.split, (n_train, n_valid, 0),
+                                         cache_dir=d.cache_dir or None)
+    if d.valid_blend and evaluates:
+        valid, _, _ = build_gpt_datasets(d.valid_blend, seq, t.seed, "1,0,0", (n_valid, 0, 0),
+                                         cache_dir=d.cache_dir or None)
     return train, valid

@@ -17,6 +17,7 @@ model's depth by progressive stacking) and, by default, a fresh optimizer. Check
 ``checkpoint.save_interval`` steps, at the end of every stage and on SIGTERM/SIGINT; ``checkpoint.load``
 resumes into the right stage and step.
 """
+import dataclasses
 import os
 import signal
 import shutil
@@ -36,11 +37,10 @@ from megagopher.pipeline_parallel.trace import Tracer
 from megagopher.tensor_parallel import model_parallel_seed
 from megagopher.training import checkpoint as ckpt
 from megagopher.training import data as data_lib
-from megagopher.training.config import model_config, stage_config, to_toml
-from megagopher.training.distributed import setup_distributed, validate_run
+from megagopher.common import PRECISION_DTYPES
+from megagopher.config import to_toml, validate
+from megagopher.training.distributed import setup_distributed
 from megagopher.training.metrics import MetricsLogger, model_flops_per_token
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -51,45 +51,44 @@ class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.vocab_size = data_lib.vocab_size_of(cfg)
         # Invariant 6: every check that can fail runs here, identically on every rank, before any collective.
-        self.dp = validate_run(cfg, self.world_size, self.vocab_size)
+        self.dp = validate(cfg, self.world_size)
+        self.vocab_size = data_lib.vocab_size_of(cfg)
         self.device = setup_distributed(cfg)
-        p, t = cfg["parallel"], cfg["training"]
-        ps.initialize_model_parallel(tp=p["tp"], pp=p["pp"], vpp=p["vpp"], cp=p["cp"])
+        p = cfg.parallel
+        ps.initialize_model_parallel(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp)
         self.rank = dist.get_rank()
-        model_parallel_seed(t["seed"], ps.get_tp_rank(), ps.get_pp_rank(), self.device)
-        self.tracer = Tracer(enabled=p["trace"])
+        model_parallel_seed(cfg.training.seed, ps.get_tp_rank(), ps.get_pp_rank(), self.device)
+        self.tracer = Tracer(enabled=p.trace)
         self.iteration, self.consumed_tokens, self.stage_index, self.stage_iteration = 0, 0, 0, 0
         self.stage_samples = 0  # samples consumed in the current stage: the data position (ramp-up aware)
         self.skipped_total = 0
         self.optimizer, self.pending_optimizer = None, None
         self.stop_requested = False
-        self.num_layers = cfg["model"]["num_layers"]
+        self.num_layers = cfg.model.num_layers
         self.chunks = None
         self._restore_or_build()
 
     # -- construction ---------------------------------------------------------------------------------
     def _build_model(self, num_layers):
-        t, p = self.cfg["training"], self.cfg["parallel"]
+        t = self.cfg.training
         self.num_layers = num_layers
-        self.model_cfg = model_config(self.cfg, num_layers=num_layers, vocab_size=self.vocab_size)
-        chunks = build_model_chunks(self.model_cfg, sequence_parallel=p["sp"], recompute=t["recompute"],
-                                    recompute_num_layers=t["recompute_num_layers"] or None,
-                                    pp_layers=(p["pp_layers"] or None) if num_layers == self.cfg["model"]["num_layers"]
-                                    else None)
+        self.model_cfg = self.cfg.model_at(num_layers=num_layers, vocab_size=self.vocab_size)
+        chunks = build_model_chunks(self.model_cfg, sequence_parallel=self.cfg.parallel.sp, recompute=t.recompute,
+                                    recompute_num_layers=t.recompute_num_layers or None,
+                                    pp_layers=self.cfg.pp_layers_at(num_layers) or None)
         for chunk in chunks:
-            chunk.initialize(t["seed"])
-            chunk.to(device=self.device, dtype=DTYPES[t["precision"]])
+            chunk.initialize(t.seed)
+            chunk.to(device=self.device, dtype=PRECISION_DTYPES[t.precision])
         return chunks
 
     def _wrap(self, chunks):
-        return wrap_data_parallel(chunks, self.cfg["parallel"], distributed_optimizer=self.cfg["optimizer"]["distributed"])
+        return wrap_data_parallel(chunks, self.cfg.parallel, distributed_optimizer=self.cfg.optimizer.distributed)
 
     def _restore_or_build(self):
         """Loads the newest loadable checkpoint (falling back past corrupt ones), else starts fresh."""
-        c = self.cfg["checkpoint"]
-        for path in ckpt.resolve_load(c["load"], c["dir"]):
+        c = self.cfg.checkpoint
+        for path in ckpt.resolve_load(c.load, c.dir):
             error = None
             try:
                 reader = ckpt.CheckpointReader(path)
@@ -126,7 +125,7 @@ class Trainer:
         """Progressive stacking (Gong et al. 2019): a deeper model whose layer i starts as layer i mod L of
         the current one. Goes through a weights-only checkpoint so it works under any layout."""
         old = self.num_layers
-        tmp_root = os.path.join(self.cfg["run"]["dir"], ".grow")
+        tmp_root = os.path.join(self.cfg.run.dir, ".grow")
         path = ckpt.save_checkpoint(tmp_root, self.iteration, self.chunks, None, self._progress(), self.cfg)
         reader = ckpt.CheckpointReader(path)
 
@@ -152,18 +151,17 @@ class Trainer:
                 "skipped_total": self.skipped_total}
 
     def save(self):
-        c = self.cfg["checkpoint"]
-        if not c["dir"]:
+        c = self.cfg.checkpoint
+        if not c.dir:
             return
-        path = ckpt.save_checkpoint(c["dir"], self.iteration, self.chunks, self.optimizer, self._progress(), self.cfg,
-                                    keep_last=c["keep_last"])
+        path = ckpt.save_checkpoint(c.dir, self.iteration, self.chunks, self.optimizer, self._progress(), self.cfg,
+                                    keep_last=c.keep_last)
         if self.rank == 0:
             print(f"megagopher: saved checkpoint {path}", flush=True)
 
     # -- one step ---------------------------------------------------------------------------------------
     def train_step(self, dataset, scfg, consumed_samples, gbs):
-        t = scfg["training"]
-        mbs, seq = t["micro_batch_size"], scfg["model"]["seq_length"]
+        mbs, seq = scfg.training.micro_batch_size, scfg.model.seq_length
         indices = data_lib.global_batch_indices(consumed_samples, gbs, ps.get_dp_rank(), self.dp)
         mbatches = data_lib.microbatches(dataset, indices, mbs, self.device)
         global_tokens = gbs * seq
@@ -173,13 +171,13 @@ class Trainer:
             return optimizer.scale_loss(per_token_loss.float().sum() / global_tokens)
 
         optimizer.zero_grad()
-        loss_sum = forward_backward(self.chunks, mbatches, loss_fn, schedule=self.cfg["parallel"]["schedule"],
+        loss_sum = forward_backward(self.chunks, mbatches, loss_fn, schedule=self.cfg.parallel.schedule,
                                     tracer=self.tracer)
         finalize_model_grads(self.chunks)
         loss, bad_ranks = self._agree_on_step(loss_sum)
         loss /= global_tokens
         if bad_ranks:
-            if scfg["training"]["nan_policy"] == "stop":
+            if scfg.training.nan_policy == "stop":
                 raise NonFiniteLoss(f"non-finite loss {loss} at iteration {self.iteration} on rank(s) {bad_ranks}; "
                                     "stopping (training.nan_policy = 'skip' skips such steps instead)")
             optimizer.zero_grad()
@@ -208,18 +206,18 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, dataset, scfg):
         """Mean token loss over ``eval_iters`` global batches of ``dataset`` (forward only)."""
-        t = scfg["training"]
-        gbs, mbs, seq = t["global_batch_size"], t["micro_batch_size"], scfg["model"]["seq_length"]
+        t = scfg.training
+        gbs, mbs, seq = t.global_batch_size, t.micro_batch_size, scfg.model.seq_length
         for c in self.chunks:
             c.eval()
         total = 0.0
-        for k in range(t["eval_iters"]):
+        for k in range(t.eval_iters):
             indices = data_lib.global_batch_indices(k * gbs, gbs, ps.get_dp_rank(), self.dp)
             mbatches = data_lib.microbatches(dataset, indices, mbs, self.device)
             total += self._agree_on_step(forward_only(self.chunks, mbatches))[0]
         for c in self.chunks:
             c.train()
-        return total / (t["eval_iters"] * gbs * seq)
+        return total / (t.eval_iters * gbs * seq)
 
     # -- the run ----------------------------------------------------------------------------------------
     def _on_signal(self, signum, frame):
@@ -229,7 +227,7 @@ class Trainer:
 
     def run(self):
         cfg = self.cfg
-        run_dir = cfg["run"]["dir"]
+        run_dir = cfg.run.dir
         if self.rank == 0:
             os.makedirs(run_dir, exist_ok=True)
             tmp = os.path.join(run_dir, "config.toml.tmp")
@@ -240,84 +238,104 @@ class Trainer:
             signal.signal(sig, self._on_signal)
         device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         if self.rank == 0:
-            report = memory_report(self.model_cfg, cfg["parallel"], cfg["training"], cfg["optimizer"],
+            # The report splits the model as it is now built: parallel.pp_layers only at the configured depth.
+            parallel = dataclasses.replace(cfg.parallel, pp_layers=cfg.pp_layers_at(self.num_layers))
+            report = memory_report(self.model_cfg, parallel, cfg.training, cfg.optimizer,
                                    world_size=self.world_size, device=self.device.type)
             print(f"megagopher: {report['line']}", flush=True)
-        logger = MetricsLogger(run_dir, self.rank == 0, cfg["run"]["tensorboard"], device_name,
+        logger = MetricsLogger(run_dir, self.rank == 0, cfg.run.tensorboard, device_name,
                                resume_iteration=self.iteration)
         try:
-            with kernels.use_backend(cfg["training"]["kernel_backend"]):
+            with kernels.use_backend(cfg.training.kernel_backend):
                 self._run_stages(logger)
         finally:
             logger.close()
-        if cfg["parallel"]["trace"]:
+        if cfg.parallel.trace:
             self.tracer.save(os.path.join(run_dir, "pipeline_trace.json"))
 
     def _run_stages(self, logger):
         cfg = self.cfg
-        total_iters = sum(st["train_iters"] for st in cfg["stages"])
-        run_start, steps_done = time.perf_counter(), 0
-        exit_after = cfg["training"]["exit_after_iters"]
-        for stage_index in range(self.stage_index, len(cfg["stages"])):
+        clock = {"total_iters": sum(st.train_iters for st in cfg.stages), "start": time.perf_counter(), "steps": 0}
+        for stage_index in range(self.stage_index, len(cfg.stages)):
             self.stage_index = stage_index
-            stage = cfg["stages"][stage_index]
-            scfg = stage_config(cfg, stage_index)
-            t, o = scfg["training"], scfg["optimizer"]
-            if self.stage_iteration == 0 and stage.get("grow") and stage["grow"]["num_layers"] != self.num_layers:
-                self._grow(stage["grow"]["num_layers"])
-            train_ds, valid_ds = data_lib.build_datasets(scfg, self.vocab_size, t["train_iters"], self.dp)
-            keep = stage.get("keep_optimizer", cfg["checkpoint"]["keep_optimizer"]) if stage_index > 0 else True
-            fresh_stage = self.stage_iteration == 0
-            if self.optimizer is None or (fresh_stage and not keep):
-                self.optimizer = build_optimizer(self.chunks, o, t)
-            if self.pending_optimizer is not None:
-                if not fresh_stage or keep:
-                    ckpt.load_optimizer(self.pending_optimizer, self.chunks, self.optimizer)
-                self.pending_optimizer = None
-            schedule = LRSchedule(o["lr"], o["min_lr"], o["warmup_iters"], max(1, t["train_iters"]), o["decay"],
-                                  o["warmup_init_lr"], o["wsd_decay_fraction"])
-            seq = scfg["model"]["seq_length"]
-            flops_per_token = model_flops_per_token(self.model_cfg, seq, t["recompute"])
-            while self.stage_iteration < t["train_iters"]:
-                self.stage_iteration += 1
-                self.iteration += 1
-                lr = schedule(self.stage_iteration)
-                self.optimizer.set_lr(lr)
-                start = time.perf_counter()
-                gbs = global_batch_size_at(self.stage_samples, t["global_batch_size"], t["rampup_batch_size"],
-                                           t["micro_batch_size"], self.dp)
-                loss, updated, grad_norm = self.train_step(train_ds, scfg, self.stage_samples, gbs)
-                self.stage_samples += gbs
-                params_norm = self.optimizer.params_norm() if t["log_params_norm"] else None
-                step_time = time.perf_counter() - start
-                tokens = gbs * seq
-                self.consumed_tokens += tokens
-                self.skipped_total += int(not updated)
-                steps_done += 1
-                per_step = (time.perf_counter() - run_start) / steps_done
-                row = {"iteration": self.iteration, "stage": stage["name"], "loss": loss, "lr": lr,
-                       "grad_norm": grad_norm, "loss_scale": self.optimizer.loss_scale, "skipped": not updated,
-                       "tokens": self.consumed_tokens, "step_time_s": step_time, "tokens_per_s": tokens / step_time,
-                       "tflops_per_device": flops_per_token * tokens / step_time / self.world_size / 1e12,
-                       "skipped_total": self.skipped_total, "global_batch_size": gbs}
-                if params_norm is not None:
-                    row["params_norm"] = params_norm
-                console = self.stage_iteration % t["log_interval"] == 0 or self.stage_iteration == t["train_iters"]
-                memory = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
-                logger.log_step(row, console, (self.stage_iteration, t["train_iters"], per_step),
-                                (self.iteration, total_iters, per_step), memory)
-                if valid_ds is not None and t["eval_interval"] and (
-                        self.stage_iteration % t["eval_interval"] == 0 or self.stage_iteration == t["train_iters"]):
-                    logger.log_eval({"iteration": self.iteration, "stage": stage["name"],
-                                     "loss": self.evaluate(valid_ds, scfg)})
-                interval = cfg["checkpoint"]["save_interval"]
-                if self.stop_requested or (exit_after and steps_done >= exit_after):
-                    self.save()
-                    if self.rank == 0:
-                        print(f"megagopher: stopping at iteration {self.iteration} after saving", flush=True)
-                    return
-                if interval and self.iteration % interval == 0 and self.stage_iteration < t["train_iters"]:
-                    self.save()
+            if not self._run_stage(stage_index, logger, clock):
+                return
             self.stage_iteration, self.stage_samples = 0, 0
             self.stage_index = stage_index + 1
             self.save()  # every stage ends with a checkpoint the next one (or a restart) starts from
+
+    def _start_stage(self, stage_index):
+        """Growth, data and optimizer of a stage (fresh unless the stage keeps the previous one's)."""
+        stage, scfg = self.cfg.stages[stage_index], self.cfg.stage(stage_index)
+        t, o = scfg.training, scfg.optimizer
+        if self.stage_iteration == 0 and stage.grow and stage.grow["num_layers"] != self.num_layers:
+            self._grow(stage.grow["num_layers"])
+        datasets = data_lib.build_datasets(scfg, self.vocab_size, t.train_iters)
+        keep = stage.keep_optimizer if stage.keep_optimizer is not None else self.cfg.checkpoint.keep_optimizer
+        keep = keep or stage_index == 0
+        fresh_stage = self.stage_iteration == 0
+        if self.optimizer is None or (fresh_stage and not keep):
+            self.optimizer = build_optimizer(self.chunks, o, t)
+        if self.pending_optimizer is not None:
+            if not fresh_stage or keep:
+                ckpt.load_optimizer(self.pending_optimizer, self.chunks, self.optimizer)
+            self.pending_optimizer = None
+        schedule = LRSchedule(o.lr, o.min_lr, o.warmup_iters, max(1, t.train_iters), o.decay, o.warmup_init_lr,
+                              o.wsd_decay_fraction)
+        return stage, scfg, datasets, schedule
+
+    def _run_stage(self, stage_index, logger, clock):
+        """The steps of one stage; False when the run stops early (signal or exit_after_iters)."""
+        stage, scfg, (train_ds, valid_ds), schedule = self._start_stage(stage_index)
+        t = scfg.training
+        flops_per_token = model_flops_per_token(self.model_cfg, scfg.model.seq_length, t.recompute)
+        exit_after, interval = self.cfg.training.exit_after_iters, self.cfg.checkpoint.save_interval
+        while self.stage_iteration < t.train_iters:
+            self.stage_iteration += 1
+            self.iteration += 1
+            lr = schedule(self.stage_iteration)
+            self.optimizer.set_lr(lr)
+            start = time.perf_counter()
+            gbs = global_batch_size_at(self.stage_samples, t.global_batch_size, t.rampup_batch_size,
+                                       t.micro_batch_size, self.dp)
+            loss, updated, grad_norm = self.train_step(train_ds, scfg, self.stage_samples, gbs)
+            self.stage_samples += gbs
+            clock["steps"] += 1
+            row = self._metrics_row(stage, scfg, lr, gbs, (loss, updated, grad_norm), start, flops_per_token)
+            self._log(logger, row, t, clock)
+            if valid_ds is not None and t.eval_interval and (
+                    self.stage_iteration % t.eval_interval == 0 or self.stage_iteration == t.train_iters):
+                logger.log_eval({"iteration": self.iteration, "stage": stage.name,
+                                 "loss": self.evaluate(valid_ds, scfg)})
+            if self.stop_requested or (exit_after and clock["steps"] >= exit_after):
+                self.save()
+                if self.rank == 0:
+                    print(f"megagopher: stopping at iteration {self.iteration} after saving", flush=True)
+                return False
+            if interval and self.iteration % interval == 0 and self.stage_iteration < t.train_iters:
+                self.save()
+        return True
+
+    def _metrics_row(self, stage, scfg, lr, gbs, outcome, start, flops_per_token):
+        """One metrics.jsonl row (docs/ARCHITECTURE.md 4.3) for the step that began at ``start``."""
+        loss, updated, grad_norm = outcome
+        params_norm = self.optimizer.params_norm() if scfg.training.log_params_norm else None
+        step_time = time.perf_counter() - start
+        tokens = gbs * scfg.model.seq_length
+        self.consumed_tokens += tokens
+        self.skipped_total += int(not updated)
+        row = {"iteration": self.iteration, "stage": stage.name, "loss": loss, "lr": lr,
+               "grad_norm": grad_norm, "loss_scale": self.optimizer.loss_scale, "skipped": not updated,
+               "tokens": self.consumed_tokens, "step_time_s": step_time, "tokens_per_s": tokens / step_time,
+               "tflops_per_device": flops_per_token * tokens / step_time / self.world_size / 1e12,
+               "skipped_total": self.skipped_total, "global_batch_size": gbs}
+        if params_norm is not None:
+            row["params_norm"] = params_norm
+        return row
+
+    def _log(self, logger, row, t, clock):
+        per_step = (time.perf_counter() - clock["start"]) / clock["steps"]
+        console = self.stage_iteration % t.log_interval == 0 or self.stage_iteration == t.train_iters
+        memory = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        logger.log_step(row, console, (self.stage_iteration, t.train_iters, per_step),
+                        (self.iteration, clock["total_iters"], per_step), memory)

@@ -1,0 +1,37 @@
+"""The config reference a user reads (``python -m megagopher.train --help-config``), generated from the
+field declarations so it cannot drift from the code."""
+from megagopher.config.fields import field_map
+from megagopher.config.loading import _toml_value
+from megagopher.config.schema import SECTIONS, STAGE_SECTIONS, StageConfig
+
+
+def _default(field):
+    return field.default_factory() if callable(field.default_factory) else field.default
+
+
+def entries():
+    """(key, default, choices, doc) for every key, sections first, then the keys of a stage."""
+    out = []
+    for section, cls in SECTIONS.items():
+        for name, f in field_map(cls).items():
+            out.append((f"{section}.{name}", _default(f), f.metadata["choices"], f.metadata["doc"]))
+    for name, f in field_map(StageConfig).items():
+        out.append((f"stages.{name}", _default(f), f.metadata["choices"], f.metadata["doc"]))
+    return out
+
+
+def help_text():
+    lines = ["megagopher config keys: --section.key=value on the command line, or [section] key = value in",
+             "the TOML file. A [[stages]] entry may also override any key of "
+             f"{', '.join(f'[{s}]' for s in STAGE_SECTIONS)} and model.seq_length.", ""]
+    current = None
+    for key, default, choices, doc in entries():
+        section = key.split(".")[0]
+        if section != current:
+            lines += ["" if current else "", f"[{section}]" if section != "stages" else "[[stages]]"]
+            current = section
+        shown = "(none)" if default is None else _toml_value(default)
+        valid = f"  one of: {', '.join(map(_toml_value, choices))}" if choices else ""
+        lines.append(f"  {key.split('.', 1)[1]} = {shown}{valid}")
+        lines.append(f"      {doc}")
+    return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"

@@ -1,0 +1,140 @@
+"""The typed config: every key documented and listed by --help-config, and every validation rule firing
+the same message on every rank of a 4-rank run before any collective (invariant 6), table-driven."""
+import contextlib
+import io
+import os
+import subprocess
+import sys
+
+import torch.distributed as dist
+
+from megagopher.config import SECTIONS, StageConfig
+from megagopher.config.fields import field_map
+from megagopher.testing import spawn
+from train_utils import ROOT, TINY
+
+STAGED = TINY + """
+[[stages]]
+name = "short"
+train_iters = 2
+[[stages]]
+name = "deep"
+train_iters = 2
+grow.num_layers = 6
+"""
+
+# (name, config text, overrides, text the error must contain). World size 4; TINY has 4 layers, 4 heads,
+# 2 query groups, micro-batch 2 of global batch 8, sequence 16.
+RULES = [
+    ("unknown key", TINY, ["--model.hidden_sizes=32"], "unknown key model.hidden_sizes; valid keys of [model]"),
+    ("choice", TINY, ["--parallel.schedule=zigzag"], "parallel.schedule = 'zigzag'; valid: 'gpipe', '1f1b'"),
+    ("type", TINY, ["--training.micro_batch_size=two"], "training.micro_batch_size = 'two' must be an integer"),
+    ("range", TINY, ["--training.micro_batch_size=0"], "training.micro_batch_size = 0 must be >= 1"),
+    ("optimizer range", TINY, ["--optimizer.beta2=1.5"], "optimizer.beta2 = 1.5 must be in [0, 1)"),
+    ("bucket size", TINY, ["--parallel.bucket_size_mb=-1"], "parallel.bucket_size_mb = -1.0 must be >= 0"),
+    ("hysteresis", TINY, ["--training.hysteresis=0"], "training.hysteresis = 0 must be >= 1"),
+    ("world size", TINY, ["--parallel.tp=3"], "world size 4 is not divisible by parallel.tp * parallel.cp"),
+    ("dp", TINY, ["--parallel.dp=3"], "parallel.dp = 3 but world size 4"),
+    ("query groups", TINY, ["--parallel.tp=4"], "model.num_query_groups = 2 is not divisible by parallel.tp = 4"),
+    ("model shape", TINY, ["--model.hidden_size=30"], "model.hidden_size = 30 is not divisible by"),
+    ("layers", TINY, ["--parallel.pp=2", "--model.num_layers=3"],
+     "model.num_layers = 3 is not divisible by parallel.pp * parallel.vpp = 2 * 1 = 2"),
+    ("vpp without pp", TINY, ["--parallel.vpp=2"], "parallel.vpp = 2 needs parallel.pp > 1"),
+    ("pp_layers sum", TINY, ["--parallel.pp=2", "--parallel.pp_layers=[1, 2]"],
+     "parallel.pp_layers = [1, 2] sums to 3, but model.num_layers = 4"),
+    ("pp_layers sign", TINY, ["--parallel.pp=2", "--parallel.pp_layers=[-1, 5]"],
+     "parallel.pp_layers = [-1, 5] must be non-negative integers"),
+    ("pp_layers empty middle", TINY, ["--parallel.pp=4", "--parallel.pp_layers=[2, 0, 1, 1]"],
+     "leaves virtual stage 1 without layers"),
+    ("pp_layers at a grown depth", STAGED, ["--parallel.pp=2", "--parallel.pp_layers=[1, 3]",
+                                            "--stages.deep.grow.num_layers=5"],
+     "model.num_layers = 5 is not divisible by parallel.pp * parallel.vpp = 2 * 1 = 2; set parallel.pp_layers "
+     "for an uneven split (stage 'deep')"),
+    ("batch", TINY, ["--training.global_batch_size=6"],
+     "training.global_batch_size = 6 is not divisible by training.micro_batch_size * dp = 8"),
+    ("sequence parallel", TINY, ["--parallel.tp=2", "--parallel.sp=true", "--model.seq_length=15"],
+     "model.seq_length = 15 is not divisible by parallel.tp * parallel.cp = 2"),
+    ("schedule chunks", TINY, ["--parallel.pp=2", "--parallel.vpp=2", "--parallel.schedule=1f1b"],
+     "parallel.schedule = '1f1b' runs one model chunk per rank"),
+    ("interleaved micro-batches", TINY, ["--parallel.pp=4", "--parallel.vpp=2", "--model.num_layers=8",
+                                         "--parallel.schedule=interleaved", "--training.global_batch_size=4"],
+     "needs at least parallel.pp = 4 micro-batches per step, got 2"),
+    ("ramp-up", TINY, ["--parallel.tp=4", "--model.num_query_groups=4", "--training.rampup_batch_size=[2, 3, 16]"],
+     "training.rampup_batch_size = [2, 3, 16] passes through global batch size 5"),
+    ("ramp-up shape", TINY, ["--training.rampup_batch_size=[4, 4]"], "must be [start, increment, samples]"),
+    ("learning rates", TINY, ["--optimizer.min_lr=0.1"], "optimizer.min_lr = 0.1 is larger than optimizer.lr"),
+    ("loss scales", TINY, ["--training.precision=fp16", "--training.min_loss_scale=1e6"],
+     "training.min_loss_scale = 1000000.0 exceeds training.initial_loss_scale"),
+    ("positions", TINY, ["--model.position_embedding=learned", "--model.max_position_embeddings=8"],
+     "model.seq_length = 16 exceeds model.max_position_embeddings = 8"),
+    ("context parallel", TINY, ["--parallel.cp=2"], "parallel.cp = 2: context parallelism is not implemented"),
+    ("device", TINY, ["--training.device=cuda"], "training.device = 'cuda' but no CUDA device is available"),
+    ("indexed data", TINY, ["--data.source=indexed"], "data.source = 'indexed' needs data.blend"),
+    ("tokenizer", TINY, ["--data.source=indexed", '--data.blend=[[1.0, "x"]]', "--data.tokenizer_dir=/nonexistent"],
+     "data.tokenizer_dir = '/nonexistent' holds no vocab.json and merges.txt"),
+    ("stage key", STAGED, ["--stages.short.model.hidden_size=8"], "may override only model.seq_length"),
+    ("stage name", STAGED, ["--stages.long.train_iters=1"], "NAME one of ['short', 'deep']"),
+    ("stage override", STAGED, ["--stages.short.optimizer.lrr=1.0"], "unknown key optimizer.lrr"),
+]
+COLLECTIVES = ("all_reduce", "all_gather_object", "barrier", "broadcast", "new_group", "batch_isend_irecv",
+               "all_gather", "reduce_scatter", "init_process_group")
+
+
+def _refuse(name):
+    def refused(*args, **kwargs):
+        raise AssertionError(f"torch.distributed.{name} called before the config was rejected")
+    return refused
+
+
+def _run_rules(rank, world, tmp):
+    """Each rule through the real entry point on every rank, with every collective refused."""
+    from megagopher import train
+    saved = {name: getattr(dist, name) for name in COLLECTIVES}
+    results = []
+    try:
+        for name in COLLECTIVES:
+            setattr(dist, name, _refuse(name))
+        for index, (_, text, overrides, _) in enumerate(RULES):
+            path = os.path.join(tmp, f"rule{index}_rank{rank}.toml")
+            with open(path, "w") as f:
+                f.write(text)
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                try:
+                    status = train.main(["--config", path, f"--run.dir={tmp}/run{rank}", *overrides])
+                except AssertionError as e:  # a collective was reached: the rule did not fire
+                    status = f"no verdict: {e}"
+            results.append((status, err.getvalue().strip()))
+    finally:
+        for name, fn in saved.items():
+            setattr(dist, name, fn)
+    everyone = [None] * world
+    dist.all_gather_object(everyone, results)
+    return everyone
+
+
+def test_every_rule_fires_the_same_message_on_every_rank(tmp_path):
+    everyone = spawn(_run_rules, 4, str(tmp_path))[0]
+    for index, (name, _, overrides, expected) in enumerate(RULES):
+        verdicts = {tuple(ranks[index]) for ranks in everyone}
+        assert len(verdicts) == 1, f"{name}: ranks disagree: {verdicts}"
+        status, message = verdicts.pop()
+        assert status == 2, f"{name} ({overrides}): exit {status!r}, {message}"
+        assert message.startswith("megagopher.train: config error: ") and expected in message, (name, message)
+
+
+def test_help_config_lists_every_key_with_a_doc():
+    out = subprocess.run([sys.executable, "-m", "megagopher.train", "--help-config"], capture_output=True,
+                         text=True, cwd=ROOT, check=True).stdout
+    sections = dict(SECTIONS, stages=StageConfig)
+    lines = out.splitlines()
+    for section, cls in sections.items():
+        header = "[[stages]]" if section == "stages" else f"[{section}]"
+        start = lines.index(header)
+        block = lines[start + 1:]
+        for key, f in field_map(cls).items():
+            assert f.metadata.get("doc"), f"{section}.{key} has no doc"
+            row = next(i for i, line in enumerate(block) if line.startswith(f"  {key} = "))
+            assert block[row + 1].strip() == f.metadata["doc"], f"{section}.{key}"
+            if f.metadata.get("choices"):
+                assert "one of: " in block[row], f"{section}.{key} lists no choices"

@@ -36,16 +36,37 @@ _KEY = ["HEAD_DIM", "CAUSAL", "seq_bucket"]
 
 
 @triton.jit
+def _load_tile(base, rows, stride, offs_d, n, UPCAST: tl.constexpr):
+    # The [rows, HEAD_DIM] tile at base + row * stride + d, zeros for rows past n; in fp32 if UPCAST.
+    t = tl.load(base + rows[:, None] * stride + offs_d[None, :], mask=rows[:, None] < n, other=0.0)
+    if UPCAST:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _store_tile(base, rows, stride, offs_d, n, value):
+    # value (fp32) into the [rows, HEAD_DIM] tile at base + row * stride + d, rows past n left alone.
+    tl.store(base + rows[:, None] * stride + offs_d[None, :], value.to(base.dtype.element_ty), mask=rows[:, None] < n)
+
+
+@triton.jit
+def _query_program(H, GROUP, BLOCK_M: tl.constexpr):
+    # A program over (query block, batch x head): its first query, batch x head, batch, head and the kv
+    # head that query head shares (GQA/MQA), read in place.
+    off_bh = tl.program_id(1)
+    off_h = off_bh % H
+    return tl.program_id(0) * BLOCK_M, off_bh, (off_bh // H).to(tl.int64), off_h, off_h // GROUP
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d,
                lo, hi, qk_scale, SEQ_K, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=cols[:, None] < SEQ_K, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=cols[:, None] < SEQ_K, other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = _load_tile(k_base, cols, stride_ks, offs_d, SEQ_K, DOT_FP32)
+        v = _load_tile(v_base, cols, stride_vs, offs_d, SEQ_K, DOT_FP32)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASKED:  # only the blocks on the diagonal or past the end pay for the mask
             valid = cols[None, :] < SEQ_K
@@ -70,19 +91,11 @@ def _fwd_kernel(Q, K, V, O, LSE, sm_scale,
                 H, GROUP, SEQ_Q, SEQ_K, seq_bucket,
                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = off_bh % H
-    off_hk = off_h // GROUP  # the kv head this query head shares (GQA/MQA), read in place
+    start_m, off_bh, off_b, off_h, off_hk = _query_program(H, GROUP, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m[:, None] < SEQ_Q
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
-                mask=row_ok, other=0.0)
-    if DOT_FP32:
-        q = q.to(tl.float32)
+    q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qs, offs_d, SEQ_Q, DOT_FP32)
     k_base = K + off_b * stride_kb + off_hk * stride_kh
     v_base = V + off_b * stride_vb + off_hk * stride_vh
     qk_scale = sm_scale * 1.4426950408889634
@@ -102,8 +115,7 @@ def _fwd_kernel(Q, K, V, O, LSE, sm_scale,
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d,
                                full_end, hi, qk_scale, SEQ_K, True, CAUSAL, DOT_FP32, PRECISION, BLOCK_N)
     acc = acc / l_i[:, None]
-    tl.store(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
-             acc.to(O.dtype.element_ty), mask=row_ok)
+    _store_tile(O + off_b * stride_ob + off_h * stride_oh, offs_m, stride_os, offs_d, SEQ_Q, acc)
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # natural-log logsumexp of the scaled scores
     tl.store(LSE + off_bh.to(tl.int64) * SEQ_Q + offs_m, lse, mask=offs_m < SEQ_Q)
 
@@ -112,17 +124,11 @@ def _fwd_kernel(Q, K, V, O, LSE, sm_scale,
 def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_os, stride_oh, stride_db, stride_ds, stride_dh,
                       H, SEQ_Q, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     # delta_i = sum_d dO_id * O_id = sum_j P_ij dP_ij, the row term of the softmax backward
-    start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = off_bh % H
+    start_m, off_bh, off_b, off_h, _ = _query_program(H, 1, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    ok = offs_m[:, None] < SEQ_Q
-    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
-                mask=ok, other=0.0).to(tl.float32)
-    do = tl.load(DO + off_b * stride_db + off_h * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :],
-                 mask=ok, other=0.0).to(tl.float32)
+    o = _load_tile(O + off_b * stride_ob + off_h * stride_oh, offs_m, stride_os, offs_d, SEQ_Q, True)
+    do = _load_tile(DO + off_b * stride_db + off_h * stride_dh, offs_m, stride_ds, offs_d, SEQ_Q, True)
     tl.store(DELTA + off_bh.to(tl.int64) * SEQ_Q + offs_m, tl.sum(o * do, 1), mask=offs_m < SEQ_Q)
 
 
@@ -142,14 +148,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sm_scale,
     cols = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    col_ok = cols[:, None] < SEQ_K
-    k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + cols[:, None] * stride_ks + offs_d[None, :],
-                mask=col_ok, other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + cols[:, None] * stride_vs + offs_d[None, :],
-                mask=col_ok, other=0.0)
-    if DOT_FP32:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k = _load_tile(K + off_b * stride_kb + off_hk * stride_kh, cols, stride_ks, offs_d, SEQ_K, DOT_FP32)
+    v = _load_tile(V + off_b * stride_vb + off_hk * stride_vh, cols, stride_vs, offs_d, SEQ_K, DOT_FP32)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
@@ -163,11 +163,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sm_scale,
         for start_m in range(lo, SEQ_Q, BLOCK_M):
             rows = start_m + offs_m
             row_ok = rows < SEQ_Q
-            q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_base + rows[:, None] * stride_ds + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            if DOT_FP32:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
+            q = _load_tile(q_base, rows, stride_qs, offs_d, SEQ_Q, DOT_FP32)
+            do = _load_tile(do_base, rows, stride_ds, offs_d, SEQ_Q, DOT_FP32)
             lse = tl.load(LSE + row_base + rows, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + row_base + rows, mask=row_ok, other=0.0)
             qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (keys, queries)
@@ -180,10 +177,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sm_scale,
             ds_t = p_t * (dp_t - delta[None, :])
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
     dk = dk * sm_scale
-    tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=col_ok)
-    tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + cols[:, None] * stride_dvs + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=col_ok)
+    _store_tile(DK + off_b * stride_dkb + off_hk * stride_dkh, cols, stride_dks, offs_d, SEQ_K, dk)
+    _store_tile(DV + off_b * stride_dvb + off_hk * stride_dvh, cols, stride_dvs, offs_d, SEQ_K, dv)
 
 
 @autotuned(_BWD_CONFIGS, _INTERP_CONFIG, _KEY)
@@ -195,22 +190,13 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sm_scale,
                    H, GROUP, SEQ_Q, SEQ_K, seq_bucket,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = off_bh % H
-    off_hk = off_h // GROUP
+    start_m, off_bh, off_b, off_h, off_hk = _query_program(H, GROUP, BLOCK_M)
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = rows < SEQ_Q
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + off_b * stride_db + off_h * stride_dh + rows[:, None] * stride_ds + offs_d[None, :],
-                 mask=row_ok[:, None], other=0.0)
-    if DOT_FP32:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh, rows, stride_qs, offs_d, SEQ_Q, DOT_FP32)
+    do = _load_tile(DO + off_b * stride_db + off_h * stride_dh, rows, stride_ds, offs_d, SEQ_Q, DOT_FP32)
     lse = tl.load(LSE + off_bh.to(tl.int64) * SEQ_Q + rows, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + off_bh.to(tl.int64) * SEQ_Q + rows, mask=row_ok, other=0.0)
     k_base = K + off_b * stride_kb + off_hk * stride_kh
@@ -220,11 +206,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sm_scale,
     hi = tl.minimum(SEQ_K, start_m + BLOCK_M) if CAUSAL else SEQ_K
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=cols[:, None] < SEQ_K, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=cols[:, None] < SEQ_K, other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = _load_tile(k_base, cols, stride_ks, offs_d, SEQ_K, DOT_FP32)
+        v = _load_tile(v_base, cols, stride_vs, offs_d, SEQ_K, DOT_FP32)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         valid = cols[None, :] < SEQ_K
         if CAUSAL:
@@ -234,8 +217,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sm_scale,
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     dq = dq * sm_scale
-    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    _store_tile(DQ + off_b * stride_dqb + off_h * stride_dqh, rows, stride_dqs, offs_d, SEQ_Q, dq)
 
 
 def _strides(t):

@@ -16,11 +16,24 @@ from .dispatch import Unsupported, interpreter_on
 
 
 @triton.jit
+def _scores(x_row, m_row, cols, row_i, scale, SEQ_K, stride_mk, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr):
+    # The scaled fp32 scores of keys ``cols`` of one row, and which of them count: inside the row, not
+    # masked and, if causal, not after the query. Each pass applies ``keep`` in its own way. (Under the
+    # interpreter, where the tests run, each call of a jitted helper costs some Python overhead; one
+    # definition of which keys count is worth it.)
+    keep = cols < SEQ_K
+    s = tl.load(x_row + cols, mask=keep, other=0.0).to(tl.float32) * scale
+    if CAUSAL:
+        keep = keep & (cols <= row_i)
+    if HAS_MASK:
+        keep = keep & (tl.load(m_row + cols * stride_mk, mask=cols < SEQ_K, other=1) == 0)
+    return s, keep
+
+
+@triton.jit
 def _softmax_fwd_kernel(X, MASK, Y, scale, H, SEQ_Q, SEQ_K, stride_mb, stride_mh, stride_mq, stride_mk,
                         HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr,
                         SINGLE_BLOCK: tl.constexpr):
-    # The masked scores are computed inline in each pass rather than in a jitted helper: a helper call
-    # costs milliseconds each under the interpreter, where the tests run.
     row = tl.program_id(0)
     row_i = row % SEQ_Q
     bh = row // SEQ_Q
@@ -29,12 +42,7 @@ def _softmax_fwd_kernel(X, MASK, Y, scale, H, SEQ_Q, SEQ_K, stride_mb, stride_mh
     m_row = MASK + (bh // H).to(tl.int64) * stride_mb + (bh % H) * stride_mh + row_i.to(tl.int64) * stride_mq
     offs = tl.arange(0, BLOCK)
     if SINGLE_BLOCK:  # the row fits one block: it stays in registers
-        keep = offs < SEQ_K
-        s = tl.load(x_row + offs, mask=keep, other=0.0).to(tl.float32) * scale
-        if CAUSAL:
-            keep = keep & (offs <= row_i)
-        if HAS_MASK:
-            keep = keep & (tl.load(m_row + offs * stride_mk, mask=offs < SEQ_K, other=1) == 0)
+        s, keep = _scores(x_row, m_row, offs, row_i, scale, SEQ_K, stride_mk, HAS_MASK, CAUSAL)
         s = tl.where(keep, s, float("-inf"))
         m = tl.max(s, 0)
         e = tl.exp(s - tl.where(m == float("-inf"), 0.0, m))  # a fully masked row: all exp(-inf) = 0
@@ -47,13 +55,7 @@ def _softmax_fwd_kernel(X, MASK, Y, scale, H, SEQ_Q, SEQ_K, stride_mb, stride_mh
         l_lane = tl.zeros([BLOCK], tl.float32)
         hi = tl.minimum(SEQ_K, row_i + 1) if CAUSAL else SEQ_K  # causal: later keys add nothing
         for start in range(0, hi, BLOCK):
-            cols = start + offs
-            keep = cols < SEQ_K
-            s = tl.load(x_row + cols, mask=keep, other=0.0).to(tl.float32) * scale
-            if CAUSAL:
-                keep = keep & (cols <= row_i)
-            if HAS_MASK:
-                keep = keep & (tl.load(m_row + cols * stride_mk, mask=cols < SEQ_K, other=1) == 0)
+            s, keep = _scores(x_row, m_row, start + offs, row_i, scale, SEQ_K, stride_mk, HAS_MASK, CAUSAL)
             s = tl.where(keep, s, float("-inf"))
             m_new = tl.maximum(m_lane, s)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane masked so far stays at l = 0
@@ -66,14 +68,18 @@ def _softmax_fwd_kernel(X, MASK, Y, scale, H, SEQ_Q, SEQ_K, stride_mb, stride_mh
         inv_l = 1.0 / tl.where(l > 0, l, 1.0)
         for start in range(0, SEQ_K, BLOCK):
             cols = start + offs
-            keep = cols < SEQ_K
-            s = tl.load(x_row + cols, mask=keep, other=0.0).to(tl.float32) * scale
-            if CAUSAL:
-                keep = keep & (cols <= row_i)
-            if HAS_MASK:
-                keep = keep & (tl.load(m_row + cols * stride_mk, mask=cols < SEQ_K, other=1) == 0)
+            s, keep = _scores(x_row, m_row, cols, row_i, scale, SEQ_K, stride_mk, HAS_MASK, CAUSAL)
             y = tl.where(keep, tl.exp(s - m_safe) * inv_l, 0.0)
             tl.store(y_row + cols, y.to(Y.dtype.element_ty), mask=cols < SEQ_K)
+
+
+@triton.jit
+def _y_and_dy(Y, DY, row, cols, SEQ_K):
+    # The saved softmax and its gradient at ``cols`` of one row, in fp32, and which columns exist.
+    ok = cols < SEQ_K
+    y = tl.load(Y + row + cols, mask=ok, other=0.0).to(tl.float32)
+    dy = tl.load(DY + row + cols, mask=ok, other=0.0).to(tl.float32)
+    return y, dy, ok
 
 
 @triton.jit
@@ -81,23 +87,17 @@ def _softmax_bwd_kernel(Y, DY, DX, scale, SEQ_K, BLOCK: tl.constexpr, SINGLE_BLO
     row = tl.program_id(0).to(tl.int64) * SEQ_K
     offs = tl.arange(0, BLOCK)
     if SINGLE_BLOCK:
-        ok = offs < SEQ_K
-        y = tl.load(Y + row + offs, mask=ok, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row + offs, mask=ok, other=0.0).to(tl.float32)
+        y, dy, ok = _y_and_dy(Y, DY, row, offs, SEQ_K)
         dx = scale * y * (dy - tl.sum(y * dy, 0))
         tl.store(DX + row + offs, dx.to(DX.dtype.element_ty), mask=ok)
     else:
         acc = tl.zeros([BLOCK], tl.float32)
         for start in range(0, SEQ_K, BLOCK):
-            ok = start + offs < SEQ_K
-            y = tl.load(Y + row + start + offs, mask=ok, other=0.0).to(tl.float32)
-            dy = tl.load(DY + row + start + offs, mask=ok, other=0.0).to(tl.float32)
+            y, dy, ok = _y_and_dy(Y, DY, row, start + offs, SEQ_K)
             acc += y * dy
         dot = tl.sum(acc, 0)
         for start in range(0, SEQ_K, BLOCK):
-            ok = start + offs < SEQ_K
-            y = tl.load(Y + row + start + offs, mask=ok, other=0.0).to(tl.float32)
-            dy = tl.load(DY + row + start + offs, mask=ok, other=0.0).to(tl.float32)
+            y, dy, ok = _y_and_dy(Y, DY, row, start + offs, SEQ_K)
             tl.store(DX + row + start + offs, (scale * y * (dy - dot)).to(DX.dtype.element_ty), mask=ok)
 
 

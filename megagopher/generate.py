@@ -14,12 +14,12 @@ trained length (max_position_embeddings).
 
 KV cache. Each layer's keys and values are kept, so a step runs the model on one new token instead of the
 whole sequence: O(n) work per token instead of O(n^2), which matters for evaluation (hundreds of problems
-times a hundred tokens). The cache needs no change to the model: generation runs the model's own
-embedding, layers, final norm and output head (``_forward_last``, the body of GPTModel.forward with a
-position offset) and swaps only each Attention's ``core_attention`` for one that appends to the cache. The
-prompt is one causal pass; a step is one query against every cached key (no mask needed). ``use_cache=
-False`` recomputes the full sequence each step through the same code; the tests check both against
-GPTModel.forward.
+times a hundred tokens). The cache is an argument of the model itself: generation calls GPTModel.forward
+with a ``KVCache`` (megagopher.model.gpt; one slot of keys and values per layer), ``position_offset`` (the
+first new token's position, for the learned positions and the rotary tables) and ``last_only`` (the output
+head on the last position alone). The prompt is one causal pass that fills the cache; a step is one query
+against every cached key (no mask needed). ``use_cache=False`` runs the same forward on the full sequence
+each step; the tests check both against GPTModel.forward without a cache.
 
 Tensor parallelism. Every rank runs the model on its shards; the vocab-parallel logits are gathered, so all
 ranks hold the same full logits. The token is chosen on TP rank 0 (its generator seeded with ``--seed``)
@@ -32,17 +32,14 @@ Python API (used by megagopher.evaluate): ``load_model(checkpoint, tp)``, ``gene
 import argparse
 import os
 import sys
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from megagopher import kernels
 from megagopher import parallel_state as ps
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from megagopher.common import PRECISION_DTYPES, PRECISIONS, pick_device
+from megagopher.model.gpt import KVCache
 
 
 @dataclass
@@ -58,18 +55,11 @@ class LoadedModel:
 
 
 def _unwrap(model):
+    """The GPTModel of a LoadedModel, or the model itself."""
     return model.model if isinstance(model, LoadedModel) else model
 
 
 # -- loading --------------------------------------------------------------------------------------------
-def pick_device(device="auto"):
-    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA device is available; valid here: cpu, auto")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-
-
 def setup_tensor_parallel(tp, device):
     """Process groups for ``tp`` ranks (pp = 1). One process needs none; under torchrun the world must be
     exactly ``tp`` processes. Returns the TP size."""
@@ -103,8 +93,8 @@ def load_model(checkpoint, tp=None, device="auto", dtype="fp32", tokenizer_dir=N
     from megagopher.export.loading import load_run_tokenizer, model_config_of, open_checkpoint
     from megagopher.model import GPTModel
     from megagopher.training.checkpoint import load_weights
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    if dtype not in PRECISION_DTYPES:
+        raise ValueError(f"dtype {dtype!r}; valid: {', '.join(PRECISIONS)}")
     device = device if isinstance(device, torch.device) else pick_device(device)
     reader = open_checkpoint(checkpoint)
     cfg = model_config_of(reader)
@@ -115,64 +105,18 @@ def load_model(checkpoint, tp=None, device="auto", dtype="fp32", tokenizer_dir=N
                          f"model.num_attention_heads = {cfg.num_attention_heads} must be divisible by it")
     model = GPTModel(cfg)
     load_weights(reader, [model])
-    model.to(device=device, dtype=DTYPES[dtype]).eval()
+    model.to(device=device, dtype=PRECISION_DTYPES[dtype]).eval()
     return LoadedModel(model, cfg, tokenizer, tokenizer.eod if tokenizer is not None else None,
                        int(reader.meta["iteration"]), reader.path, device)
 
 
-# -- the forward pass generation uses ---------------------------------------------------------------------
-class _CachedCoreAttention:
-    """Stands in for one Attention's core_attention: keeps its keys and values (b, s, h_kv, d)."""
-
-    def __init__(self):
-        self.k = self.v = None
-
-    def __call__(self, q, k, v):
-        if self.k is None:  # the prompt: queries and keys cover the same positions
-            self.k, self.v = k, v
-            return kernels.flash_attention(q, k, v, causal=True)
-        if q.shape[1] != 1:
-            raise ValueError("the KV cache extends by one token at a time")
-        self.k, self.v = torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1)
-        return kernels.flash_attention(q, self.k, self.v, causal=False)  # one query sees every cached key
-
-
-@contextmanager
-def kv_cache(model):
-    """Installs a fresh KV cache in every layer of ``model`` for the duration of the block."""
-    layers = list(model.layers.values())
-    for layer in layers:
-        layer.attention.core_attention = _CachedCoreAttention()
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.attention.core_attention  # the class's method again
-
-
-def _forward_last(model, ids, offset=0):
-    """fp32 logits (real vocabulary) for the token after ``ids``, which sit at positions offset, offset+1...
-    The body of GPTModel.forward, with a position offset and the head applied to the last position only."""
-    from megagopher.model.gpt import rope_tables
-    from megagopher.tensor_parallel import copy_to_tp_region
-    cfg, device = model.cfg, model.embedding.word.weight.device
-    n = len(ids)
-    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-    positions = torch.arange(offset, offset + n, device=device).unsqueeze(0)
-    x = model.embedding(input_ids, positions)  # [n, 1, h]
-    rope = rope_tables(cfg, n, device, offset=offset) if cfg.position_embedding == "rope" else ()
-    for layer in model.layers.values():
-        x = layer(x, *rope)
-    x = model.final_norm(x[-1:])
-    if model.tp_size > 1:
-        x = copy_to_tp_region(x)
-    logits = F.linear(x, model.output_weight()).transpose(0, 1)  # [1, 1, padded_vocab / tp]
-    return _gather_vocab(model, logits)[0, -1].float()
-
-
-def _gather_vocab(model, logits):
-    """Full-vocabulary logits (padding dropped) from this rank's vocab shard."""
-    return model.gather_logits(logits)
+# -- the forward passes generation uses -------------------------------------------------------------------
+def _next_logits(model, ids, cache=None, offset=0):
+    """fp32 logits (real vocabulary) for the token after ``ids``, which sit at positions offset, offset+1...:
+    GPTModel.forward with the head on the last position only, extending ``cache`` (a KVCache) when given."""
+    input_ids = torch.tensor([ids], dtype=torch.long, device=model.embedding.word.weight.device)
+    logits = model(input_ids, kv_cache=cache, position_offset=offset, last_only=True)  # [1, 1, vocab / tp]
+    return model.gather_logits(logits)[0, -1].float()
 
 
 def full_logits(model, ids):
@@ -181,7 +125,7 @@ def full_logits(model, ids):
     device = model.embedding.word.weight.device
     with torch.no_grad():
         out = model(torch.tensor([list(ids)], dtype=torch.long, device=device))
-    return _gather_vocab(model, out)[0].float()
+    return model.gather_logits(out)[0].float()
 
 
 # -- choosing tokens ----------------------------------------------------------------------------------------
@@ -256,17 +200,18 @@ def generate(model, prompt_ids, max_new_tokens=64, greedy=True, temperature=1.0,
     sampler = Sampler(greedy, temperature, top_p, top_k, seed)
     device = model.embedding.word.weight.device
     new = []
-    with kv_cache(model) if use_cache else nullcontext():
-        logits = _forward_last(model, ids)
-        while len(new) < budget:
-            token = _agree(sampler(logits), device)
-            if token == eod:
-                break
-            new.append(token)
-            if len(new) == budget or (stop is not None and stop(new)):
-                break
-            logits = _forward_last(model, [token], len(ids) + len(new) - 1) if use_cache \
-                else _forward_last(model, ids + new)
+    cache = KVCache() if use_cache else None
+    logits = _next_logits(model, ids, cache)
+    while len(new) < budget:
+        token = _agree(sampler(logits), device)
+        if token == eod:
+            break
+        new.append(token)
+        if len(new) == budget or (stop is not None and stop(new)):
+            break
+        # With the cache only the new token runs, at its position; without, the whole sequence again.
+        logits = _next_logits(model, [token], cache, len(ids) + len(new) - 1) if use_cache \
+            else _next_logits(model, ids + new)
     return new
 
 
@@ -318,7 +263,7 @@ def build_parser():
                                                          "-1 never stops early)")
     p.add_argument("--tokenizer-dir", default=None, help="tokenizer directory (default: the run's data.tokenizer_dir)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
+    p.add_argument("--dtype", default="fp32", choices=PRECISIONS)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
     return p
 

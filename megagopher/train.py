@@ -27,12 +27,14 @@ def main(argv=None):
         print(f"megagopher.train: config error: {e}", file=sys.stderr, flush=True)
         return 2
     from megagopher.training.loop import NonFiniteLoss
+    status = 0
     try:
         trainer.run()
-    except NonFiniteLoss as e:
+    except NonFiniteLoss as e:  # every rank agreed on it (one all-reduce), so every rank is here
         print(f"megagopher.train: {e}", file=sys.stderr, flush=True)
-        return 3
-    return 0
+        status = 3
+    trainer.close()
+    return status
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 
 from megagopher import parallel_state as ps
+from megagopher.common import PRECISION_DTYPES, all_gather_single
 from megagopher.distributed import finalize_model_grads, wrap_data_parallel
-from megagopher.distributed.param_and_grad_buffer import _all_gather_single
 from megagopher.model import GPTConfig
 from megagopher.optimizer import build_optimizer
 from megagopher.pipeline_parallel.schedules import forward_backward
@@ -43,7 +43,6 @@ FLAVOURS = {
     "llama": dict(normalization="rmsnorm", activation="swiglu", position_embedding="rope", num_query_groups=2,
                   tie_embeddings=False, bias=False),
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _cfg(flavour, num_layers=2):
@@ -77,7 +76,7 @@ def reduced_grads(chunks):
             for b in buffer.buckets:
                 lo, hi = b.shard_range(buffer.dp_rank, buffer.dp_size)
                 piece = grad[b.start:b.end]
-                _all_gather_single(piece, piece[lo:hi].clone(), group=buffer.group)
+                all_gather_single(piece, piece[lo:hi].clone(), group=buffer.group)
         for name, p in ddp.module.named_parameters():
             lo, hi = buffer.param_range[id(p)]
             out[_global_name(name, p)] = _gather_full(p, grad[lo:hi].view(p.shape))
@@ -94,7 +93,7 @@ def train(cfg, tp=None, pp=1, schedule="1f1b", distributed=False, steps=STEPS, p
     model_parallel_seed(SEED, ps.get_tp_rank(), ps.get_pp_rank())
     chunks = build_model_chunks(cfg, sequence_parallel=sp, recompute=recompute, seed=SEED)
     for chunk in chunks:
-        chunk.to(DTYPES[precision])
+        chunk.to(PRECISION_DTYPES[precision])
     chunks = wrap_data_parallel(chunks, parallel or {"bucket_size_mb": 0.004, "overlap_grad_reduce": True},
                                 distributed_optimizer=distributed)
     optimizer = build_optimizer(chunks, {**OPT, "distributed": distributed},

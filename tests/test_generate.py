@@ -1,6 +1,8 @@
 """megagopher.generate on a tiny trained checkpoint: the command line at tp 1 and tp 2 (torchrun) against a
 greedy decode computed here from GPTModel's own logits, the KV cache against full recomputation, sampling
-(seeded, top-p, never a padding id, the same on every TP rank), stopping at eod, and score()."""
+(seeded, top-p, never a padding id, the same on every TP rank), stopping at eod, and score(). generate()
+drives GPTModel.forward itself (a forward hook sees every step), with the model's KVCache, on rope + GQA and
+learned-position models, flash and unfused attention."""
 import os
 import subprocess
 import sys
@@ -9,7 +11,8 @@ import pytest
 import torch
 
 from megagopher import generate as gen
-from megagopher.model import GPTModel
+from megagopher.model import GPTConfig, GPTModel
+from megagopher.model.gpt import KVCache
 from megagopher.testing import free_port, spawn
 from megagopher.training.checkpoint import CheckpointReader, load_weights
 from train_utils import ROOT, run_train, write_config
@@ -72,24 +75,115 @@ def test_cli_greedy_tp1_and_tp2_match_the_model_logits(ckpt):
     assert len(tp2.stdout.strip().splitlines()) == 1  # rank 0 alone prints
 
 
+def cached_logits(model, ids, prefill):
+    """Full-vocabulary logits at positions prefill - 1 .. len(ids) - 1 through GPTModel.forward's KV cache:
+    one causal pass over ids[:prefill], then one token at a time."""
+    cache = KVCache()
+    with torch.no_grad():
+        out = [model(torch.tensor([ids[:prefill]]), kv_cache=cache, last_only=True)]
+        out += [model(torch.tensor([[t]]), kv_cache=cache, position_offset=pos, last_only=True)
+                for pos, t in enumerate(ids[prefill:], start=prefill)]
+    assert len(cache) == len(ids) and all(o.shape[:2] == (1, 1) for o in out)
+    return [model.gather_logits(o)[0, -1] for o in out]
+
+
+def check_generate_steps(model, prompt, n, use_cache=True, **sampling):
+    """generate() on a GPTModel, watched by a forward hook: every step is one GPTModel.forward call (the
+    prompt, then one new token against the one KVCache; or the whole sequence without the cache), and its
+    logits equal the uncached full forward's at that position to fp32 rounding. Returns the new ids."""
+    calls = []
+    hook = model.register_forward_hook(lambda m, args, kwargs, out: calls.append((args, kwargs, out)),
+                                       with_kwargs=True)
+    try:
+        new = gen.generate(model, prompt, n, eod=None, use_cache=use_cache, **sampling)
+    finally:
+        hook.remove()
+    assert len(new) == n and len(calls) == n  # the prompt's pass and one per new token but the last
+    with torch.no_grad():
+        full = model.gather_logits(model(torch.tensor([prompt + new])))[0].float()
+    caches = {id(kwargs["kv_cache"]) for _, kwargs, _ in calls}
+    assert len(caches) == 1 and (calls[0][1]["kv_cache"] is not None) == use_cache
+    for i, (args, kwargs, out) in enumerate(calls):
+        pos = len(prompt) - 1 + i  # the position whose logits choose new[i]
+        if use_cache:
+            assert args[0].tolist() == [(prompt + new)[:pos + 1] if i == 0 else [new[i - 1]]]
+            assert kwargs["position_offset"] == (0 if i == 0 else pos)
+        else:
+            assert args[0].tolist() == [(prompt + new)[:pos + 1]]
+        assert kwargs["last_only"] and out.shape[:2] == (1, 1)
+        torch.testing.assert_close(model.gather_logits(out)[0, -1].float(), full[pos], rtol=1e-5, atol=1e-5)
+        if not sampling:
+            assert new[i] == int(torch.argmax(full[pos]))
+    return new
+
+
 def test_kv_cache_equals_full_recompute_and_model_forward(ckpt):
     lm = gen.load_model(ckpt)
     model = reference_model(ckpt)
     ids = PROMPT + [11, 12, 13]
     with torch.no_grad():
         full = model(torch.tensor([ids]))[0, :, :model.cfg.vocab_size]
-        with gen.kv_cache(lm.model):
-            first = gen._forward_last(lm.model, ids[:4])
-            steps = [gen._forward_last(lm.model, [t], pos) for pos, t in enumerate(ids[4:], start=4)]
+    first, *steps = cached_logits(lm.model, ids, 4)
     torch.testing.assert_close(first, full[3], rtol=1e-5, atol=1e-5)
     for pos, logits in enumerate(steps, start=4):
         torch.testing.assert_close(logits, full[pos], rtol=1e-5, atol=1e-5)
     assert first.shape == (model.cfg.vocab_size,) and model.padded_vocab_size > model.cfg.vocab_size
-    assert "core_attention" not in vars(lm.model.layers["0"].attention)  # the cache is uninstalled
+    check_generate_steps(lm.model, PROMPT, NEW)
+    check_generate_steps(lm.model, PROMPT, NEW, use_cache=False)
+    check_generate_steps(lm.model, PROMPT, NEW, greedy=False, temperature=0.9, top_p=0.95, seed=3)
+    assert "core_attention" not in vars(lm.model.layers["0"].attention)  # nothing is patched into the model
     greedy = gen.generate(lm, PROMPT, NEW)
     assert greedy == gen.generate(lm, PROMPT, NEW, use_cache=False) == reference_greedy(model, PROMPT, NEW)
     sampled = dict(greedy=False, temperature=0.9, top_p=0.95, seed=3)
     assert gen.generate(lm, PROMPT, NEW, **sampled) == gen.generate(lm, PROMPT, NEW, use_cache=False, **sampled)
+
+
+MODELS = {  # GPTConfig overrides of a small random model; init_std 0.5 keeps the logits far from zero
+    "learned": dict(position_embedding="learned", recompute="full"),
+    "learned-unfused-parallel-residual": dict(position_embedding="learned", core_attention="unfused",
+                                              parallel_residual=True, recompute="selective"),
+    "rope-gqa-partial-unfused": dict(position_embedding="rope", rotary_percent=0.5, num_query_groups=2,
+                                     normalization="rmsnorm", activation="swiglu", core_attention="unfused"),
+}
+
+
+def small_model(position_embedding, recompute="none", **overrides):
+    cfg = GPTConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=90, seq_length=16,
+                    make_vocab_size_divisible_by=8, init_std=0.5, position_embedding=position_embedding,
+                    **overrides)
+    return GPTModel(cfg, recompute=recompute).initialize(seed=5).eval()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_kv_cache_on_learned_positions_and_unfused_attention(name):
+    model = small_model(**MODELS[name])
+    ids = [3, 80, 14, 14, 59, 1, 27, 60, 8, 33, 2, 71]
+    with torch.no_grad():
+        full = model.gather_logits(model(torch.tensor([ids])))[0]
+    for prefill in (1, 5):
+        for pos, logits in enumerate(cached_logits(model, ids, prefill), start=prefill - 1):
+            torch.testing.assert_close(logits, full[pos], rtol=1e-5, atol=1e-5)
+    new = check_generate_steps(model, ids[:5], 16 - 5)  # to the end of the context
+    assert new == check_generate_steps(model, ids[:5], 16 - 5, use_cache=False)
+    assert new == reference_greedy(model, ids[:5], 16 - 5)
+
+
+def test_kv_cache_errors():
+    model = small_model("learned")
+    cache = KVCache()
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]), kv_cache=cache)
+        with pytest.raises(ValueError, match="one token at a time"):
+            model(torch.tensor([[4, 5]]), kv_cache=cache, position_offset=3)
+        assert len(cache) == 3 and all(len(s) == 3 for s in cache.slots.values())  # nothing half-appended
+        with pytest.raises(ValueError, match="holds 3 positions"):
+            model(torch.tensor([[4]]), kv_cache=cache, position_offset=2)
+        with pytest.raises(ValueError, match="max_position_embeddings 16"):
+            model(torch.tensor([[4, 5]]), position_offset=15)
+        with pytest.raises(ValueError, match="not a loss"):
+            model(torch.tensor([[4, 5]]), labels=torch.tensor([[5, 6]]), last_only=True)
+        with pytest.raises(ValueError, match="not both"):
+            model(torch.tensor([[4]]), position_ids=torch.tensor([[3]]), position_offset=3)
 
 
 def test_sampling_seed_stop_and_padding(ckpt):
@@ -132,6 +226,7 @@ def test_score_is_the_continuation_log_likelihood(ckpt):
 
 def _tp2_worker(rank, world, ckpt):
     lm = gen.load_model(ckpt, tp=2)
+    check_generate_steps(lm.model, PROMPT, NEW)  # the cached steps under TP: copy_to_tp_region, gathered logits
     sampled = gen.generate(lm, PROMPT, NEW, greedy=False, temperature=1.5, top_p=0.9, seed=11)
     return {"sampled": sampled, "greedy": gen.generate(lm, PROMPT, NEW),
             "score": gen.score(lm, [4, 9, 2], [7, 7, 30])}

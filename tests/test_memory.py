@@ -11,6 +11,7 @@ import torch
 
 from megagopher import kernels
 from megagopher import parallel_state as ps
+from megagopher.common import PRECISION_DTYPES
 from megagopher.distributed import wrap_data_parallel
 from megagopher.memory import memory_report, saved_activation_bytes
 from megagopher.model import GPTConfig, GPTModel
@@ -19,7 +20,6 @@ from megagopher.tensor_parallel import model_parallel_seed
 from megagopher.testing import spawn
 
 TOLERANCE = 0.10  # the bar; measured agreement is exact for every configuration below
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OPT = dict(lr=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, clip_grad=1.0)
 FLAVOURS = {
     "gpt2": dict(normalization="layernorm", activation="gelu", position_embedding="learned", tie_embeddings=True),
@@ -45,7 +45,7 @@ def measure(model_cfg, parallel, training, optimizer):
     cfg = GPTConfig(**model_cfg)
     model = GPTModel(cfg, sequence_parallel=sp, recompute=training["recompute"],
                      recompute_num_layers=training.get("recompute_num_layers") or None).initialize(1)
-    model.to(DTYPES[training["precision"]])
+    model.to(PRECISION_DTYPES[training["precision"]])
     chunks = wrap_data_parallel([model], {"bucket_size_mb": 0.05}, distributed_optimizer=optimizer["distributed"])
     opt = build_optimizer(chunks, {**OPT, "distributed": optimizer["distributed"]}, training)
     ids = torch.randint(0, cfg.vocab_size, (training["micro_batch_size"], cfg.seq_length),

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from megagopher.common import PRECISION_DTYPES
 from megagopher.distributed import finalize_model_grads, wrap_data_parallel
 from megagopher.model import GPTConfig, GPTModel
 from megagopher.optimizer import (DynamicLossScaler, LRSchedule, build_optimizer, global_batch_size_at,
@@ -14,7 +15,6 @@ from megagopher.optimizer import (DynamicLossScaler, LRSchedule, build_optimizer
 from megagopher.training.data import SyntheticDataset, global_batch_indices, microbatches
 
 OPT = dict(lr=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, clip_grad=0.0)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _cfg(**extra):
@@ -78,7 +78,7 @@ def test_weight_decay_skips_norms_and_biases():
 
 def _train_synthetic(precision, steps=50, global_batch=16, micro_batch=8):
     cfg = _cfg(seq_length=32)
-    model = GPTModel(cfg).initialize(7).to(DTYPES[precision])
+    model = GPTModel(cfg).initialize(7).to(PRECISION_DTYPES[precision])
     chunks = wrap_data_parallel([model], {"bucket_size_mb": 1})
     opt = build_optimizer(chunks, {**OPT, "lr": 3e-3, "clip_grad": 1.0},
                           {"precision": precision, "initial_loss_scale": 2.0 ** 16, "loss_scale_window": 20})
@@ -164,7 +164,7 @@ def test_checkpoint_state_round_trip_continues_identically(precision):
     cfg = _cfg()
 
     def build():
-        model = GPTModel(cfg).initialize(1).to(DTYPES[precision])
+        model = GPTModel(cfg).initialize(1).to(PRECISION_DTYPES[precision])
         chunks = wrap_data_parallel([model], {"bucket_size_mb": 0.01})
         return model, chunks, build_optimizer(chunks, OPT, {"precision": precision})
 
@@ -204,7 +204,7 @@ def test_optimizer_state_bytes_follow_megatron_accounting_single_rank():
     """Non-distributed: fp32 keeps 8 bytes of state per parameter (moments; the parameters are the master
     weights), bf16 12 (master copy + moments); plus 4 bytes of fp32 gradient either way."""
     for precision, state_per_param, param_bytes in (("fp32", 8, 4), ("bf16", 12, 2)):
-        model = GPTModel(_cfg()).initialize(1).to(DTYPES[precision])
+        model = GPTModel(_cfg()).initialize(1).to(PRECISION_DTYPES[precision])
         chunks = wrap_data_parallel([model], {})
         opt = build_optimizer(chunks, OPT, {"precision": precision})
         n = sum(p.numel() for p in model.parameters())

@@ -51,86 +51,130 @@ def print_table(rows, columns):
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
-def cases(kernel, dtype, device, small):
-    """(label, op, args, kwargs, grad arg indices, baseline fn or None, work) for one kernel; work is
-    ("flops", forward FLOPs) or ("bytes", forward bytes, backward bytes)."""
+def _nbytes(*ts):
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def _attention_cases(kernel, small, rnd, g, device):
+    import torch.nn.functional as F
+    shapes = [(1, 129, 4, 2, 32, True), (1, 70, 2, 2, 64, False)] if small else \
+        [(4, 2048, 16, 16, 128, True), (4, 2048, 16, 16, 128, False), (4, 2048, 32, 8, 128, True),
+         (2, 4096, 16, 16, 64, True)]
+    out = []
+    for b, s, h, hkv, d, causal in shapes:
+        q, k, v = rnd(b, s, h, d), rnd(b, s, hkv, d), rnd(b, s, hkv, d)
+        base = lambda q, k, v, causal=causal, gqa=h != hkv: F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
+            enable_gqa=gqa).transpose(1, 2)
+        flops = 4 * b * h * s * s * d // (2 if causal else 1)
+        out.append((f"b{b} s{s} h{h}/{hkv} d{d}{' causal' if causal else ''}", "flash_attention", (q, k, v),
+                    dict(causal=causal), (0, 1, 2), base, ("flops", flops)))
+    return out
+
+
+def _softmax_cases(kernel, small, rnd, g, device):
+    import torch
+    shapes = [((1, 2, 5, 257), True), ((2, 2, 33, 33), False)] if small else \
+        [((4, 16, 2048, 2048), True), ((4, 16, 2048, 2048), False), ((2, 8, 1024, 8192), False)]
+    out = []
+    for shape, causal in shapes:
+        x = rnd(*shape, scale=3.0)
+        mask = None if causal else (torch.rand(shape[0], 1, *shape[2:], generator=g) < 0.2).to(device)
+        tri = torch.ones(shape[-2:], dtype=torch.bool, device=device).triu(1)
+        base = lambda x, mask=mask, causal=causal, tri=tri: torch.softmax(
+            (x * 0.125).masked_fill(tri if causal else mask, float("-inf")), -1, dtype=torch.float32).to(x.dtype)
+        byt = _nbytes(x) * 2 + (0 if mask is None else mask.numel())
+        out.append((f"{shape}{' causal' if causal else ' mask'}", "scaled_masked_softmax", (x,),
+                    dict(mask=mask, scale=0.125, causal=causal), (0,), base, ("bytes", byt, _nbytes(x) * 3)))
+    return out
+
+
+def _norm_cases(kernel, small, rnd, g, device):
+    import torch.nn.functional as F
+    out = []
+    for m, n in ([(51, 96), (3, 1000)] if small else [(8192, 4096), (16384, 8192), (4096, 16384)]):
+        x, w, bias = rnd(m, n), rnd(n, scale=0.1) + 1, rnd(n)
+        if kernel == "rms_norm":
+            args, base = (x, w), lambda x, w: F.rms_norm(x, (x.shape[-1],), w, 1e-5)
+        else:
+            args, base = (x, w, bias), lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)
+        fwd = _nbytes(x) * 2 + _nbytes(*args[1:])
+        out.append((f"{m}x{n}", kernel, args, dict(eps=1e-5), tuple(range(len(args))), base,
+                    ("bytes", fwd, _nbytes(x) * 3 + 2 * _nbytes(*args[1:]))))
+    return out
+
+
+def _rope_cases(kernel, small, rnd, g, device):
+    import torch
+    from megagopher.kernels import reference
+    out = []
+    for b, s, h, d, half in ([(2, 17, 4, 64, 16)] if small else [(4, 2048, 32, 128, 64), (4, 2048, 32, 128, 16)]):
+        x = rnd(b, s, h, d)
+        ang = torch.rand(s, half, generator=g).to(device) * s
+        out.append((f"b{b} s{s} h{h} d{d} rot{2 * half}", "apply_rope", (x, ang.cos(), ang.sin()), {}, (0,),
+                    reference.apply_rope, ("bytes", _nbytes(x) * 2, _nbytes(x) * 2)))
+    return out
+
+
+def _swiglu_cases(kernel, small, rnd, g, device):
+    import torch.nn.functional as F
+    out = []
+    for shape in ([(3, 17, 100)] if small else [(8192, 11008), (16384, 14336)]):
+        gate, up = rnd(*shape, scale=3.0), rnd(*shape)
+        out.append(("x".join(map(str, shape)), "swiglu", (gate, up), {}, (0, 1), lambda a, b: F.silu(a) * b,
+                    ("bytes", _nbytes(gate) * 3, _nbytes(gate) * 5)))
+    return out
+
+
+def _cross_entropy_cases(kernel, small, rnd, g, device):
     import torch
     import torch.nn.functional as F
+    out = []
+    for m, v in ([(17, 300), (3, 1000)] if small else [(8192, 50304), (4096, 128256)]):
+        logits = rnd(m, v, scale=3.0)
+        labels = torch.randint(0, v, (m,), generator=g).to(device)
+        base = lambda x, y: F.cross_entropy(x.float(), y, reduction="none")
+        out.append((f"{m}x{v}", "cross_entropy", (logits, labels), {}, (0,), base,
+                    ("bytes", _nbytes(logits), _nbytes(logits) * 2)))
+    return out
+
+
+_CASES = {"attention": _attention_cases, "softmax": _softmax_cases, "rms_norm": _norm_cases,
+          "layer_norm": _norm_cases, "rope": _rope_cases, "swiglu": _swiglu_cases,
+          "cross_entropy": _cross_entropy_cases}
+
+
+def cases(kernel, dtype, device, small):
+    """(label, op, args, kwargs, grad arg indices, baseline fn or None, work) for one kernel; work is
+    ("flops", forward FLOPs) or ("bytes", forward bytes, backward bytes). Inputs are drawn from one
+    generator seeded 0 per kernel, in the order the kernel's case builder asks for them."""
+    import torch
     g = torch.Generator().manual_seed(0)
 
     def rnd(*shape, scale=1.0, dt=dtype):
         return (scale * torch.randn(*shape, generator=g)).to(dt).to(device)
 
-    size = lambda *ts: sum(t.numel() * t.element_size() for t in ts)
-    out = []
-    if kernel == "attention":
-        shapes = [(1, 129, 4, 2, 32, True), (1, 70, 2, 2, 64, False)] if small else \
-            [(4, 2048, 16, 16, 128, True), (4, 2048, 16, 16, 128, False), (4, 2048, 32, 8, 128, True),
-             (2, 4096, 16, 16, 64, True)]
-        for b, s, h, hkv, d, causal in shapes:
-            q, k, v = rnd(b, s, h, d), rnd(b, s, hkv, d), rnd(b, s, hkv, d)
-            base = lambda q, k, v, causal=causal, gqa=h != hkv: F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
-                enable_gqa=gqa).transpose(1, 2)
-            flops = 4 * b * h * s * s * d // (2 if causal else 1)
-            out.append((f"b{b} s{s} h{h}/{hkv} d{d}{' causal' if causal else ''}", "flash_attention", (q, k, v),
-                        dict(causal=causal), (0, 1, 2), base, ("flops", flops)))
-    elif kernel == "softmax":
-        shapes = [((1, 2, 5, 257), True), ((2, 2, 33, 33), False)] if small else \
-            [((4, 16, 2048, 2048), True), ((4, 16, 2048, 2048), False), ((2, 8, 1024, 8192), False)]
-        for shape, causal in shapes:
-            x = rnd(*shape, scale=3.0)
-            mask = None if causal else (torch.rand(shape[0], 1, *shape[2:], generator=g) < 0.2).to(device)
-            tri = torch.ones(shape[-2:], dtype=torch.bool, device=device).triu(1)
-            base = lambda x, mask=mask, causal=causal, tri=tri: torch.softmax(
-                (x * 0.125).masked_fill(tri if causal else mask, float("-inf")), -1, dtype=torch.float32).to(x.dtype)
-            byt = size(x) * 2 + (0 if mask is None else mask.numel())
-            out.append((f"{shape}{' causal' if causal else ' mask'}", "scaled_masked_softmax", (x,),
-                        dict(mask=mask, scale=0.125, causal=causal), (0,), base, ("bytes", byt, size(x) * 3)))
-    elif kernel in ("rms_norm", "layer_norm"):
-        for m, n in ([(51, 96), (3, 1000)] if small else [(8192, 4096), (16384, 8192), (4096, 16384)]):
-            x, w, bias = rnd(m, n), rnd(n, scale=0.1) + 1, rnd(n)
-            if kernel == "rms_norm":
-                args, base = (x, w), lambda x, w: F.rms_norm(x, (x.shape[-1],), w, 1e-5)
-            else:
-                args, base = (x, w, bias), lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)
-            fwd = size(x) * 2 + size(*args[1:])
-            out.append((f"{m}x{n}", kernel, args, dict(eps=1e-5), tuple(range(len(args))), base,
-                        ("bytes", fwd, size(x) * 3 + 2 * size(*args[1:]))))
-    elif kernel == "rope":
-        for b, s, h, d, half in ([(2, 17, 4, 64, 16)] if small else [(4, 2048, 32, 128, 64), (4, 2048, 32, 128, 16)]):
-            x = rnd(b, s, h, d)
-            ang = torch.rand(s, half, generator=g).to(device) * s
-            from megagopher.kernels import reference
-            out.append((f"b{b} s{s} h{h} d{d} rot{2 * half}", "apply_rope", (x, ang.cos(), ang.sin()), {}, (0,),
-                        reference.apply_rope, ("bytes", size(x) * 2, size(x) * 2)))
-    elif kernel == "swiglu":
-        for shape in ([(3, 17, 100)] if small else [(8192, 11008), (16384, 14336)]):
-            gate, up = rnd(*shape, scale=3.0), rnd(*shape)
-            out.append(("x".join(map(str, shape)), "swiglu", (gate, up), {}, (0, 1), lambda a, b: F.silu(a) * b,
-                        ("bytes", size(gate) * 3, size(gate) * 5)))
-    elif kernel == "cross_entropy":
-        for m, v in ([(17, 300), (3, 1000)] if small else [(8192, 50304), (4096, 128256)]):
-            logits = rnd(m, v, scale=3.0)
-            labels = torch.randint(0, v, (m,), generator=g).to(device)
-            base = lambda x, y: F.cross_entropy(x.float(), y, reduction="none")
-            out.append((f"{m}x{v}", "cross_entropy", (logits, labels), {}, (0,), base,
-                        ("bytes", size(logits), size(logits) * 2)))
-    return out
+    return _CASES[kernel](kernel, small, rnd, g, device)
+
+
+def selected_cases(args, device, small):
+    """(kernel, case) for every case of --kernel (default: all kernels) at --dtype."""
+    import torch
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    for kernel in ([args.kernel] if args.kernel else KERNELS):
+        for case in cases(kernel, dtype, device, small):
+            yield kernel, case
 
 
 def cpu_check(args):
-    import torch
     from megagopher.kernels.testing import compare
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     rows = []
-    for kernel in ([args.kernel] if args.kernel else KERNELS):
-        for label, op, inputs, kwargs, grad_args, _, _ in cases(kernel, dtype, "cpu", small=True):
-            for c in compare(op, inputs, kwargs, grad_args, names=ARG_NAMES[op], tol=TOL[args.dtype]):
-                rows.append(dict(kernel=kernel, shape=label, dtype=args.dtype,
-                                 check="fwd " + c.name if c.name == "out" else "bwd " + c.name.split()[-1],
-                                 max_abs_err=f"{c.max_abs_err:.2e}", worst_over_tol=f"{c.worst:.3f}",
-                                 result="pass" if c.ok else "FAIL"))
+    for kernel, (label, op, inputs, kwargs, grad_args, _, _) in selected_cases(args, "cpu", small=True):
+        for c in compare(op, inputs, kwargs, grad_args, names=ARG_NAMES[op], tol=TOL[args.dtype]):
+            rows.append(dict(kernel=kernel, shape=label, dtype=args.dtype,
+                             check="fwd " + c.name if c.name == "out" else "bwd " + c.name.split()[-1],
+                             max_abs_err=f"{c.max_abs_err:.2e}", worst_over_tol=f"{c.worst:.3f}",
+                             result="pass" if c.ok else "FAIL"))
     return rows
 
 
@@ -138,36 +182,34 @@ def gpu_bench(args):
     import torch
     from triton.testing import do_bench
     from megagopher import kernels
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     rows = []
-    for kernel in ([args.kernel] if args.kernel else KERNELS):
-        for label, op, inputs, kwargs, grad_args, base, work in cases(kernel, dtype, "cuda", small=False):
-            ours = lambda *a: getattr(kernels, op)(*a, **kwargs, backend="triton")
-            for name, fn in (("triton", ours), ("torch", base)):
-                leaves = [t.detach().requires_grad_(i in grad_args) if torch.is_tensor(t) else t
-                          for i, t in enumerate(inputs)]
-                params = [leaves[i] for i in grad_args]
-                out = fn(*leaves)
-                dy = torch.randn_like(out)
-                times = {"fwd": do_bench(lambda: fn(*leaves), return_mode="median"),
-                         "bwd": do_bench(lambda: out.backward(dy, retain_graph=True), grad_to_none=params,
-                                         return_mode="median"),
-                         "fwd+bwd": do_bench(lambda: fn(*leaves).backward(dy), grad_to_none=params,
-                                             return_mode="median")}
-                if name == "triton":
-                    ours_times = times
-            for direction in ("fwd", "bwd", "fwd+bwd"):
-                ms = ours_times[direction]
-                row = dict(kernel=kernel, shape=label, dtype=args.dtype, direction=direction, ms=f"{ms:.3f}")
-                if work[0] == "flops":  # FlashAttention-2's convention: backward = 2.5 x forward FLOPs
-                    flops = work[1] * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[direction]
-                    row["TFLOP/s"] = f"{flops / ms / 1e9:.1f}"
-                else:
-                    byt = {"fwd": work[1], "bwd": work[2], "fwd+bwd": work[1] + work[2]}[direction]
-                    row["GB/s"] = f"{byt / ms / 1e6:.0f}"
-                row["baseline_ms"] = f"{times[direction]:.3f}"
-                row["speedup"] = f"{times[direction] / ms:.2f}x"
-                rows.append(row)
+    for kernel, (label, op, inputs, kwargs, grad_args, base, work) in selected_cases(args, "cuda", small=False):
+        ours = lambda *a: getattr(kernels, op)(*a, **kwargs, backend="triton")
+        for name, fn in (("triton", ours), ("torch", base)):
+            leaves = [t.detach().requires_grad_(i in grad_args) if torch.is_tensor(t) else t
+                      for i, t in enumerate(inputs)]
+            params = [leaves[i] for i in grad_args]
+            out = fn(*leaves)
+            dy = torch.randn_like(out)
+            times = {"fwd": do_bench(lambda: fn(*leaves), return_mode="median"),
+                     "bwd": do_bench(lambda: out.backward(dy, retain_graph=True), grad_to_none=params,
+                                     return_mode="median"),
+                     "fwd+bwd": do_bench(lambda: fn(*leaves).backward(dy), grad_to_none=params,
+                                         return_mode="median")}
+            if name == "triton":
+                ours_times = times
+        for direction in ("fwd", "bwd", "fwd+bwd"):
+            ms = ours_times[direction]
+            row = dict(kernel=kernel, shape=label, dtype=args.dtype, direction=direction, ms=f"{ms:.3f}")
+            if work[0] == "flops":  # FlashAttention-2's convention: backward = 2.5 x forward FLOPs
+                flops = work[1] * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[direction]
+                row["TFLOP/s"] = f"{flops / ms / 1e9:.1f}"
+            else:
+                byt = {"fwd": work[1], "bwd": work[2], "fwd+bwd": work[1] + work[2]}[direction]
+                row["GB/s"] = f"{byt / ms / 1e6:.0f}"
+            row["baseline_ms"] = f"{times[direction]:.3f}"
+            row["speedup"] = f"{times[direction] / ms:.2f}x"
+            rows.append(row)
     return rows
 
 

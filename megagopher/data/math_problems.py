@@ -35,6 +35,15 @@ def money(x):
     return f"${x.numerator // x.denominator}" if x.denominator == 1 else f"${float(x):.2f}"
 
 
+def _ladder(steps, stages):
+    """The problem of ``steps`` steps built from the first ``steps`` of ``stages``, each (sentence the
+    stage adds to the question or None, its solution line, the question that ends a problem stopping
+    there, the answer then): the question is the stages' sentences and the last one's closing question."""
+    told = [stage[0] for stage in stages[:steps] if stage[0] is not None]
+    *_, ask, answer = stages[steps - 1]
+    return told + [ask], [stage[1] for stage in stages[:steps]], answer
+
+
 def _shopping(r, steps):
     name, (item, plural), (item2, plural2) = r.choice(NAMES), *r.sample(
         [("notebook", "notebooks"), ("pen", "pens"), ("apple", "apples"), ("ticket", "tickets"),
@@ -97,17 +106,15 @@ def _factory(r, steps):
         return ([f"A machine makes {per_hour} {thing} per hour. It runs {hours} hours a day.",
                  f"How many {thing} does it make in a day?"],
                 [f"It makes {per_hour} * {hours} = {per_day} {thing} a day."], per_day)
-    q = [f"A machine makes {per_hour} {thing} per hour and runs {hours} hours a day for {days} days."]
-    sol = [f"Each day it makes {per_hour} * {hours} = {per_day} {thing}.",
-           f"In {days} days it makes {per_day} * {days} = {total} {thing}."]
-    if steps == 2:
-        return q + [f"How many {thing} does it make?"], sol, total
-    q.append(f"One in every {bad_div} {thing} it makes is faulty.")
-    sol.append(f"The faulty ones are {total} / {bad_div} = {faulty} {thing}.")
-    if steps == 3:
-        return q + [f"How many faulty {thing} does it make?"], sol, faulty
-    sol.append(f"The good ones are {total} - {faulty} = {total - faulty} {thing}.")
-    return q + [f"How many good {thing} does it make?"], sol, total - faulty
+    q, sol, answer = _ladder(steps - 1, [
+        (f"A machine makes {per_hour} {thing} per hour and runs {hours} hours a day for {days} days.",
+         f"In {days} days it makes {per_day} * {days} = {total} {thing}.", f"How many {thing} does it make?", total),
+        (f"One in every {bad_div} {thing} it makes is faulty.",
+         f"The faulty ones are {total} / {bad_div} = {faulty} {thing}.", f"How many faulty {thing} does it make?",
+         faulty),
+        (None, f"The good ones are {total} - {faulty} = {total - faulty} {thing}.",
+         f"How many good {thing} does it make?", total - faulty)])
+    return q, [f"Each day it makes {per_hour} * {hours} = {per_day} {thing}."] + sol, answer
 
 
 def _fractions(r, steps):
@@ -119,20 +126,18 @@ def _fractions(r, steps):
     gave = start * f1
     left = start - gave
     shared = left * f2
-    q = [f"{name} has {start} {thing}.",
-         f"{name} gives {f1.numerator}/{f1.denominator} of them to a friend."]
-    sol = [f"{f1.numerator}/{f1.denominator} of {start} is {start} * {f1.numerator} / {f1.denominator} = {gave}."]
-    if steps == 1:
-        return q + [f"How many {thing} does {name} give away?"], sol, gave
-    sol.append(f"{name} has {start} - {gave} = {left} {thing} left.")
-    if steps == 2:
-        return q + [f"How many {thing} does {name} have left?"], sol, left
-    q.append(f"Then {name} gives 1/{f2.denominator} of the rest to a cousin.")
-    sol.append(f"1/{f2.denominator} of {left} is {left} / {f2.denominator} = {shared}.")
-    if steps == 3:
-        return q + [f"How many {thing} does the cousin get?"], sol, shared
-    sol.append(f"{name} keeps {left} - {shared} = {left - shared} {thing}.")
-    return q + [f"How many {thing} does {name} keep?"], sol, left - shared
+    q, sol, answer = _ladder(steps, [
+        (f"{name} gives {f1.numerator}/{f1.denominator} of them to a friend.",
+         f"{f1.numerator}/{f1.denominator} of {start} is {start} * {f1.numerator} / {f1.denominator} = {gave}.",
+         f"How many {thing} does {name} give away?", gave),
+        (None, f"{name} has {start} - {gave} = {left} {thing} left.", f"How many {thing} does {name} have left?",
+         left),
+        (f"Then {name} gives 1/{f2.denominator} of the rest to a cousin.",
+         f"1/{f2.denominator} of {left} is {left} / {f2.denominator} = {shared}.",
+         f"How many {thing} does the cousin get?", shared),
+        (None, f"{name} keeps {left} - {shared} = {left - shared} {thing}.", f"How many {thing} does {name} keep?",
+         left - shared)])
+    return [f"{name} has {start} {thing}."] + q, sol, answer
 
 
 _UNITS = [("metres", "centimetres", 100, "rope", "long", "cut into pieces", "pieces"),
@@ -149,21 +154,16 @@ def _units(r, steps):
     pieces = total // piece
     used = r.randint(1, pieces - 1)
     price = r.randint(1, 9)
-    q = [f"A {thing} is {amount} {big} {adj}."]
-    sol = [f"{amount} {big} is {amount} * {factor} = {total} {small}."]
-    if steps == 1:
-        return q + [f"How many {small} is that?"], sol, total
-    q.append(f"It is {verb} of {piece} {small} each.")
-    sol.append(f"That makes {total} / {piece} = {pieces} {parts}.")
-    if steps == 2:
-        return q + [f"How many {parts} are there?"], sol, pieces
-    q.append(f"{used} of the {parts} are used.")
-    sol.append(f"{pieces} - {used} = {pieces - used} {parts} are left.")
-    if steps == 3:
-        return q + [f"How many {parts} are left?"], sol, pieces - used
-    q.append(f"Each of the {parts} left is sold for {money(price)}. How many dollars does that bring in?")
-    sol.append(f"They sell for {pieces - used} * {money(price)} = {money((pieces - used) * price)}.")
-    return q, sol, (pieces - used) * price
+    return _ladder(steps, [
+        (f"A {thing} is {amount} {big} {adj}.", f"{amount} {big} is {amount} * {factor} = {total} {small}.",
+         f"How many {small} is that?", total),
+        (f"It is {verb} of {piece} {small} each.", f"That makes {total} / {piece} = {pieces} {parts}.",
+         f"How many {parts} are there?", pieces),
+        (f"{used} of the {parts} are used.", f"{pieces} - {used} = {pieces - used} {parts} are left.",
+         f"How many {parts} are left?", pieces - used),
+        (None, f"They sell for {pieces - used} * {money(price)} = {money((pieces - used) * price)}.",
+         f"Each of the {parts} left is sold for {money(price)}. How many dollars does that bring in?",
+         (pieces - used) * price)])
 
 
 def _savings(r, steps):
@@ -173,21 +173,18 @@ def _savings(r, steps):
     people = r.choice([2, 3, 4, 5])
     left = people * r.randint(1, (saved + had - 1) // people)   # what is left shares out evenly
     cost = saved + had - left
-    q = [f"{name} saves {money(weekly)} every week for {weeks} weeks."]
-    sol = [f"{name} saves {money(weekly)} * {weeks} = {money(saved)}."]
-    if steps == 1:
-        return q + [f"How much does {name} save?"], sol, saved
-    q.append(f"{name} already had {money(had)}.")
-    sol.append(f"With the {money(had)} from before, {name} has {money(saved)} + {money(had)} = {money(saved + had)}.")
-    if steps == 2:
-        return q + [f"How much money does {name} have now?"], sol, saved + had
-    q.append(f"{name} spends {money(cost)} on a present.")
-    sol.append(f"After the present, {money(saved + had)} - {money(cost)} = {money(left)} is left.")
-    if steps == 3:
-        return q + [f"How much money is left?"], sol, left
-    q.append(f"{name} shares what is left equally among {people} friends. How much does each friend get?")
-    sol.append(f"Each friend gets {money(left)} / {people} = {money(Fraction(left, people))}.")
-    return q, sol, Fraction(left, people)
+    return _ladder(steps, [
+        (f"{name} saves {money(weekly)} every week for {weeks} weeks.",
+         f"{name} saves {money(weekly)} * {weeks} = {money(saved)}.", f"How much does {name} save?", saved),
+        (f"{name} already had {money(had)}.",
+         f"With the {money(had)} from before, {name} has {money(saved)} + {money(had)} = {money(saved + had)}.",
+         f"How much money does {name} have now?", saved + had),
+        (f"{name} spends {money(cost)} on a present.",
+         f"After the present, {money(saved + had)} - {money(cost)} = {money(left)} is left.",
+         "How much money is left?", left),
+        (None, f"Each friend gets {money(left)} / {people} = {money(Fraction(left, people))}.",
+         f"{name} shares what is left equally among {people} friends. How much does each friend get?",
+         Fraction(left, people))])
 
 
 def _discount(r, steps):
@@ -197,21 +194,16 @@ def _discount(r, steps):
     off = Fraction(price * pct, 100)
     sale = price - off
     n = r.randint(2, 5)
-    q = [f"A {item} costs {money(price)}. It is on sale at {pct}% off."]
-    sol = [f"The discount is {money(price)} * {pct} / 100 = {money(off)}."]
-    if steps == 1:
-        return q + ["How many dollars is the discount?"], sol, off
-    sol.append(f"The sale price is {money(price)} - {money(off)} = {money(sale)}.")
-    if steps == 2:
-        return q + ["What is the sale price in dollars?"], sol, sale
-    q.append(f"{name} buys {n} of them at the sale price.")
-    sol.append(f"{n} of them cost {n} * {money(sale)} = {money(n * sale)}.")
-    if steps == 3:
-        return q + [f"How much does {name} pay?"], sol, n * sale
     bill = next(b for b in (50, 100, 200, 500, 1000, 2000) if b > n * sale)
-    q.append(f"{name} pays with {money(bill)}. How much change does {name} get?")
-    sol.append(f"The change is {money(bill)} - {money(n * sale)} = {money(bill - n * sale)}.")
-    return q, sol, bill - n * sale
+    return _ladder(steps, [
+        (f"A {item} costs {money(price)}. It is on sale at {pct}% off.",
+         f"The discount is {money(price)} * {pct} / 100 = {money(off)}.", "How many dollars is the discount?", off),
+        (None, f"The sale price is {money(price)} - {money(off)} = {money(sale)}.",
+         "What is the sale price in dollars?", sale),
+        (f"{name} buys {n} of them at the sale price.", f"{n} of them cost {n} * {money(sale)} = {money(n * sale)}.",
+         f"How much does {name} pay?", n * sale),
+        (None, f"The change is {money(bill)} - {money(n * sale)} = {money(bill - n * sale)}.",
+         f"{name} pays with {money(bill)}. How much change does {name} get?", bill - n * sale)])
 
 
 def _baking(r, steps):
@@ -224,21 +216,15 @@ def _baking(r, steps):
     eaten = baked - left_even
     bags = left_even // bag
     price = Fraction(r.randint(4, 30), 4)
-    q = [f"{name} bakes {trays} trays of {food} with {per_tray} on each tray."]
-    sol = [f"{name} bakes {trays} * {per_tray} = {baked} {food}."]
-    if steps == 1:
-        return q + [f"How many {food} does {name} bake?"], sol, baked
-    q.append(f"The family eats {eaten} of them.")
-    sol.append(f"After that, {baked} - {eaten} = {left_even} {food} are left.")
-    if steps == 2:
-        return q + [f"How many {food} are left?"], sol, left_even
-    q.append(f"The rest are put in bags of {bag}.")
-    sol.append(f"That fills {left_even} / {bag} = {bags} bags.")
-    if steps == 3:
-        return q + ["How many bags are filled?"], sol, bags
-    q.append(f"Each bag sells for {money(price)}. How many dollars do the bags bring in?")
-    sol.append(f"The bags bring in {bags} * {money(price)} = {money(bags * price)}.")
-    return q, sol, bags * price
+    return _ladder(steps, [
+        (f"{name} bakes {trays} trays of {food} with {per_tray} on each tray.",
+         f"{name} bakes {trays} * {per_tray} = {baked} {food}.", f"How many {food} does {name} bake?", baked),
+        (f"The family eats {eaten} of them.", f"After that, {baked} - {eaten} = {left_even} {food} are left.",
+         f"How many {food} are left?", left_even),
+        (f"The rest are put in bags of {bag}.", f"That fills {left_even} / {bag} = {bags} bags.",
+         "How many bags are filled?", bags),
+        (None, f"The bags bring in {bags} * {money(price)} = {money(bags * price)}.",
+         f"Each bag sells for {money(price)}. How many dollars do the bags bring in?", bags * price)])
 
 
 FAMILIES = {"shopping": _shopping, "travel": _travel, "factory": _factory, "fractions": _fractions,

@@ -95,28 +95,33 @@ def _pydoc_topics(root):
             and len(n.value) > 200]
 
 
-def build_stdlib_corpora(max_bytes_general, max_bytes_code, seed=0, include_tests=False, root=None):
-    """Return (general_rows, code_rows): lists of {"text", "source"} dicts, each list at most about its
-    byte cap (whole documents only), deduplicated as the module docstring describes."""
-    root, files = stdlib_files(include_tests, root)
-    topics = _pydoc_topics(root)
-    # pydoc's topics are shuffled in among the modules so a small cap still gets a mix of both.
-    work = [("file", rel) for rel in files] + [("topic", i) for i in range(len(topics))]
-    random.Random(f"stdlib-{seed}").shuffle(work)
-    general, code = [], []
-    size_general = size_code = 0
-    seen_paragraphs, seen_files, seen_lines = set(), set(), set()
+class _Capped:
+    """Rows of {"text", "source"} kept while they fit in ``max_bytes`` (whole documents only)."""
 
-    def add_general(text, source):
-        nonlocal size_general
+    def __init__(self, max_bytes):
+        self.rows, self.size, self.max_bytes = [], 0, max_bytes
+
+    def has_room(self):
+        return self.size < self.max_bytes
+
+    def nearly_full(self):
+        return self.size >= self.max_bytes * 0.99
+
+    def add(self, text, source):
         n = len(text.encode("utf-8"))
-        if size_general + n <= max_bytes_general:
-            general.append({"text": text, "source": source})
-            size_general += n
+        if self.size + n <= self.max_bytes:
+            self.rows.append({"text": text, "source": source})
+            self.size += n
 
-    def new_paragraphs(units):
-        """Prose units (docstrings, comment blocks, topics) with every paragraph of 40+ characters that
-        was seen before removed; short ones (headings, "Example::") stay to keep the text readable."""
+
+class _NewParagraphs:
+    """Prose units (docstrings, comment blocks, topics) with every paragraph of 40+ characters that was
+    seen before removed; short ones (headings, "Example::") stay to keep the text readable."""
+
+    def __init__(self):
+        self.seen = set()
+
+    def __call__(self, units):
         kept = []
         for unit in units:
             if not _is_prose(unit):
@@ -126,42 +131,75 @@ def build_stdlib_corpora(max_bytes_general, max_bytes_code, seed=0, include_test
                 key = hashlib.sha1(_WS.sub(" ", part.casefold()).strip().encode()).digest()
                 if len(part.strip()) < 40:
                     parts.append(part)
-                elif key not in seen_paragraphs:
-                    seen_paragraphs.add(key)
+                elif key not in self.seen:
+                    self.seen.add(key)
                     parts.append(part)
             text = "\n\n".join(parts)
             if _is_prose(text):
                 kept.append(text)
         return kept
 
-    for kind, rel in work:
-        if size_general >= max_bytes_general * 0.99 and size_code >= max_bytes_code * 0.99:
+
+class _NewCode:
+    """True for a source file that is neither a whitespace-normalised copy of one seen before nor more than
+    half made of substantial lines (20+ characters) seen before, nor tiny; a file it accepts is seen."""
+
+    def __init__(self):
+        self.files, self.lines = set(), set()
+
+    def __call__(self, source):
+        digest = hashlib.sha1(_WS.sub(" ", source).strip().encode()).digest()
+        lines = {ln.strip() for ln in source.splitlines() if len(ln.strip()) >= 20}
+        repeated = len(lines & self.lines) / max(len(lines), 1)
+        if digest in self.files or repeated > 0.5 or len(lines) < 5:
+            return False
+        self.files.add(digest)
+        self.lines |= lines
+        return True
+
+
+def _parse_module(root, rel):
+    """(source, AST) of the stdlib file ``rel``, or None for one that does not parse."""
+    try:
+        with open(os.path.join(root, rel), encoding="utf-8") as f:
+            source = f.read()
+        return source, ast.parse(source)
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return None   # a few stdlib files are deliberately broken (test inputs) or not UTF-8
+
+
+def _shuffled_work(root, files, seed):
+    """(kind, source name, topic text or None) of the files and pydoc's topics, in the seeded order. The
+    topics are shuffled in among the modules so a small cap still gets a mix of both."""
+    topics = _pydoc_topics(root)
+    work = [("file", rel) for rel in files] + [("topic", i) for i in range(len(topics))]
+    random.Random(f"stdlib-{seed}").shuffle(work)
+    return [("topic", f"pydoc_data/topics.py#{item}", topics[item]) if kind == "topic" else ("file", item, None)
+            for kind, item in work]
+
+
+def build_stdlib_corpora(max_bytes_general, max_bytes_code, seed=0, include_tests=False, root=None):
+    """Return (general_rows, code_rows): lists of {"text", "source"} dicts, each list at most about its
+    byte cap (whole documents only), deduplicated as the module docstring describes."""
+    root, files = stdlib_files(include_tests, root)
+    general, code = _Capped(max_bytes_general), _Capped(max_bytes_code)
+    new_paragraphs, new_code = _NewParagraphs(), _NewCode()
+    for kind, name, topic in _shuffled_work(root, files, seed):
+        if general.nearly_full() and code.nearly_full():
             break
         if kind == "topic":
-            text = new_paragraphs([topics[rel]]) if size_general < max_bytes_general else None
+            text = new_paragraphs([topic]) if general.has_room() else None
             if text:
-                add_general(text[0], f"pydoc_data/topics.py#{rel}")
+                general.add(text[0], name)
             continue
-        try:
-            with open(os.path.join(root, rel), encoding="utf-8") as f:
-                source = f.read()
-            tree = ast.parse(source)
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue   # a few stdlib files are deliberately broken (test inputs) or not UTF-8
-        if size_code < max_bytes_code:
-            digest = hashlib.sha1(_WS.sub(" ", source).strip().encode()).digest()
-            lines = {ln.strip() for ln in source.splitlines() if len(ln.strip()) >= 20}
-            repeated = len(lines & seen_lines) / max(len(lines), 1)
-            if digest not in seen_files and repeated <= 0.5 and len(lines) >= 5:
-                seen_files.add(digest)
-                seen_lines |= lines
-                n = len(source.encode("utf-8"))
-                if size_code + n <= max_bytes_code:
-                    code.append({"text": source, "source": rel})
-                    size_code += n
-        if size_general < max_bytes_general:
-            paragraphs = new_paragraphs(extract_prose(source, tree))
-            text = "\n\n".join(paragraphs)
+        parsed = _parse_module(root, name)
+        if parsed is None:
+            continue
+        source, tree = parsed
+        if code.has_room() and new_code(source):
+            code.add(source, name)
+        if general.has_room():
+            text = "\n\n".join(new_paragraphs(extract_prose(source, tree)))
             if len(text) >= 200:
-                add_general(text, rel)
-    return general, code
+                general.add(text, name)
+    return general.rows, code.rows

@@ -129,86 +129,95 @@ class _Source:
         return None if self.cfg.tie_embeddings else self("output_layer")
 
 
-def llama_tensors(src):
-    cfg, out = src.cfg, {}
-    out["model.embed_tokens.weight"] = src("embedding.word.weight")
-    for i in range(cfg.num_layers):
-        p, o = f"layers.{i}.", f"model.layers.{i}."
-        out[o + "input_layernorm.weight"] = src(p + "input_norm.weight")
-        out[o + "post_attention_layernorm.weight"] = src(p + "post_attention_norm.weight")
-        _, q, k, v = src.qkv(i)
-        out[o + "self_attn.q_proj.weight"], out[o + "self_attn.k_proj.weight"] = q, k
-        out[o + "self_attn.v_proj.weight"] = v
-        out[o + "self_attn.o_proj.weight"] = src(p + "attention.proj.weight")
-        out[o + "mlp.gate_proj.weight"] = src(p + "mlp.fc1.weight")
-        out[o + "mlp.up_proj.weight"] = src(p + "mlp.fc_up.weight")
-        out[o + "mlp.down_proj.weight"] = src(p + "mlp.fc2.weight")
-        if cfg.bias:
-            _, qb, kb, vb = src.qkv(i, "bias")
-            out[o + "self_attn.q_proj.bias"], out[o + "self_attn.k_proj.bias"] = qb, kb
-            out[o + "self_attn.v_proj.bias"] = vb
-            out[o + "self_attn.o_proj.bias"] = src(p + "attention.proj.bias")
-            out[o + "mlp.gate_proj.bias"] = src(p + "mlp.fc1.bias")
-            out[o + "mlp.up_proj.bias"] = src(p + "mlp.fc_up.bias")
-            out[o + "mlp.down_proj.bias"] = src(p + "mlp.fc2.bias")
-    out["model.norm.weight"] = src("final_norm.weight")
+def _assemble(src, before, layer_prefix, layer, after, head):
+    """Their whole state dict, in order: ``before`` (their name: ours), each layer's tensors from
+    ``layer(src, i, ours, theirs)`` with our prefix ``layers.{i}.`` and theirs ``{layer_prefix}{i}.``,
+    ``after``, then the output layer as ``head`` unless the embeddings are tied."""
+    out = {theirs: src(ours) for theirs, ours in before.items()}
+    for i in range(src.cfg.num_layers):
+        out.update(layer(src, i, f"layers.{i}.", f"{layer_prefix}{i}."))
+    out.update({theirs: src(ours) for theirs, ours in after.items()})
     if src.output() is not None:
-        out["lm_head.weight"] = src.output()
+        out[head] = src.output()
+    return out
+
+
+# Llama's linears besides q/k/v, by their name and ours.
+_LLAMA_LINEARS = (("self_attn.o_proj", "attention.proj"), ("mlp.gate_proj", "mlp.fc1"), ("mlp.up_proj", "mlp.fc_up"),
+                  ("mlp.down_proj", "mlp.fc2"))
+
+
+def _llama_layer(src, i, p, o):
+    out = {o + "input_layernorm.weight": src(p + "input_norm.weight"),
+           o + "post_attention_layernorm.weight": src(p + "post_attention_norm.weight")}
+    for part in ("weight", "bias") if src.cfg.bias else ("weight",):
+        _, q, k, v = src.qkv(i, part)
+        out.update({f"{o}self_attn.{name}_proj.{part}": t for name, t in zip("qkv", (q, k, v))})
+        out.update({f"{o}{theirs}.{part}": src(f"{p}{ours}.{part}") for theirs, ours in _LLAMA_LINEARS})
+    return out
+
+
+def llama_tensors(src):
+    return _assemble(src, {"model.embed_tokens.weight": "embedding.word.weight"}, "model.layers.", _llama_layer,
+                     {"model.norm.weight": "final_norm.weight"}, "lm_head.weight")
+
+
+def _norms(src, pairs):
+    """Weight and bias of each (our norm's full name, their name) in ``pairs``."""
+    out = {}
+    for ours, theirs in pairs:
+        out[theirs + ".weight"] = src(ours + ".weight")
+        out[theirs + ".bias"] = src(ours + ".bias")
+    return out
+
+
+def _final_norm(theirs):
+    """Their names of the final norm's weight and bias: our final_norm's (for ``_assemble``'s ``after``)."""
+    return {theirs + ".weight": "final_norm.weight", theirs + ".bias": "final_norm.bias"}
+
+
+def _neox_layer(src, i, p, o):
+    h, f = src.cfg.hidden_size, src.cfg.ffn_hidden_size
+    second = p + ("input_norm" if src.cfg.parallel_residual else "post_attention_norm")
+    out = _norms(src, ((p + "input_norm", o + "input_layernorm"), (second, o + "post_attention_layernorm")))
+    # One query head per group: our [q_g, k_g, v_g] per group is NeoX's [q_h, k_h, v_h] per head.
+    out[o + "attention.query_key_value.weight"] = src.qkv(i)[0]
+    out[o + "attention.query_key_value.bias"] = src.qkv(i, "bias")[0]
+    out[o + "attention.dense.weight"] = src(p + "attention.proj.weight")
+    out[o + "attention.dense.bias"] = src.bias(p + "attention.proj.bias", h)
+    out[o + "mlp.dense_h_to_4h.weight"] = src(p + "mlp.fc1.weight")
+    out[o + "mlp.dense_h_to_4h.bias"] = src.bias(p + "mlp.fc1.bias", f)
+    out[o + "mlp.dense_4h_to_h.weight"] = src(p + "mlp.fc2.weight")
+    out[o + "mlp.dense_4h_to_h.bias"] = src.bias(p + "mlp.fc2.bias", h)
     return out
 
 
 def neox_tensors(src):
-    cfg, out = src.cfg, {}
-    h, f = cfg.hidden_size, cfg.ffn_hidden_size
-    out["gpt_neox.embed_in.weight"] = src("embedding.word.weight")
-    for i in range(cfg.num_layers):
-        p, o = f"layers.{i}.", f"gpt_neox.layers.{i}."
-        second = p + ("input_norm" if cfg.parallel_residual else "post_attention_norm")
-        for ours, theirs in ((p + "input_norm", "input_layernorm"), (second, "post_attention_layernorm")):
-            out[o + theirs + ".weight"] = src(ours + ".weight")
-            out[o + theirs + ".bias"] = src(ours + ".bias")
-        # One query head per group: our [q_g, k_g, v_g] per group is NeoX's [q_h, k_h, v_h] per head.
-        out[o + "attention.query_key_value.weight"] = src.qkv(i)[0]
-        out[o + "attention.query_key_value.bias"] = src.qkv(i, "bias")[0]
-        out[o + "attention.dense.weight"] = src(p + "attention.proj.weight")
-        out[o + "attention.dense.bias"] = src.bias(p + "attention.proj.bias", h)
-        out[o + "mlp.dense_h_to_4h.weight"] = src(p + "mlp.fc1.weight")
-        out[o + "mlp.dense_h_to_4h.bias"] = src.bias(p + "mlp.fc1.bias", f)
-        out[o + "mlp.dense_4h_to_h.weight"] = src(p + "mlp.fc2.weight")
-        out[o + "mlp.dense_4h_to_h.bias"] = src.bias(p + "mlp.fc2.bias", h)
-    out["gpt_neox.final_layer_norm.weight"] = src("final_norm.weight")
-    out["gpt_neox.final_layer_norm.bias"] = src("final_norm.bias")
-    if src.output() is not None:
-        out["embed_out.weight"] = src.output()
+    return _assemble(src, {"gpt_neox.embed_in.weight": "embedding.word.weight"}, "gpt_neox.layers.", _neox_layer,
+                     _final_norm("gpt_neox.final_layer_norm"), "embed_out.weight")
+
+
+def _gpt2_layer(src, i, p, o):
+    h, f = src.cfg.hidden_size, src.cfg.ffn_hidden_size
+    out = _norms(src, ((p + "input_norm", o + "ln_1"), (p + "post_attention_norm", o + "ln_2")))
+    _, q, k, v = src.qkv(i)
+    _, qb, kb, vb = src.qkv(i, "bias")
+    # Conv1D computes x @ W + b: our [out, in] Linear weights transposed.
+    out[o + "attn.c_attn.weight"] = torch.cat([q, k, v], dim=0).t()
+    out[o + "attn.c_attn.bias"] = torch.cat([qb, kb, vb])
+    out[o + "attn.c_proj.weight"] = src(p + "attention.proj.weight").t()
+    out[o + "attn.c_proj.bias"] = src.bias(p + "attention.proj.bias", h)
+    out[o + "mlp.c_fc.weight"] = src(p + "mlp.fc1.weight").t()
+    out[o + "mlp.c_fc.bias"] = src.bias(p + "mlp.fc1.bias", f)
+    out[o + "mlp.c_proj.weight"] = src(p + "mlp.fc2.weight").t()
+    out[o + "mlp.c_proj.bias"] = src.bias(p + "mlp.fc2.bias", h)
     return out
 
 
 def gpt2_tensors(src):
-    cfg, out = src.cfg, {}
-    h, f = cfg.hidden_size, cfg.ffn_hidden_size
-    out["transformer.wte.weight"] = src("embedding.word.weight")
-    out["transformer.wpe.weight"] = src("embedding.position")
-    for i in range(cfg.num_layers):
-        p, o = f"layers.{i}.", f"transformer.h.{i}."
-        for ours, theirs in (("input_norm", "ln_1"), ("post_attention_norm", "ln_2")):
-            out[o + theirs + ".weight"] = src(p + ours + ".weight")
-            out[o + theirs + ".bias"] = src(p + ours + ".bias")
-        _, q, k, v = src.qkv(i)
-        _, qb, kb, vb = src.qkv(i, "bias")
-        # Conv1D computes x @ W + b: our [out, in] Linear weights transposed.
-        out[o + "attn.c_attn.weight"] = torch.cat([q, k, v], dim=0).t()
-        out[o + "attn.c_attn.bias"] = torch.cat([qb, kb, vb])
-        out[o + "attn.c_proj.weight"] = src(p + "attention.proj.weight").t()
-        out[o + "attn.c_proj.bias"] = src.bias(p + "attention.proj.bias", h)
-        out[o + "mlp.c_fc.weight"] = src(p + "mlp.fc1.weight").t()
-        out[o + "mlp.c_fc.bias"] = src.bias(p + "mlp.fc1.bias", f)
-        out[o + "mlp.c_proj.weight"] = src(p + "mlp.fc2.weight").t()
-        out[o + "mlp.c_proj.bias"] = src.bias(p + "mlp.fc2.bias", h)
-    out["transformer.ln_f.weight"] = src("final_norm.weight")
-    out["transformer.ln_f.bias"] = src("final_norm.bias")
-    if src.output() is not None:
-        out["lm_head.weight"] = src.output()
-    return out
+    return _assemble(src, {"transformer.wte.weight": "embedding.word.weight",
+                           "transformer.wpe.weight": "embedding.position"}, "transformer.h.", _gpt2_layer,
+                     _final_norm("transformer.ln_f"), "lm_head.weight")
 
 
 # -- config.json ---------------------------------------------------------------------------------------------

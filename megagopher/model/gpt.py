@@ -9,6 +9,10 @@ The model knows nothing of pipelines: a ``GPTModel`` is one contiguous range of 
 when ``pre_process`` (first stage) and the final norm, output head and loss when ``post_process`` (last
 stage). Layers are keyed by their global index, so a parameter's name, and therefore its initial value
 (invariant 1), is the same in every layout.
+
+For generation the model takes a ``KVCache`` (one slot of keys and values per layer index) and a position
+offset, so a decoding step runs the same forward on one new token; ``last_only`` applies the output head to
+the last position only.
 """
 import math
 
@@ -18,6 +22,7 @@ import torch.nn.functional as F
 
 from megagopher import kernels
 from megagopher import parallel_state as ps
+from megagopher.config.schema import check_value
 from megagopher.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                         checkpoint, gather_from_sp_region, gather_from_tp_region,
                                         get_rng_tracker, init_parameters, set_init,
@@ -70,6 +75,47 @@ def rope_tables(cfg, seq_length, device, offset=0):
     return freqs.cos().float(), freqs.sin().float()
 
 
+class KVSlot:
+    """One layer's cached keys and values, k and v of shape (b, s, h_kv / tp, d), RoPE already applied."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def __len__(self):
+        return 0 if self.k is None else self.k.shape[1]
+
+    def extend(self, k, v):
+        """Appends the new positions' k and v. Returns every cached k and v, and whether the new queries need
+        the causal mask: only when the cache was empty, where queries and keys cover the same positions
+        (kernels.flash_attention aligns its mask top-left, query i seeing keys 0..i)."""
+        if self.k is None:
+            self.k, self.v = k, v
+            return k, v, True
+        if k.shape[1] != 1:
+            # A top-left mask would hide cached keys from these queries; checked before anything is appended.
+            raise ValueError(f"the KV cache holds {len(self)} positions and {k.shape[1]} new ones arrive: after "
+                             "the first forward a cached forward takes one token at a time")
+        self.k, self.v = torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1)
+        return self.k, self.v, False  # one query, at the newest position, sees every key: no mask
+
+
+class KVCache:
+    """Keys and values of the positions a GPTModel has seen, for incremental decoding. The first
+    ``model(ids, kv_cache=cache)`` fills it (causal attention over the prompt); each later call passes one
+    token with ``position_offset=len(cache)``. One slot per global layer index; one cache per sequence batch
+    and per model (pipeline stage)."""
+
+    def __init__(self):
+        self.slots = {}  # layer index -> KVSlot
+
+    def slot(self, layer):
+        return self.slots.setdefault(layer, KVSlot())
+
+    def __len__(self):
+        """Positions held (every layer holds the same number after a forward)."""
+        return max((len(s) for s in self.slots.values()), default=0)
+
+
 class Attention(nn.Module):
     """Causal self-attention with grouped-query heads. The fused QKV projection is laid out per query
     group, [q_g0 (heads/groups heads), k_g0, v_g0, q_g1, ...], so that splitting it contiguously over TP
@@ -88,22 +134,24 @@ class Attention(nn.Module):
                                       sequence_parallel=sequence_parallel,
                                       init_std=cfg.init_std / math.sqrt(2 * num_layers_total))
 
-    def core_attention(self, q, k, v):
-        """q (b, s, h, d), k and v (b, s, h_kv, d) -> (b, s, h, d)."""
+    def core_attention(self, q, k, v, causal=True):
+        """q (b, sq, h, d), k and v (b, sk, h_kv, d) -> (b, sq, h, d). ``causal``: query i sees keys 0..i
+        (sq == sk); False: every query sees every key (one new token against a KV cache)."""
         cfg = self.cfg
         if cfg.core_attention == "flash":
-            return kernels.flash_attention(q, k, v, causal=True)
+            return kernels.flash_attention(q, k, v, causal=causal)
         # Unfused path: explicit scores, Megatron's scaled-masked softmax, dropout on this rank's heads.
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.heads_per_group > 1:
             kh = kh.repeat_interleave(self.heads_per_group, dim=1)
             vh = vh.repeat_interleave(self.heads_per_group, dim=1)
         scores = torch.matmul(qh, kh.transpose(-1, -2))
-        probs = kernels.scaled_masked_softmax(scores, scale=cfg.head_dim ** -0.5, causal=True)
+        probs = kernels.scaled_masked_softmax(scores, scale=cfg.head_dim ** -0.5, causal=causal)
         probs = _dropout(probs, cfg.attention_dropout, self.training, sharded=True)
         return torch.matmul(probs, vh).transpose(1, 2)
 
-    def forward(self, x, rope):
+    def forward(self, x, rope, kv=None):
+        """``kv``: this layer's KVSlot, which the new keys and values join before attention."""
         b = x.shape[1]
         qkv = self.qkv(x)  # [s, b, local_groups * (hpg + 2) * d] (full s: the layer gathered an SP input)
         s = qkv.shape[0]
@@ -114,10 +162,13 @@ class Attention(nn.Module):
         if rope is not None:
             q = kernels.apply_rope(q, *rope)
             k = kernels.apply_rope(k, *rope)
-        if self.selective_recompute:  # Korthikanti et al. 2022: recompute only the s^2 part
+        causal = True
+        if kv is not None:
+            k, v, causal = kv.extend(k, v)
+        if self.selective_recompute and kv is None:  # Korthikanti et al. 2022: recompute only the s^2 part
             ctx = checkpoint(self.core_attention, q, k, v)
-        else:
-            ctx = self.core_attention(q, k, v)
+        else:  # a cache means inference: nothing to recompute
+            ctx = self.core_attention(q, k, v, causal)
         ctx = ctx.transpose(0, 1).reshape(s, b, -1)
         return self.proj(ctx)
 
@@ -151,14 +202,14 @@ class TransformerLayer(nn.Module):
             self.post_attention_norm = Norm(cfg, sequence_parallel)
         self.mlp = MLP(cfg, cfg.num_layers, sequence_parallel)
 
-    def forward(self, x, cos=None, sin=None):
+    def forward(self, x, cos=None, sin=None, kv=None):
         rope = (cos, sin) if cos is not None else None
         p, training, sharded = self.cfg.dropout, self.training, self.sp
         h = self.input_norm(x)
         if self.cfg.parallel_residual:
-            branch = self.attention(h, rope) + self.mlp(h)
+            branch = self.attention(h, rope, kv) + self.mlp(h)
             return x + _dropout(branch, p, training, sharded)
-        x = x + _dropout(self.attention(h, rope), p, training, sharded)
+        x = x + _dropout(self.attention(h, rope, kv), p, training, sharded)
         return x + _dropout(self.mlp(self.post_attention_norm(x)), p, training, sharded)
 
 
@@ -197,18 +248,23 @@ class Embedding(nn.Module):
 class GPTModel(nn.Module):
     """Layers ``layer_range`` of a GPT decoder (all of them by default).
 
-    forward(input_ids=None, labels=None, hidden_states=None, position_ids=None):
+    forward(input_ids=None, labels=None, hidden_states=None, position_ids=None, kv_cache=None,
+            position_offset=0, last_only=False):
       - first stage: ``input_ids`` [b, s]; later stages: ``hidden_states`` [s(/tp), b, h] from the previous.
       - last stage with ``labels`` [b, s]: per-token fp32 loss [b, s]; without labels: this rank's shard of
-        the logits [b, s, padded_vocab / tp] (``gather_logits`` joins them).
+        the logits [b, s, padded_vocab / tp] (``gather_logits`` joins them), or [b, 1, padded_vocab / tp]
+        for the last position alone with ``last_only``.
       - other stages: hidden states [s(/tp), b, h] for the next stage.
+      - ``position_offset``: the tokens sit at positions offset .. offset + s - 1 (default position ids and
+        rotary tables); ``position_ids`` [b, s], when given, replace the learned positions' ids instead.
+      - ``kv_cache`` (a KVCache, inference only): each layer attends over its cached keys and values plus the
+        new ones and keeps the new ones; ``position_offset`` must equal ``len(kv_cache)``.
     """
 
     def __init__(self, cfg, sequence_parallel=False, pre_process=True, post_process=True, layer_range=None,
                  recompute="none", recompute_num_layers=None):
         super().__init__()
-        if recompute not in ("none", "selective", "full"):
-            raise ValueError(f"training.recompute = {recompute!r}; valid: 'none', 'selective', 'full'")
+        check_value("training", "recompute", recompute)  # the config's rule and message
         self.cfg = cfg
         self.tp_size = ps.get_tp_size()
         self.sp = sequence_parallel and self.tp_size > 1
@@ -250,34 +306,67 @@ class GPTModel(nn.Module):
         init_parameters(self, seed)
         return self
 
-    def forward(self, input_ids=None, labels=None, hidden_states=None, position_ids=None):
-        if self.pre_process:
-            b, s = input_ids.shape
-            if position_ids is None:
-                position_ids = torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s)
-            x = self.embedding(input_ids, position_ids)
-        else:
-            if hidden_states is None:
-                raise ValueError("GPTModel: a stage without the embedding needs hidden_states")
-            x = hidden_states
+    def forward(self, input_ids=None, labels=None, hidden_states=None, position_ids=None, kv_cache=None,
+                position_offset=0, last_only=False):
+        self._check_inference_args(position_ids, kv_cache, position_offset, labels, last_only)
+        x = self._embed(input_ids, hidden_states, position_ids, position_offset)
         s_full = x.shape[0] * (self.tp_size if self.sp else 1)
         rope = None
         if self.cfg.position_embedding == "rope":
-            rope = rope_tables(self.cfg, s_full, x.device)
+            rope = rope_tables(self.cfg, s_full, x.device, offset=position_offset)
         rope = rope or ()
         for name, layer in self.layers.items():
-            x = checkpoint(layer, x, *rope) if name in self.recompute_layers else layer(x, *rope)
+            if kv_cache is not None:
+                x = layer(x, *rope, kv=kv_cache.slot(int(name)))
+            elif name in self.recompute_layers:
+                x = checkpoint(layer, x, *rope)
+            else:
+                x = layer(x, *rope)
         if not self.post_process:
             return x
+        if last_only and not self.sp:
+            x = x[-1:]  # the next token's logits only: prefill skips the head for every other position
         x = self.final_norm(x)
         if self.tp_size > 1:
             x = gather_from_sp_region(x) if self.sp else copy_to_tp_region(x)
+        if last_only and self.sp:
+            x = x[-1:]  # under SP the last position is on the last TP rank until gathered
         logits = linear(x, self.output_weight())  # [s, b, padded_vocab / tp]; W deferrable under zb-h1
         if labels is None:
             return logits.transpose(0, 1)
         loss = vocab_parallel_cross_entropy(logits, labels.t(), vocab_size=self.cfg.vocab_size,
                                             label_smoothing=self.cfg.label_smoothing)
         return loss.t()  # [b, s]
+
+    def _embed(self, input_ids, hidden_states, position_ids, offset):
+        if not self.pre_process:
+            if hidden_states is None:
+                raise ValueError("GPTModel: a stage without the embedding needs hidden_states")
+            return hidden_states
+        b, s = input_ids.shape
+        limit = self.cfg.max_position_embeddings
+        if offset and self.cfg.position_embedding == "learned" and offset + s > limit:
+            # The embedding checks the length alone; with an offset the positions can pass the table's end.
+            raise ValueError(f"positions {offset}..{offset + s - 1} exceed model.max_position_embeddings {limit}")
+        if position_ids is None:
+            position_ids = torch.arange(offset, offset + s, device=input_ids.device).unsqueeze(0).expand(b, s)
+        return self.embedding(input_ids, position_ids)
+
+    def _check_inference_args(self, position_ids, kv_cache, offset, labels, last_only):
+        if not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"position_offset = {offset!r} must be a non-negative integer")
+        if offset and position_ids is not None:
+            raise ValueError("give position_ids or position_offset, not both")
+        if last_only and labels is not None:
+            raise ValueError("last_only computes the next token's logits, not a loss: drop labels")
+        if kv_cache is None:
+            return
+        if self.sp:
+            raise ValueError("kv_cache: sequence parallelism splits the tokens over TP ranks and a decoding "
+                             "step has one; build the model with sequence_parallel=False for generation")
+        if offset != len(kv_cache):
+            raise ValueError(f"position_offset = {offset} but the KV cache holds {len(kv_cache)} positions: "
+                             "the new tokens must follow the cached ones")
 
     def gather_logits(self, logits):
         """Full-vocabulary logits [b, s, vocab] (padding dropped) from this rank's shard."""

@@ -89,26 +89,45 @@ def pad_vocab_size(vocab_size, tp_size, divisible_by=128):
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
-class ColumnParallelLinear(nn.Module):
+class _ParallelLinear(nn.Module):
+    """What the column- and row-parallel linears share: the TP group, the divisibility check of the split
+    dimension and the weight [out, in] sharded along the class's ``split_dim`` (0: output rows, 1: input
+    columns)."""
+    split_dim = None
+
+    def __init__(self, in_features, out_features, sequence_parallel, group):
+        super().__init__()
+        self.group, self.tp_size, _ = _tp(group)
+        size, what = (out_features, "out_features") if self.split_dim == 0 else (in_features, "in_features")
+        if size % self.tp_size:
+            raise ValueError(f"{type(self).__name__}: {what} {size} not divisible by tp {self.tp_size}")
+        self.sequence_parallel = sequence_parallel and self.tp_size > 1
+
+    def _make_parameters(self, in_features, out_features, bias, init_std, dtype, device):
+        """The weight, and the zero-initialised bias (or None): split with the output rows under column
+        parallelism, replicated under row parallelism (added once, after the sum)."""
+        shape = [out_features, in_features]
+        shape[self.split_dim] //= self.tp_size
+        self.weight = nn.Parameter(torch.empty(*shape, dtype=dtype, device=device))
+        set_init(self.weight, (out_features, in_features), partition_dim=self.split_dim, std=init_std)
+        if not bias:
+            self.register_parameter("bias", None)
+            return
+        self.bias = nn.Parameter(torch.empty(shape[0], dtype=dtype, device=device))
+        set_init(self.bias, (out_features,), partition_dim=0 if self.split_dim == 0 else None, fill=0.0)
+
+
+class ColumnParallelLinear(_ParallelLinear):
     """Y = X A^T + b with A split along its output dimension (columns of A^T): each rank computes its
     slice of Y. The input passes through *f* (or, with sequence parallelism, is all-gathered along the
     sequence). ``gather_output`` joins the slices for a consumer that wants the whole Y."""
+    split_dim = 0
 
     def __init__(self, in_features, out_features, bias=True, gather_output=False, sequence_parallel=False,
                  init_std=0.02, group=None, dtype=None, device=None):
-        super().__init__()
-        self.group, self.tp_size, _ = _tp(group)
-        if out_features % self.tp_size:
-            raise ValueError(f"ColumnParallelLinear: out_features {out_features} not divisible by tp {self.tp_size}")
-        self.gather_output, self.sequence_parallel = gather_output, sequence_parallel and self.tp_size > 1
-        kw = dict(dtype=dtype, device=device)
-        self.weight = nn.Parameter(torch.empty(out_features // self.tp_size, in_features, **kw))
-        set_init(self.weight, (out_features, in_features), partition_dim=0, std=init_std)
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features // self.tp_size, **kw))
-            set_init(self.bias, (out_features,), partition_dim=0, fill=0.0)
-        else:
-            self.register_parameter("bias", None)
+        super().__init__(in_features, out_features, sequence_parallel, group)
+        self.gather_output = gather_output
+        self._make_parameters(in_features, out_features, bias, init_std, dtype, device)
 
     def forward(self, x):
         if self.tp_size == 1:
@@ -119,29 +138,21 @@ class ColumnParallelLinear(nn.Module):
         return mappings.gather_from_tp_region(y, self.group) if self.gather_output else y
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_ParallelLinear):
     """Y = X A^T + b with A split along its input dimension: each rank multiplies its slice of X and the
     partial products are summed by *g* (or reduce-scattered along the sequence with sequence parallelism).
     The bias is replicated and added once, after the sum."""
+    split_dim = 1
 
     def __init__(self, in_features, out_features, bias=True, input_is_parallel=True, sequence_parallel=False,
                  init_std=0.02, group=None, dtype=None, device=None):
-        super().__init__()
-        self.group, self.tp_size, _ = _tp(group)
-        if in_features % self.tp_size:
-            raise ValueError(f"RowParallelLinear: in_features {in_features} not divisible by tp {self.tp_size}")
-        self.input_is_parallel, self.sequence_parallel = input_is_parallel, sequence_parallel and self.tp_size > 1
+        super().__init__(in_features, out_features, sequence_parallel, group)
+        self.input_is_parallel = input_is_parallel
         if sequence_parallel and not input_is_parallel:
             raise ValueError("RowParallelLinear: sequence_parallel needs input_is_parallel=True")
-        kw = dict(dtype=dtype, device=device)
-        self.weight = nn.Parameter(torch.empty(out_features, in_features // self.tp_size, **kw))
-        set_init(self.weight, (out_features, in_features), partition_dim=1, std=init_std)
+        self._make_parameters(in_features, out_features, bias, init_std, dtype, device)
         if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **kw))
-            set_init(self.bias, (out_features,), fill=0.0)
             self.bias.sequence_parallel = self.sequence_parallel
-        else:
-            self.register_parameter("bias", None)
 
     def forward(self, x):
         if self.tp_size == 1:

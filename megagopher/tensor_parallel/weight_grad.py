@@ -26,21 +26,23 @@ class WeightGradStore:
         self._current = []       # dW work of the backward pass that is running: (weight, x, grad_out)
         self._units = {}         # key -> closed unit of W work
 
-    @contextlib.contextmanager
     def capture(self):
-        previous, self.capturing = self.capturing, True
-        try:
-            yield self
-        finally:
-            self.capturing = previous
+        """Context: forward passes inside build deferrable linears."""
+        return self._switched_on("capturing")
+
+    def defer(self):
+        """Context: backward passes inside queue dW instead of computing it."""
+        return self._switched_on("deferring")
 
     @contextlib.contextmanager
-    def defer(self):
-        previous, self.deferring = self.deferring, True
+    def _switched_on(self, flag):
+        # Restores the previous value rather than False, so the contexts nest.
+        previous = getattr(self, flag)
+        setattr(self, flag, True)
         try:
             yield self
         finally:
-            self.deferring = previous
+            setattr(self, flag, previous)
 
     def put(self, weight, x, grad_out):
         self._current.append((weight, x, grad_out))

@@ -21,7 +21,6 @@ A checkpoint is written to ``iter_N.tmp`` and renamed once every rank has writte
 the metadata, so an ``iter_N`` directory is complete or absent; ``latest`` is written (temp + rename)
 after that. A file whose checksum does not match is reported and the previous checkpoint is used.
 """
-import glob
 import hashlib
 import json
 import os
@@ -157,9 +156,9 @@ def write_latest(root):
 def list_checkpoints(root):
     """Iterations of the complete checkpoints in ``root`` (those with metadata), oldest first."""
     its = []
-    for path in glob.glob(os.path.join(root, "iter_*")):
-        m = re.fullmatch(r"iter_(\d+)", os.path.basename(path))
-        if m and os.path.exists(os.path.join(path, "metadata.json")):
+    for name in os.listdir(root) if os.path.isdir(root) else []:  # not glob: a root may contain [ or *
+        m = re.fullmatch(r"iter_(\d+)", name)
+        if m and os.path.exists(os.path.join(root, name, "metadata.json")):
             its.append(int(m.group(1)))
     return sorted(its)
 

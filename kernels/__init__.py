@@ -1,4 +1,4 @@
-"""megagopher.kernels: the hot paths of the model behind one API (ARCHITECTURE 4.4).
+"""megagopher.kernels: the hot paths of the model behind one API (docs/ARCHITECTURE.md 4.4).
 
 Every function is differentiable and takes an optional ``backend=`` ("auto" | "triton" | "torch") that
 overrides ``use_backend``. Under "auto", CUDA tensors run the Triton kernels and CPU tensors the PyTorch

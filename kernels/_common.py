@@ -7,10 +7,12 @@ import contextlib
 import torch
 import triton
 
+from megagopher.common import PRECISION_DTYPES
+
 from .dispatch import Unsupported, interpreter_on
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+FLOAT_DTYPES = tuple(PRECISION_DTYPES.values())
+DTYPE_NAMES = {dtype: name for name, dtype in PRECISION_DTYPES.items()}
 
 # Value every output buffer is filled with before a kernel writes it; None (the default) means
 # torch.empty. Tests set it to NaN so that an element a kernel forgets to write fails the comparison.

@@ -1,4 +1,4 @@
-"""Backend selection for megagopher's kernels (ARCHITECTURE 4.4).
+"""Backend selection for megagopher's kernels (docs/ARCHITECTURE.md 4.4).
 
 "auto" (the default) runs Triton on CUDA tensors and PyTorch on CPU tensors; "triton" forces the Triton
 code (on CPU it needs the interpreter, TRITON_INTERPRET=1 set before triton is imported); "torch" runs the

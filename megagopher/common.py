@@ -5,6 +5,7 @@ which device a process uses, and the torch collective names that changed in torc
 This module imports only torch, so every layer may import it (docs/ARCHITECTURE.md, section 1).
 """
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,16 @@ def element_bytes(precision):
 def unwrap_model(chunk):
     """The model chunk inside a data-parallel wrapper (``.module``), or the chunk itself."""
     return getattr(chunk, "module", chunk)
+
+
+def run_command(prog, work):
+    """Runs ``work()`` (-> exit status) for a command-line tool: a user error (bad value, missing file or
+    key) becomes one line on stderr naming the tool, and exit status 2, instead of a traceback."""
+    try:
+        return work()
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        return 2
 
 
 def pick_device(device="auto"):

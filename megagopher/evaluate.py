@@ -21,7 +21,7 @@ OpenBookQA/ARC form {"question": {"stem", "choices": [{"text", "label"}]}, "answ
 label, a 0-based index or the choice's text.
 
 With --metrics, one line {"event": "eval", "task", "accuracy", "iteration", ...} is appended to that
-metrics.jsonl (ARCHITECTURE 4.3). Under torchrun with --tp N every rank computes and rank 0 reports.
+metrics.jsonl (docs/ARCHITECTURE.md 4.3). Under torchrun with --tp N every rank computes and rank 0 reports.
 """
 import argparse
 import json
@@ -32,6 +32,7 @@ import time
 
 import torch.distributed as dist
 
+from megagopher import parallel_state as ps
 from megagopher.data.math_problems import extract_answer, normalize_number
 
 _ANSWER_LINE = re.compile(r"answer is[^\n]*\n", re.IGNORECASE)
@@ -227,8 +228,7 @@ def main(argv=None):
               f"over {result['examples']} examples (checkpoint {lm.path}, iteration {lm.iteration})", flush=True)
         if args.metrics:
             append_metrics(args.metrics, record)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    ps.shutdown()
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Text generation from a checkpoint, alone or tensor-parallel under torchrun (ARCHITECTURE 4.6).
+"""Text generation from a checkpoint, alone or tensor-parallel under torchrun (docs/ARCHITECTURE.md 4.6).
 
     python -m megagopher.generate --checkpoint DIR (--prompt TEXT | --prompt-ids 5,17,42) \\
            [--max-new-tokens N] [--greedy | --temperature T --top-p P [--top-k K]] [--seed S]
@@ -294,8 +294,7 @@ def main(argv=None):
             print(lm.tokenizer.decode(new), flush=True)
         else:
             print(" ".join(map(str, new)), flush=True)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    ps.shutdown()
     return 0
 
 

@@ -84,6 +84,17 @@ def destroy_model_parallel():
     _state = None
 
 
+def shutdown():
+    """Ends a finished job's communication in order on every rank: a barrier (every rank is done with every
+    collective), then the groups are destroyed. A process that exits with its gloo groups alive can abort
+    in their destructors ("terminate called ...") while a peer closes its sockets. Collective."""
+    if dist.is_initialized():
+        dist.barrier()
+    destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _get():
     if _state is None:
         raise RuntimeError("parallel_state: initialize_model_parallel has not been called")

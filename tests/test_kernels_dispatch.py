@@ -1,4 +1,4 @@
-"""Backend dispatch (ARCHITECTURE 4.4): "auto" runs PyTorch on CPU tensors and Triton on CUDA ones with a
+"""Backend dispatch (docs/ARCHITECTURE.md 4.4): "auto" runs PyTorch on CPU tensors and Triton on CUDA ones with a
 fallback for what Triton does not support; "triton" raises clearly instead, and on CPU needs
 TRITON_INTERPRET=1; the per-call ``backend=`` beats the context; "apex" behaves as "auto" wherever apex
 cannot run. The apex wrappers themselves are exercised against stand-in extension modules that follow

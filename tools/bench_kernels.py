@@ -159,8 +159,8 @@ def cases(kernel, dtype, device, small):
 
 def selected_cases(args, device, small):
     """(kernel, case) for every case of --kernel (default: all kernels) at --dtype."""
-    import torch
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    from megagopher.common import PRECISION_DTYPES
+    dtype = PRECISION_DTYPES[args.dtype]
     for kernel in ([args.kernel] if args.kernel else KERNELS):
         for case in cases(kernel, dtype, device, small):
             yield kernel, case

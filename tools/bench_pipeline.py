@@ -29,12 +29,11 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megagopher import parallel_state as ps  # noqa: E402
+from megagopher.common import SCHEDULES  # noqa: E402
 from megagopher.pipeline_parallel.plan import build_plan, theoretical_bubble  # noqa: E402
 from megagopher.pipeline_parallel.schedules import forward_backward  # noqa: E402
 from megagopher.pipeline_parallel.trace import Tracer, bubble_fractions, write_chrome_trace  # noqa: E402
 from megagopher.tensor_parallel.weight_grad import linear  # noqa: E402
-
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 
 
 class SyntheticStage(nn.Module):

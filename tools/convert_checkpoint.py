@@ -30,18 +30,19 @@ def main(argv=None):
     args = p.parse_args(argv)
     if bool(args.output) == bool(args.to_full):
         p.error("give exactly one of --output and --to-full")
+    from megagopher.common import run_command
+    return run_command("convert_checkpoint", lambda: _convert(args))
+
+
+def _convert(args):
     from megagopher.export.convert import convert, to_full
-    try:
-        if args.to_full:
-            n = to_full(args.checkpoint, args.to_full)
-            print(f"convert_checkpoint: wrote {n} full tensors to {args.to_full}")
-            return 0
-        pp_layers = [int(x) for x in args.pp_layers.replace(",", " ").split()] if args.pp_layers else None
-        path = convert(args.checkpoint, args.output, args.tp, args.pp, args.vpp, pp_layers,
-                       optimizer=not args.no_optimizer)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"convert_checkpoint: error: {e}", file=sys.stderr)
-        return 2
+    if args.to_full:
+        n = to_full(args.checkpoint, args.to_full)
+        print(f"convert_checkpoint: wrote {n} full tensors to {args.to_full}")
+        return 0
+    pp_layers = [int(x) for x in args.pp_layers.replace(",", " ").split()] if args.pp_layers else None
+    path = convert(args.checkpoint, args.output, args.tp, args.pp, args.vpp, pp_layers,
+                   optimizer=not args.no_optimizer)
     print(f"convert_checkpoint: wrote {path} (tp {args.tp}, pp {args.pp}, vpp {args.vpp})")
     return 0
 

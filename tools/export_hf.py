@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Export a megagopher checkpoint as a Hugging Face transformers model directory (ARCHITECTURE 4.6).
+"""Export a megagopher checkpoint as a Hugging Face transformers model directory (docs/ARCHITECTURE.md 4.6).
 
     python tools/export_hf.py --checkpoint DIR --output OUT [--format llama|gpt_neox|gpt2] [--dtype fp32|bf16|fp16]
 
@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megagopher.common import PRECISION_DTYPES, PRECISIONS  # noqa: E402
+from megagopher.common import PRECISION_DTYPES, PRECISIONS, run_command  # noqa: E402
 
 
 def main(argv=None):
@@ -28,14 +28,13 @@ def main(argv=None):
     p.add_argument("--tokenizer-dir", default=None, help="tokenizer to write (default: the run's data.tokenizer_dir)")
     p.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer files")
     args = p.parse_args(argv)
+    return run_command("export_hf", lambda: _export(args))
+
+
+def _export(args):
     from megagopher.export.hf import export_hf
-    dtype = PRECISION_DTYPES.get(args.dtype)
-    try:
-        fmt, path = export_hf(args.checkpoint, args.output, args.format, dtype, args.tokenizer_dir,
-                              tokenizer=not args.no_tokenizer)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"export_hf: error: {e}", file=sys.stderr)
-        return 2
+    fmt, path = export_hf(args.checkpoint, args.output, args.format, PRECISION_DTYPES.get(args.dtype),
+                          args.tokenizer_dir, tokenizer=not args.no_tokenizer)
     print(f"export_hf: wrote {args.output} ({fmt}) from {path}")
     return 0
 

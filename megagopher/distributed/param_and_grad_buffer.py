@@ -24,7 +24,7 @@ after the DP reduction, and with sharding both stages must own the *same* elemen
 the parameter sits at the same place in a bucket of the same size on both.
 
 The reduction is a SUM, not an average: the trainer normalises each rank's loss by the token count of the
-whole global batch (ARCHITECTURE invariant 3), so summing over the data-parallel (x context-parallel)
+whole global batch (docs/ARCHITECTURE.md invariant 3), so summing over the data-parallel (x context-parallel)
 group gives exactly the serial gradient.
 """
 import math

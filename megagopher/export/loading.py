@@ -1,7 +1,7 @@
 """From a checkpoint path to what a reader of it needs: the iteration directory, the run's config with its
 stages, the GPTConfig the weights belong to, and the run's tokenizer (when it had one).
 
-Everything is rebuilt from ``metadata.json`` (ARCHITECTURE 4.6), so no process group is needed. Two facts
+Everything is rebuilt from ``metadata.json`` (docs/ARCHITECTURE.md 4.6), so no process group is needed. Two facts
 come from the checkpoint rather than the config: the number of layers (progress.num_layers, which stage
 growth may have changed) and the vocabulary (the unpadded row count of the word embeddings, which is the
 tokenizer's when the run had one).

@@ -1,7 +1,7 @@
 """A GPT decoder built only from megagopher's tensor-parallel layers and kernels.
 
 Activations flow as [s, b, h] (sequence first, as in Megatron-LM) so that sequence parallelism splits a
-contiguous leading dimension. The flavours of ARCHITECTURE 4.2 are all here: LayerNorm or RMSNorm, GeLU or
+contiguous leading dimension. The flavours of docs/ARCHITECTURE.md 4.2 are all here: LayerNorm or RMSNorm, GeLU or
 SwiGLU, learned or rotary positions (partial rotary as in GPT-J/CodeGen), grouped-query attention,
 parallel residual (GPT-J: attention and MLP on the same normalised input), tied or untied embeddings.
 

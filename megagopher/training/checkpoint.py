@@ -1,4 +1,4 @@
-"""Sharded, crash-safe checkpoints that load under any parallel layout (ARCHITECTURE 4.6).
+"""Sharded, crash-safe checkpoints that load under any parallel layout (docs/ARCHITECTURE.md 4.6).
 
 Layout of one checkpoint:
     <dir>/iter_0000042/model_tp00_pp00.pt    this (tp, pp) rank's parameter shards, keyed by global name

@@ -221,12 +221,8 @@ class Trainer:
 
     # -- the run ----------------------------------------------------------------------------------------
     def close(self):
-        """Ends the run's communication in order on every rank: a barrier (every rank is done with every
-        collective), then the groups are destroyed. A process that exits with its gloo groups alive can
-        abort in their destructors while a peer closes its sockets ("terminate called ...")."""
-        dist.barrier()
-        ps.destroy_model_parallel()
-        dist.destroy_process_group()
+        """Ends the run's communication in order on every rank (parallel_state.shutdown)."""
+        ps.shutdown()
 
     def _on_signal(self, signum, frame):
         self.stop_requested = True

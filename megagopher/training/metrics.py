@@ -1,4 +1,4 @@
-"""What a run reports: the console line, metrics.jsonl (ARCHITECTURE 4.3) and tensorboard scalars, plus
+"""What a run reports: the console line, metrics.jsonl (docs/ARCHITECTURE.md 4.3) and tensorboard scalars, plus
 the model-FLOPs accounting behind TFLOP/s and MFU.
 
 Model FLOPs follow Narayanan et al. 2021 (appendix): per token, a forward pass costs 2 FLOPs per

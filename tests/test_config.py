@@ -138,3 +138,41 @@ def test_help_config_lists_every_key_with_a_doc():
             assert block[row + 1].strip() == f.metadata["doc"], f"{section}.{key}"
             if f.metadata.get("choices"):
                 assert "one of: " in block[row], f"{section}.{key} lists no choices"
+
+
+def test_checkpoint_metadata_round_trip_and_format_1(tmp_path):
+    """The config a checkpoint stores (JSON of to_tables) reads back equal; format 1's stage overrides
+    ([section, key, value] triples) still read."""
+    import json
+
+    from megagopher.config import from_tables, load_config, to_tables
+    from megagopher.export.loading import run_config
+    path = tmp_path / "staged.toml"
+    path.write_text(STAGED + "optimizer.lr = 1e-3\nmodel.seq_length = 32\n")
+    cfg = load_config(str(path))
+    assert from_tables(json.loads(json.dumps(to_tables(cfg)))) == cfg
+
+    class Reader:
+        meta = {"format_version": 1, "config": {**{k: v for k, v in to_tables(cfg).items() if k != "stages"},
+                                                "stages": [{"name": "short", "train_iters": 2, "overrides": []},
+                                                           {"name": "deep", "train_iters": 2,
+                                                            "grow": {"num_layers": 6},
+                                                            "overrides": [["optimizer", "lr", 1e-3],
+                                                                          ["model", "seq_length", 32]]}]}}
+    assert run_config(Reader()) == cfg
+
+
+def test_resume_after_growth_with_pp_layers(tmp_path):
+    """parallel.pp_layers places the configured depth only: resuming a grown model (split evenly) must not
+    apply it, in the model build nor in the memory line (which once raised on rank 0 alone and left the
+    other ranks waiting)."""
+    from train_utils import read_metrics, run_train, write_config
+    text = STAGED.replace("num_layers = 4", "num_layers = 4", 1).replace("grow.num_layers = 6", "grow.num_layers = 8")
+    cfg = write_config(tmp_path, text)
+    args = ("--parallel.pp=2", "--parallel.pp_layers=[1, 3]", f"--checkpoint.dir={tmp_path / 'ckpt'}",
+            "--checkpoint.load=auto", "--checkpoint.save_interval=1")
+    run_dir = str(tmp_path / "run")
+    run_train(cfg, run_dir, *args, "--training.exit_after_iters=3", nproc=2, timeout=240)
+    proc = run_train(cfg, run_dir, *args, nproc=2, timeout=240)
+    assert "resumed from" in proc.stdout and "memory per rank" in proc.stdout
+    assert [r["iteration"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]

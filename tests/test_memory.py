@@ -147,3 +147,16 @@ def test_pipeline_and_recompute_accounting():
     assert zero["optimizer"] * 8 == plain["optimizer"] == 12 * plain["num_params"]
     with pytest.raises(ValueError, match="training.precision = 'fp8'"):
         memory_report(model, {}, {"precision": "fp8"}, {})
+
+
+def test_interleaved_in_flight_follows_the_plan_for_any_number_of_microbatches():
+    """The leftover micro-batches of m mod pp join the first group (plan.interleaved_groups), so rank 0's
+    warm-up, and the activations it holds, grow with them: (vpp - 1)(pp + m mod pp) + 2 (pp - 1) + 1, at
+    most all m * vpp micro-batch-chunks."""
+    from megagopher.memory import in_flight_microbatch_chunks
+    for m in (4, 5, 6, 7, 8, 18):
+        expected = min(m * 2, (2 - 1) * (4 + m % 4) + 2 * 3 + 1)
+        assert in_flight_microbatch_chunks("interleaved", 4, 2, m, pp_rank=0) == expected, m
+    assert in_flight_microbatch_chunks("1f1b", 4, 1, 3, pp_rank=0) == 3
+    assert in_flight_microbatch_chunks("gpipe", 4, 2, 5, pp_rank=2) == 10
+    assert in_flight_microbatch_chunks("zb-h1", 4, 1, 8, pp_rank=1) == 3

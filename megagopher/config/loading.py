@@ -129,8 +129,8 @@ def _merge_overrides(tables, stages, overrides):
         tables[section][key] = value
 
 
-def from_tables(raw):
-    """A JobConfig from TOML-shaped tables ({section: {key: value}, "stages": [tables]})."""
+def _split(raw):
+    """({section: table} for every section, [stage tables]) of TOML-shaped tables, checking their shape."""
     raw = dict(raw)
     stage_tables = raw.pop("stages", [])
     for section, table in raw.items():
@@ -138,15 +138,20 @@ def from_tables(raw):
             raise ConfigError(f"unknown section [{section}]; valid sections: {', '.join(SECTIONS)}, stages")
     if not isinstance(stage_tables, list):
         raise ConfigError("stages must be an array of tables ([[stages]])")
+    return {name: dict(raw.get(name, {})) for name in SECTIONS}, list(stage_tables)
+
+
+def from_tables(raw):
+    """A JobConfig from TOML-shaped tables ({section: {key: value}, "stages": [tables]})."""
+    raw, stage_tables = _split(raw)
     stages = [_stage_from_table(t, i) for i, t in enumerate(stage_tables)]
-    model = dict(raw.get("model", {}))
+    model = raw["model"]
     if not model.get("max_position_embeddings"):
         # 0 means: long enough for the longest stage.
         seq = _section_value("model", "seq_length", model.get("seq_length", SECTIONS["model"]().seq_length))
         model["max_position_embeddings"] = max([seq] + [st.overrides.get(("model", "seq_length"), 0)
                                                         for st in stages])
-    sections = {name: section_from_dict(name, cls, model if name == "model" else raw.get(name, {}))
-                for name, cls in SECTIONS.items()}
+    sections = {name: section_from_dict(name, cls, raw[name]) for name, cls in SECTIONS.items()}
     if not stages:
         stages = [StageConfig(name="main", train_iters=sections["training"].train_iters)]
     return JobConfig(**sections, stages=stages)
@@ -155,15 +160,7 @@ def from_tables(raw):
 def load_config(path=None, overrides=None):
     """Reads ``path`` (TOML), applies ``overrides`` ({'section.key': value}), returns the JobConfig. Each key
     and value is checked against its declaration; ``validate(cfg, world_size)`` checks the rest."""
-    raw = _read_toml(path) if path else {}
-    tables = {name: dict(raw.pop(name, {}) if isinstance(raw.get(name, {}), dict) else {})
-              for name in SECTIONS}
-    stages = raw.pop("stages", [])
-    if raw:
-        section = next(iter(raw))
-        raise ConfigError(f"unknown section [{section}]; valid sections: {', '.join(SECTIONS)}, stages")
-    if not isinstance(stages, list):
-        raise ConfigError("stages must be an array of tables ([[stages]])")
+    tables, stages = _split(_read_toml(path) if path else {})
     _merge_overrides(tables, stages, overrides)
     return from_tables({**tables, "stages": stages})
 

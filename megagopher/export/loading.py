@@ -34,8 +34,19 @@ def open_checkpoint(path):
 
 
 def run_config(reader):
-    """The run's JobConfig, as saved with the checkpoint."""
-    return from_tables(reader.meta["config"])
+    """The run's JobConfig, as saved with the checkpoint (format 2: TOML-shaped tables; format 1 stored
+    each stage's overrides as [section, key, value] triples)."""
+    saved = reader.meta["config"]
+    if reader.meta.get("format_version", 1) < 2:
+        saved = dict(saved, stages=[_stage_table_v1(st) for st in saved.get("stages", [])])
+    return from_tables(saved)
+
+
+def _stage_table_v1(stage):
+    table = {k: v for k, v in stage.items() if k != "overrides"}
+    for section, key, value in stage.get("overrides", []):
+        table.setdefault(section, {})[key] = value
+    return table
 
 
 def vocab_size_of(reader):

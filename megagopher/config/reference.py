@@ -23,15 +23,14 @@ def entries():
 def help_text():
     lines = ["megagopher config keys: --section.key=value on the command line, or [section] key = value in",
              "the TOML file. A [[stages]] entry may also override any key of "
-             f"{', '.join(f'[{s}]' for s in STAGE_SECTIONS)} and model.seq_length.", ""]
+             f"{', '.join(f'[{s}]' for s in STAGE_SECTIONS)} and model.seq_length."]
     current = None
     for key, default, choices, doc in entries():
-        section = key.split(".")[0]
+        section, name = key.split(".", 1)
         if section != current:
-            lines += ["" if current else "", f"[{section}]" if section != "stages" else "[[stages]]"]
+            lines += ["", "[[stages]]" if section == "stages" else f"[{section}]"]
             current = section
         shown = "(none)" if default is None else _toml_value(default)
         valid = f"  one of: {', '.join(map(_toml_value, choices))}" if choices else ""
-        lines.append(f"  {key.split('.', 1)[1]} = {shown}{valid}")
-        lines.append(f"      {doc}")
-    return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"
+        lines += [f"  {name} = {shown}{valid}", f"      {doc}"]
+    return "\n".join(lines) + "\n"

@@ -246,3 +246,14 @@ def test_simulated_plans_have_the_textbook_bubble_with_unequal_passes():
             fractions = bubble_fractions([dict(e, rank=r) for r, evs in enumerate(events) for e in evs])
             for fraction in fractions.values():
                 assert fraction == pytest.approx(plan.theoretical_bubble(schedule, pp, vpp, m)), (schedule, pp, m)
+
+
+def test_plans_are_built_and_validated_once_per_shape():
+    """A training step asks for its plan every step; it is validated and built once per (schedule, pp, vpp,
+    micro-batches) and then shared."""
+    plan.build_plan.cache_clear()
+    first = plan.build_plan("interleaved", 4, 2, 6)
+    assert plan.build_plan("interleaved", 4, 2, 6) is first
+    assert plan.build_plan("interleaved", 4, 2, 7) is not first
+    assert plan.build_plan.cache_info().misses == 2 and plan.build_plan.cache_info().hits == 1
+    assert plan.forward_only_plan(2, 1, 3) is plan.forward_only_plan(2, 1, 3)

@@ -53,10 +53,13 @@ def coerce_type(where, default, value):
     return value
 
 
+def field_default(field):
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+
+
 def check_field(where, field, value):
     """The type, choices and check of one field: returns the (type-coerced) value or raises ConfigError."""
-    default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
-    value = coerce_type(where, default, value)
+    value = coerce_type(where, field_default(field), value)
     choices, check = field.metadata.get("choices"), field.metadata.get("check")
     if choices and value not in choices:
         raise ConfigError(f"{where} = {value!r}; valid: {', '.join(map(repr, choices))}")

@@ -52,7 +52,7 @@ def _section_value(section, key, value):
     return check_field(f"{section}.{key}", check_key(section, SECTIONS[section], key), value)
 
 
-def _stage_entry(index, name, key, value, stage):
+def _stage_entry(index, key, value, stage):
     """One key of a stage table into ``stage`` (a StageConfig being built)."""
     where = f"stages[{index}]"
     if key in ("train_iters", "keep_optimizer"):
@@ -87,7 +87,7 @@ def _stage_from_table(table, index):
     stage = StageConfig(name=name)
     for key, value in table.items():
         if key != "name":
-            _stage_entry(index, name, key, value, stage)
+            _stage_entry(index, key, value, stage)
     return stage
 
 
@@ -183,7 +183,7 @@ def to_tables(cfg):
     return out
 
 
-def _toml_value(v):
+def toml_value(v):
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
@@ -191,9 +191,9 @@ def _toml_value(v):
     if isinstance(v, str):
         return json.dumps(v)
     if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }" if v else "{}"
+        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }" if v else "{}"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
@@ -202,15 +202,15 @@ def to_toml(cfg):
     tables, lines = to_tables(cfg), []
     for section in SECTIONS:
         lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in tables[section].items()]
+        lines += [f"{k} = {toml_value(v)}" for k, v in tables[section].items()]
         lines.append("")
     for st in tables["stages"]:
         lines.append("[[stages]]")
         for key, value in st.items():
             if isinstance(value, dict) and key != "grow":
-                lines += [f"{key}.{k} = {_toml_value(v)}" for k, v in value.items()]
+                lines += [f"{key}.{k} = {toml_value(v)}" for k, v in value.items()]
             else:
-                lines.append(f"{key} = {_toml_value(value)}")
+                lines.append(f"{key} = {toml_value(value)}")
         lines.append("")
     return "\n".join(lines)
 

@@ -1,12 +1,8 @@
 """The config reference a user reads (``python -m megagopher.train --help-config``), generated from the
 field declarations so it cannot drift from the code."""
-from megagopher.config.fields import field_map
-from megagopher.config.loading import _toml_value
+from megagopher.config.fields import field_default, field_map
+from megagopher.config.loading import toml_value
 from megagopher.config.schema import SECTIONS, STAGE_SECTIONS, StageConfig
-
-
-def _default(field):
-    return field.default_factory() if callable(field.default_factory) else field.default
 
 
 def entries():
@@ -14,9 +10,9 @@ def entries():
     out = []
     for section, cls in SECTIONS.items():
         for name, f in field_map(cls).items():
-            out.append((f"{section}.{name}", _default(f), f.metadata["choices"], f.metadata["doc"]))
+            out.append((f"{section}.{name}", field_default(f), f.metadata["choices"], f.metadata["doc"]))
     for name, f in field_map(StageConfig).items():
-        out.append((f"stages.{name}", _default(f), f.metadata["choices"], f.metadata["doc"]))
+        out.append((f"stages.{name}", field_default(f), f.metadata["choices"], f.metadata["doc"]))
     return out
 
 
@@ -30,7 +26,7 @@ def help_text():
         if section != current:
             lines += ["", "[[stages]]" if section == "stages" else f"[{section}]"]
             current = section
-        shown = "(none)" if default is None else _toml_value(default)
-        valid = f"  one of: {', '.join(map(_toml_value, choices))}" if choices else ""
+        shown = "(none)" if default is None else toml_value(default)
+        valid = f"  one of: {', '.join(map(toml_value, choices))}" if choices else ""
         lines += [f"  {name} = {shown}{valid}", f"      {doc}"]
     return "\n".join(lines) + "\n"

@@ -7,6 +7,7 @@ a plain dict (``wrap_data_parallel``, ``build_optimizer``, ``memory_report``) tu
 ``coerce``, which checks every key and value against the same declarations.
 """
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from megagopher.common import DEVICES, PRECISIONS, RECOMPUTE_MODES, SCHEDULES
@@ -84,7 +85,7 @@ class TrainingConfig:
 
 @dataclass
 class OptimizerConfig:
-    lr: float = option(3e-4, "peak learning rate", check=(lambda v: v >= 0 and v != float("inf"),
+    lr: float = option(3e-4, "peak learning rate", check=(lambda v: math.isfinite(v) and v >= 0,
                                                           "must be a finite number >= 0"))
     min_lr: float = option(0.0, "learning rate at the end of the decay", check=_NON_NEGATIVE)
     warmup_iters: int = option(0, "linear warm-up steps", check=_NON_NEGATIVE)

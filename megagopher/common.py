@@ -21,6 +21,20 @@ all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_
 reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
+class InputError(ValueError):
+    """Bad input the user must fix: a config key, a dataset, tokenizer or config file. The message is one
+    line naming the file or key and what is wrong; the training command prints it and exits with status 2
+    on every rank (every rank reads the same input, so every rank raises it)."""
+
+
+class SaveFailed(RuntimeError):
+    """A checkpoint could not be written (disk full, read-only file system) and checkpoint.on_save_error
+    is "stop": every rank agreed on it; the training command exits with status 4."""
+
+
+EXIT_INPUT_ERROR, EXIT_NON_FINITE, EXIT_SAVE_FAILED = 2, 3, 4
+
+
 def element_bytes(precision):
     """Bytes of one element in the training dtype of ``precision``."""
     return torch.empty((), dtype=PRECISION_DTYPES[precision]).element_size()

@@ -18,6 +18,7 @@ def main(argv=None):
         from megagopher.config.reference import help_text
         sys.stdout.write(help_text())
         return 0
+    from megagopher.common import EXIT_INPUT_ERROR, EXIT_NON_FINITE, EXIT_SAVE_FAILED, InputError, SaveFailed
     from megagopher.config import ConfigError, load_config, parse_overrides
     try:
         cfg = load_config(args.config, parse_overrides(rest))
@@ -25,17 +26,25 @@ def main(argv=None):
         trainer = Trainer(cfg)  # validates the config for this world size before any collective
     except ConfigError as e:
         print(f"megagopher.train: config error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return EXIT_INPUT_ERROR
+    except InputError as e:  # a data or tokenizer file named by the config
+        print(f"megagopher.train: {e}", file=sys.stderr, flush=True)
+        return EXIT_INPUT_ERROR
     from megagopher.training.loop import NonFiniteLoss
     status = 0
     try:
         trainer.run()
     except NonFiniteLoss as e:  # every rank agreed on it (one all-reduce), so every rank is here
         print(f"megagopher.train: {e}", file=sys.stderr, flush=True)
-        status = 3
+        status = EXIT_NON_FINITE
+    except InputError as e:  # every rank reads the same data files, so every rank raises it
+        print(f"megagopher.train: {e}", file=sys.stderr, flush=True)
+        status = EXIT_INPUT_ERROR
+    except SaveFailed as e:  # agreed by every rank (checkpoint.on_save_error = "stop")
+        print(f"megagopher.train: {e}", file=sys.stderr, flush=True)
+        status = EXIT_SAVE_FAILED
     trainer.close()
     return status
-
 
 if __name__ == "__main__":
     sys.exit(main())

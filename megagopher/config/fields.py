@@ -9,8 +9,10 @@ bucket_size_mb=)``, ``DynamicLossScaler(hysteresis=)``) all reach it: one rule, 
 """
 import dataclasses
 
+from megagopher.common import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A bad configuration; the message names the key, the value and what would be valid."""
 
 

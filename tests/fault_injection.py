@@ -3,27 +3,28 @@
     python tests/fault_injection.py kill-in-save ITERATION --config FILE.toml [--section.key=value ...]
 
 kill-in-save: the process SIGKILLs itself half-way through writing the checkpoint of ITERATION, right
-after its RNG file is written and before the checkpoint is renamed into place, like a job killed mid-save.
+after its own shard file is written and before the checkpoint is renamed into place, like a job killed
+mid-save (under torchrun every rank does, at the same point).
 """
 import os
 import signal
 import sys
 
 from megagopher import train
-from megagopher.training import checkpoint
+from megagopher.training import checkpoint, ckpt_save
 
 
 def kill_in_save(iteration):
-    original = checkpoint.save_file
+    original = ckpt_save.write_shard
     marker = os.path.basename(checkpoint.iter_dir("", iteration)) + ".tmp"
 
-    def save_then_die(obj, path):
-        digest = original(obj, path)
-        if os.path.basename(os.path.dirname(path)) == marker and os.path.basename(path).startswith("rng_rank"):
+    def write_then_die(tensors, path):
+        record = original(tensors, path)
+        if os.path.basename(os.path.dirname(path)) == marker:
             os.kill(os.getpid(), signal.SIGKILL)
-        return digest
+        return record
 
-    checkpoint.save_file = save_then_die
+    ckpt_save.write_shard = write_then_die
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def test_corrupt_checkpoint_falls_back_to_previous(tmp_path):
     cfg = write_config(tmp_path, STAGED)
     run_dir, ckpt_dir = str(tmp_path / "run"), str(tmp_path / "ckpt")
     run_train(cfg, run_dir, f"--checkpoint.dir={ckpt_dir}", "--training.exit_after_iters=2")
-    newest = os.path.join(ckpt_dir, "iter_0000002", "model_tp00_pp00.pt")
+    newest = os.path.join(ckpt_dir, "iter_0000002", "rank_00000.safetensors")
     with open(newest, "r+b") as f:
         f.seek(os.path.getsize(newest) // 2)
         f.write(b"\x00corrupt\x00")

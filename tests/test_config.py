@@ -28,6 +28,8 @@ grow.num_layers = 6
 RULES = [
     ("unknown key", TINY, ["--model.hidden_sizes=32"], "unknown key model.hidden_sizes; valid keys of [model]"),
     ("choice", TINY, ["--parallel.schedule=zigzag"], "parallel.schedule = 'zigzag'; valid: 'gpipe', '1f1b'"),
+    ("save error policy", TINY, ["--checkpoint.on_save_error=retry"],
+     "checkpoint.on_save_error = 'retry'; valid: 'stop', 'continue'"),
     ("type", TINY, ["--training.micro_batch_size=two"], "training.micro_batch_size = 'two' must be an integer"),
     ("range", TINY, ["--training.micro_batch_size=0"], "training.micro_batch_size = 0 must be >= 1"),
     ("optimizer range", TINY, ["--optimizer.beta2=1.5"], "optimizer.beta2 = 1.5 must be in [0, 1)"),

@@ -120,6 +120,11 @@ class CheckpointConfig:
     keep_last: int = option(0, "keep only the newest N checkpoints (0 = all)", check=_NON_NEGATIVE)
     load: str = option("", "resume from: \"\" (fresh), \"auto\" (newest in dir), or a checkpoint path")
     keep_optimizer: bool = option(True, "a new stage keeps the optimizer state (a stage may override it)")
+    async_save: bool = option(False, "write checkpoints on a background thread; the step pays only for a "
+                                     "snapshot to host memory (one copy of the rank's share)")
+    on_save_error: str = option("stop", "a save that fails (disk full, read-only): \"stop\" the run (exit "
+                                        "status 4) or \"continue\" training; the previous checkpoint stays intact",
+                                choices=("stop", "continue"))
 
 
 @dataclass

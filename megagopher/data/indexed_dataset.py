@@ -13,14 +13,19 @@ A dataset is a pair of files sharing a prefix:
       int64[D]  document indices: sequence index where each document starts, starting at 0 and
                 ending with S (document k is sequences [doc[k], doc[k+1]))
 This is the layout Megatron-Core's ``IndexedDataset`` reads and writes (megatron/core/datasets/
-indexed_dataset.py), so files go both ways. The reader maps both files and checks their sizes against
-the header before trusting any offset, so a truncated or foreign file fails with a clear error instead
-of returning garbage.
+indexed_dataset.py), so files go both ways. Both writers store the sequences back to back, so the
+pointers are the running byte sums of the lengths and the .bin is exactly as long as the index says. The
+reader checks all of that when it opens the pair (one vectorised pass over the index, no pass over the
+.bin), so a truncated, foreign or damaged file fails with a DataError naming it instead of returning
+garbage. What the format cannot reveal is a changed token inside the .bin; ``token_extremes`` gives
+what a caller needs to check ids against a vocabulary (data/token_check.py).
 """
 import os
 import struct
 
 import numpy as np
+
+from .errors import DataError, MissingDataFile, require_file, unreadable
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -44,14 +49,71 @@ def token_dtype_for(vocab_size):
     return np.uint16 if vocab_size <= 1 << 16 else np.int32
 
 
+def _map(path):
+    """A read-only byte map of ``path``; DataError naming it when it cannot be read."""
+    try:
+        return np.memmap(path, mode="r", dtype=np.uint8)
+    except OSError as e:
+        raise unreadable(DataError, path, e) from None
+
+
+def _read_index(idx_path):
+    """(dtype, sequence count, document-index count, byte map) of an .idx whose header and size agree."""
+    try:
+        with open(idx_path, "rb") as f:
+            header = f.read(HEADER_SIZE)
+    except OSError as e:
+        raise unreadable(DataError, idx_path, e) from None
+    if len(header) < HEADER_SIZE or header[:9] != MAGIC:
+        raise DataError(f"{idx_path} is not an MMIDIDX index: it starts with {header[:9]!r}, "
+                        f"expected {MAGIC!r}")
+    version, code, seq_count, doc_count = struct.unpack("<QBQQ", header[9:])
+    if version != VERSION:
+        raise DataError(f"{idx_path}: index version {version} is not supported (only {VERSION})")
+    if code not in DTYPE_CODES:
+        raise DataError(f"{idx_path}: unknown dtype code {code} (valid: {sorted(DTYPE_CODES)})")
+    idx_size = os.path.getsize(idx_path)
+    # Megatron's multimodal files append one int8 mode per sequence; accept and ignore them.
+    expected = HEADER_SIZE + seq_count * (4 + 8) + doc_count * 8
+    if idx_size not in (expected, expected + seq_count):
+        raise DataError(f"{idx_path} is {idx_size} bytes but its header ({seq_count} sequences, "
+                        f"{doc_count} document indices) implies {expected}: truncated or corrupt")
+    return np.dtype(DTYPE_CODES[code]), seq_count, doc_count, _map(idx_path)
+
+
+def check_index(idx_path, lengths, pointers, docs, itemsize):
+    """The token count of an index whose arrays agree: document indices rising from 0 to the sequence
+    count, no negative length, and every pointer the running byte sum of the lengths before it (how both
+    writers lay out the .bin). DataError naming ``idx_path`` and the first entry that disagrees."""
+    seq_count = len(lengths)
+    if len(docs) == 0 or docs[0] != 0 or docs[-1] != seq_count or np.any(np.diff(docs) < 0):
+        raise DataError(f"{idx_path}: document indices must rise from 0 to the sequence count "
+                        f"{seq_count}; got {docs[:3].tolist()}...{docs[-3:].tolist()}")
+    if not seq_count:
+        return 0
+    if lengths.min() < 0:
+        bad = int(np.argmax(lengths < 0))
+        raise DataError(f"{idx_path}: sequence {bad} has negative length {int(lengths[bad])}: the index is corrupt")
+    ends = np.cumsum(lengths, dtype=np.int64) * itemsize
+    starts = ends - lengths.astype(np.int64) * itemsize
+    wrong = np.flatnonzero(pointers != starts)
+    if wrong.size:
+        i = int(wrong[0])
+        raise DataError(f"{idx_path}: sequence {i} starts at byte {int(pointers[i])} of the .bin but the "
+                        f"sequences before it end at byte {int(starts[i])}: the index is corrupt")
+    return int(ends[-1]) // itemsize
+
+
 class IndexedDataset:
     """Read-only view of PREFIX.bin / PREFIX.idx (ours or Megatron's).
 
     ``len(ds)`` is the number of sequences; ``ds[i]`` returns sequence i as a numpy array of token ids
     (a view into the memory map: no copy); ``ds.get(i, offset, length)`` returns part of it.
     ``ds.sequence_lengths`` (int32[S]), ``ds.sequence_pointers`` (int64[S]) and ``ds.document_indices``
-    (int64[D], starting at 0) are the arrays of the index. Raises FileNotFoundError when a file is
-    missing and ValueError when the index is malformed or the .bin is shorter than the index says.
+    (int64[D], starting at 0) are the arrays of the index. Opening checks the whole index (see
+    ``check_index``) against the .bin, so any offset it hands out lies inside the file. Raises
+    MissingDataFile (a FileNotFoundError) when a file is missing and DataError (a ValueError) when a file
+    is unreadable, the index is malformed or the .bin does not have the size the index says.
     """
 
     def __init__(self, path_prefix):
@@ -60,28 +122,10 @@ class IndexedDataset:
 
     def _open(self):
         idx_path, bin_path = index_file_path(self.path_prefix), data_file_path(self.path_prefix)
+        hint = f" (expected {self.path_prefix}.bin and .idx, e.g. from tools/preprocess_data.py)"
         for path in (idx_path, bin_path):
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"indexed dataset file {path} does not exist (expected "
-                                        f"{self.path_prefix}.bin and .idx, e.g. from tools/preprocess_data.py)")
-        idx_size = os.path.getsize(idx_path)
-        with open(idx_path, "rb") as f:
-            header = f.read(HEADER_SIZE)
-        if len(header) < HEADER_SIZE or header[:9] != MAGIC:
-            raise ValueError(f"{idx_path} is not an MMIDIDX index: it starts with {header[:9]!r}, "
-                             f"expected {MAGIC!r}")
-        version, code, seq_count, doc_count = struct.unpack("<QBQQ", header[9:])
-        if version != VERSION:
-            raise ValueError(f"{idx_path}: index version {version} is not supported (only {VERSION})")
-        if code not in DTYPE_CODES:
-            raise ValueError(f"{idx_path}: unknown dtype code {code} (valid: {sorted(DTYPE_CODES)})")
-        self.dtype = np.dtype(DTYPE_CODES[code])
-        # Megatron's multimodal files append one int8 mode per sequence; accept and ignore them.
-        expected = HEADER_SIZE + seq_count * (4 + 8) + doc_count * 8
-        if idx_size not in (expected, expected + seq_count):
-            raise ValueError(f"{idx_path} is {idx_size} bytes but its header ({seq_count} sequences, "
-                             f"{doc_count} document indices) implies {expected}: truncated or corrupt")
-        index = np.memmap(idx_path, mode="r", dtype=np.uint8) if idx_size else np.zeros(0, np.uint8)
+            require_file(path, "indexed dataset file", DataError, MissingDataFile, hint)
+        self.dtype, seq_count, doc_count, index = _read_index(idx_path)
         off = HEADER_SIZE
         self.sequence_lengths = np.frombuffer(index, np.int32, seq_count, off)
         off += 4 * seq_count
@@ -89,20 +133,19 @@ class IndexedDataset:
         off += 8 * seq_count
         self.document_indices = np.frombuffer(index, np.int64, doc_count, off)
         self._index = index
-        docs = self.document_indices
-        if doc_count == 0 or docs[0] != 0 or docs[-1] != seq_count or np.any(np.diff(docs) < 0):
-            raise ValueError(f"{idx_path}: document indices must rise from 0 to the sequence count "
-                             f"{seq_count}; got {docs[:3].tolist()}...{docs[-3:].tolist()}")
-        if seq_count and np.any(self.sequence_lengths < 0):
-            raise ValueError(f"{idx_path}: negative sequence length")
+        self.num_tokens = check_index(idx_path, self.sequence_lengths, self.sequence_pointers,
+                                      self.document_indices, self.dtype.itemsize)
         bin_size = os.path.getsize(bin_path)
-        needed = 0
-        if seq_count:
-            needed = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize
+        needed = self.num_tokens * self.dtype.itemsize
         if bin_size < needed:
-            raise ValueError(f"{bin_path} is {bin_size} bytes but {idx_path} points up to byte {needed}: "
-                             f"the .bin is truncated (or belongs to another index)")
-        self._bin = np.memmap(bin_path, mode="r", dtype=np.uint8) if bin_size else np.zeros(0, np.uint8)
+            raise DataError(f"{bin_path} is {bin_size} bytes but {idx_path} points up to byte {needed}: "
+                            f"the .bin is truncated (or belongs to another index)")
+        if bin_size > needed:
+            # Megatron's writer and ours write exactly the indexed tokens; more bytes mean the pair does
+            # not belong together (or the last length in the index is corrupt).
+            raise DataError(f"{bin_path} is {bin_size} bytes but {idx_path} accounts for {needed}: the "
+                            f"files do not belong together (or the index is corrupt)")
+        self._bin = _map(bin_path) if bin_size else np.zeros(0, np.uint8)
 
     def __getstate__(self):
         # Memory maps do not pickle; DataLoader workers reopen the files by path.
@@ -118,6 +161,25 @@ class IndexedDataset:
     @property
     def num_documents(self):
         return len(self.document_indices) - 1
+
+    def token_extremes(self, chunk_tokens=1 << 24):
+        """((smallest id, its position), (largest id, its position)) over every token of the .bin, in one
+        chunked pass (positions count tokens from the start of the .bin); None when it holds no token."""
+        tokens = np.frombuffer(self._bin, self.dtype, self.num_tokens)
+        lo = hi = None
+        for start in range(0, self.num_tokens, chunk_tokens):
+            chunk = tokens[start:start + chunk_tokens]
+            i, j = int(chunk.argmin()), int(chunk.argmax())
+            if lo is None or chunk[i] < lo[0]:
+                lo = (chunk[i].item(), start + i)
+            if hi is None or chunk[j] > hi[0]:
+                hi = (chunk[j].item(), start + j)
+        return None if lo is None else (lo, hi)
+
+    def sequence_at(self, position):
+        """The sequence holding token ``position`` of the .bin (positions as in ``token_extremes``)."""
+        starts = self.sequence_pointers // self.dtype.itemsize
+        return int(np.searchsorted(starts, position, side="right")) - 1
 
     def _check(self, i):
         n = len(self)

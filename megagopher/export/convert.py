@@ -10,11 +10,11 @@ Pipeline stage p's file holds the parameters of the model chunks the trainer bui
 first virtual stage, the final norm and output head on the last, and with tied embeddings on a pipeline
 the last stage's copy of the word embeddings, saved under the embedding's name), in the trainer's order.
 
-The output has save_checkpoint's structure: ``OUT/iter_NNNNNNN/model_tpXX_ppYY.pt`` and
-``optim_tpXX_ppYY.pt`` (optimizer state by parameter name then state key, resharded by the same rule),
-``metadata.json`` (tensor index, sha256 per file) written last, then ``OUT/latest``. RNG files are not
-written (random streams belong to ranks, which a new layout does not have); the metadata says so, and its
-layout leaves dp and world open (null), so a resuming trainer never looks for them.
+The output has save_checkpoint's format: ``OUT/iter_NNNNNNN/shard_tpXX_ppYY.safetensors`` holding each
+(tp, pp) rank's whole local weights and optimizer state (resharded by the same rule) as pieces,
+``metadata.json`` (the piece index, size and sha256 per file) written last, then ``OUT/latest``. No RNG
+state is written (random streams belong to ranks, which a new layout does not have); the metadata says so,
+and its layout leaves dp and world open (null), so a resuming trainer reseeds.
 """
 import json
 import os
@@ -27,6 +27,8 @@ from megagopher.config.validate import validate_layout
 from megagopher.export.loading import model_config_of, open_checkpoint, run_config
 from megagopher.tensor_parallel.layers import pad_vocab_size
 from megagopher.training import checkpoint as ckpt
+from megagopher.training.ckpt_files import fsync_dir, write_shard, write_text_durably
+from megagopher.training.ckpt_save import OPTIMIZER_KINDS
 
 VOCAB_PARALLEL = ("embedding.word.weight", "output_layer")
 
@@ -112,34 +114,46 @@ def convert(checkpoint, output, tp, pp, vpp=1, pp_layers=None, optimizer=True):
     os.makedirs(tmp_dir)
     files, tensors = {}, {}
     for pp_rank, stage in enumerate(per_stage):
-        full = {name: reader.full_tensor(name) for name in dict.fromkeys(stage)}
-        opt_full = {name: {key: reader.full_tensor(name, "optim", key) for key in reader.optimizer_keys(name)}
-                    for name in full} if with_optimizer else None
         for tp_rank in range(tp):
-            tag = f"tp{tp_rank:02d}_pp{pp_rank:02d}"
-            model_file = f"model_{tag}.pt"
-            shards = {n: shard(full[n], n, reader.meta["tensors"][n], cfg, tp, tp_rank) for n in stage}
-            files[model_file] = ckpt.save_file(shards, os.path.join(tmp_dir, model_file))
-            if with_optimizer:
-                state = {}
-                for n in stage:
-                    entry = reader.meta["tensors"][n]
-                    state[n] = {k: shard(v, n, entry, cfg, tp, tp_rank) for k, v in opt_full[n].items()}
-                files[f"optim_{tag}.pt"] = ckpt.save_file(state, os.path.join(tmp_dir, f"optim_{tag}.pt"))
-            for n in stage:  # later ranks overwrite the index entry of a duplicated name, as save_checkpoint does
-                entry = reader.meta["tensors"][n]
-                index = tensors.setdefault(n, {"full_shape": entry["full_shape"],
-                                               "partition_dim": entry["partition_dim"], "tp_size": tp})
-                index.setdefault("shards", {})[str(tp_rank)] = model_file
-
+            file = f"shard_tp{tp_rank:02d}_pp{pp_rank:02d}.safetensors"
+            pieces = _stage_pieces(reader, stage, cfg, tp, tp_rank, with_optimizer, tensors, file)
+            files[file] = write_shard(pieces, os.path.join(tmp_dir, file))
+            del pieces
     meta = _metadata(reader, tp, pp, vpp, pp_layers, tensors, files, with_optimizer)
-    with open(os.path.join(tmp_dir, "metadata.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+    write_text_durably(os.path.join(tmp_dir, "metadata.json"), json.dumps(meta, indent=1))
     if os.path.exists(final):
         shutil.rmtree(final)
     os.replace(tmp_dir, final)
+    fsync_dir(output)
     ckpt.write_latest(output)
     return final
+
+
+def _stage_pieces(reader, stage, cfg, tp, tp_rank, with_optimizer, tensors, file):
+    """{key: tensor} of one (tp_rank, pipeline stage) file, each a whole local tensor, and their index
+    entries in ``tensors`` (checkpoint.py's format: pieces by kind, TP rank and element range)."""
+    kinds = ("param",) + (OPTIMIZER_KINDS if with_optimizer else ())
+    out = {}
+    for name in dict.fromkeys(stage):
+        entry = reader.entry(name)
+        index = tensors.setdefault(name, {"full_shape": entry["full_shape"], "partition_dim": entry["partition_dim"],
+                                          "tp_size": tp, "dtype": _dtype_name(reader, name),
+                                          "local_shapes": {}, "pieces": {}})
+        if (entry["partition_dim"] is None and tp_rank) or str(tp_rank) in index["local_shapes"]:
+            continue  # replicated (TP rank 0 holds the one copy) or the last stage's tied-embedding copy
+        for kind in kinds:
+            if kind == "master" and not reader.has(name, "master"):
+                continue  # fp32: the weights are the master
+            local = shard(reader.full_tensor(name, kind), name, entry, cfg, tp, tp_rank).contiguous()
+            index["local_shapes"][str(tp_rank)] = list(local.shape)
+            key = f"{kind}/{name}/{tp_rank}/0"
+            out[key] = local.reshape(-1)
+            index["pieces"].setdefault(kind, {})[str(tp_rank)] = [[0, local.numel(), file, key]]
+    return out
+
+
+def _dtype_name(reader, name):
+    return str(reader.full_tensor(name).dtype).replace("torch.", "") if reader.format < 3 else reader.entry(name)["dtype"]
 
 
 def to_full(checkpoint, path):
@@ -149,5 +163,6 @@ def to_full(checkpoint, path):
     full = {name: reader.full_tensor(name).clone() for name in reader.names()}
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    ckpt.save_file(full, path)
+    torch.save(full, path + ".tmp")
+    os.replace(path + ".tmp", path)
     return len(full)

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from megagopher import parallel_state as ps
-from megagopher.common import PRECISION_DTYPES, all_gather_single
+from megagopher.common import PRECISION_DTYPES
 from megagopher.config.schema import coerce
 from megagopher.distributed.ddp import DistributedDataParallel
 from megagopher.distributed.param_and_grad_buffer import ParamAndGradBuffer
@@ -192,9 +192,9 @@ class Optimizer:
         s.master.addcdiv_(s.exp_avg, denom, value=-lr / (1.0 - beta1 ** t))
 
     # -- checkpoints -------------------------------------------------------------------------------
-    # Two forms. state_dict() is this rank's shards as they are (resuming needs the same layout).
-    # param_state() is per parameter, in the parameter's (TP-shard) shape, gathered over DP: the
-    # layout-independent form training/checkpoint.py saves, which loads under another dp or without ZeRO-1.
+    # state_dict() is this rank's shards as they are (resuming needs the same layout). Checkpoints do not
+    # use it: training/ckpt_save.py writes ranges of the shards (self.shards) where they are, indexed by
+    # parameter name, and training/ckpt_load.py reads them back under any dp, ZeRO-1 setting or TP size.
 
     def scalar_state(self):
         """The non-tensor state (JSON-able): the step count and the loss scaler's."""
@@ -206,53 +206,6 @@ class Optimizer:
         self.step_count = int(state["step"])
         if self.scaler is not None and state.get("loss_scaler"):
             self.scaler.load_state_dict(state["loss_scaler"])
-
-    @torch.no_grad()
-    def param_state(self, named_params):
-        """{name: {"master", "exp_avg", "exp_avg_sq": fp32 CPU tensors of the parameter's shape}} for the
-        given (name, parameter) pairs. Collective over DP under ZeRO-1 (every rank gets everything)."""
-        names = {id(p): n for n, p in named_params}
-        out = {}
-        for buffer in self.buffers:
-            full = self._full_state(buffer)
-            for p in buffer.params:
-                if id(p) in names:
-                    lo, hi = buffer.param_range[id(p)]
-                    out[names[id(p)]] = {k: full[k][lo:hi].view(p.shape).cpu().clone() for k in STATE_KEYS}
-        return out
-
-    @torch.no_grad()
-    def load_param_state(self, named_params, state):
-        """The inverse of param_state: each rank copies the parts of its shards it owns."""
-        names = {id(p): n for n, p in named_params}
-        for s in self.shards:
-            for p in s.buffer.params:
-                p_lo, p_hi = s.buffer.param_range[id(p)]
-                lo, hi = max(p_lo, s.start), min(p_hi, s.end)
-                if lo >= hi:
-                    continue
-                name = names.get(id(p))
-                if name not in state:
-                    raise KeyError(f"optimizer state has no entry for parameter {name or s.buffer.name(p)}")
-                for key in STATE_KEYS:
-                    saved = state[name][key].reshape(-1)[lo - p_lo:hi - p_lo]
-                    getattr(s, key)[lo - s.start:hi - s.start].copy_(saved)
-
-    def _full_state(self, buffer):
-        """Flat fp32 master and moments for the whole buffer, all-gathered bucket by bucket under ZeRO-1."""
-        full = {}
-        for key in STATE_KEYS:
-            flat = torch.zeros(buffer.numel, dtype=torch.float32, device=buffer.grad_data.device)
-            for s in self.shards:
-                if s.buffer is buffer:
-                    flat[s.start:s.end] = getattr(s, key)
-            if buffer.shard and buffer.dp_size > 1:
-                for b in buffer.buckets:
-                    lo, hi = b.shard_range(buffer.dp_rank, buffer.dp_size)
-                    piece = flat[b.start:b.end]
-                    all_gather_single(piece, piece[lo:hi].clone(), group=buffer.group)
-            full[key] = flat
-        return full
 
     def _layout(self):
         return {"distributed": self.distributed, "dp_size": ps.get_dp_size() * ps.get_cp_size(),
@@ -274,7 +227,7 @@ class Optimizer:
         if state["layout"] != self._layout():
             raise ValueError(f"optimizer state was saved with layout {state['layout']}, this run has "
                              f"{self._layout()}: state_dict() needs the same layout (dp, optimizer.distributed, "
-                             "model); param_state()/load_param_state() reshard")
+                             "model); training/checkpoint.py reshards")
         for shard, saved in zip(self.shards, state["shards"]):
             for key in STATE_KEYS:
                 getattr(shard, key).copy_(saved[key])

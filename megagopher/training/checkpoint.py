@@ -1,25 +1,35 @@
 """Sharded, crash-safe checkpoints that load under any parallel layout (docs/ARCHITECTURE.md 4.6).
 
-Layout of one checkpoint:
-    <dir>/iter_0000042/model_tp00_pp00.pt    this (tp, pp) rank's parameter shards, keyed by global name
-    <dir>/iter_0000042/optim_tp00_pp00.pt    the optimizer's per-parameter state (fp32 master weights and
-                                             Adam moments) in the same shard shapes, gathered over DP
-    <dir>/iter_0000042/rng_rank00003.pt      every rank's RNG states (CPU, CUDA, tracker)
-    <dir>/iter_0000042/metadata.json         config, layout, progress, versions, per-tensor index and
-                                             a sha256 per file; written last
-    <dir>/latest                             the newest complete iteration, written after the rename
+Layout of one checkpoint (format 3):
+    <dir>/iter_0000042/rank_00003.safetensors   what rank 3 alone holds: ranges of its parameters and of
+                                                its optimizer shard, and its RNG states (ckpt_save.py)
+    <dir>/iter_0000042/metadata.json            config, layout, progress, versions, the index of every
+                                                piece (tensor name, TP rank, element range, file), and
+                                                the size and sha256 of every file; written last
+    <dir>/latest                                the newest complete iteration, written after the rename
+
+Memory and traffic. No rank gathers anything or copies a buffer: each writes the memory it already holds
+(ZeRO-1 shards included: the bytes written are the model state once), and each reads back only the
+ranges its new layout needs, straight into its parameters and shards (ckpt_reader.py, ckpt_load.py).
 
 Why not torch.distributed.checkpoint: our shards are not plain slices of one global tensor in every
-layout. The vocabulary is padded to a multiple of 128 * tp, so the embedding's global shape itself
-changes with tp, and the data-parallel shards of the distributed optimizer cut across parameters. Keying
-every tensor by its layout-independent name and recording its *unpadded* full shape and split dimension
-makes resharding one rule: join the saved shards, drop the padding, re-pad and slice for the new layout.
-It also gives the offline converter and the Hugging Face exporter a format they can read without
-processes or process groups.
+layout (the vocabulary is padded to a multiple of 128 * tp, so the embedding's global shape changes with
+tp, and ZeRO-1 shards cut flat buffers across parameters). Indexing pieces by layout-independent name and
+element range of the TP-local tensor, with the unpadded full shape, keeps resharding one rule and gives
+the converter and the Hugging Face exporter a format they read without processes.
 
-A checkpoint is written to ``iter_N.tmp`` and renamed once every rank has written and rank 0 has written
-the metadata, so an ``iter_N`` directory is complete or absent; ``latest`` is written (temp + rename)
-after that. A file whose checksum does not match is reported and the previous checkpoint is used.
+Crash safety. A checkpoint is written to ``iter_N.tmp``; once every rank's file is on disk (fsynced) rank
+0 writes metadata.json (fsynced), renames the directory into place, fsyncs the root, and moves ``latest``
+the same way: an ``iter_N`` directory is complete or absent. A checkpoint of the same step that was there
+already is removed only after its replacement is in place, and old ones (keep_last) only after
+``latest`` names the new one. Checksums are verified before a trainer commits to a checkpoint; one that
+fails falls back to the previous one.
+
+Asynchronous saves (checkpoint.async_save). The step pays for a snapshot of the rank's pieces into host
+memory (pinned on CUDA); a thread writes the file. Every step's all-reduce carries "my write is done", so
+all ranks see the same step at which every file is on disk, and rank 0 publishes the checkpoint then;
+the next save, the end of a stage and the end of the run wait for it. A crash before that leaves only
+``iter_N.tmp``: the previous checkpoint stays the newest complete one.
 """
 import hashlib
 import json
@@ -32,106 +42,195 @@ import torch
 import torch.distributed as dist
 
 from megagopher import parallel_state as ps
-from megagopher.common import unwrap_model
 from megagopher.config import to_tables
-from megagopher.tensor_parallel.layers import take_shard
-from megagopher.tensor_parallel.random import get_rng_tracker
+from megagopher.training.ckpt_files import CheckpointCorrupt, fsync_dir, write_text_durably
+from megagopher.training.ckpt_load import files_needed, load_optimizer, load_weights, verify_on_node  # noqa: F401
+from megagopher.training.ckpt_reader import CheckpointReader  # noqa: F401
+from megagopher.training.ckpt_save import (ShardWriter, named_parameters, plan_pieces, rng_tensors,  # noqa: F401
+                                           set_rng_tensors, snapshot)
 
-FORMAT_VERSION = 2  # 2: the config is stored as TOML-shaped tables (config.to_tables)
-
-
-class CheckpointCorrupt(RuntimeError):
-    pass
-
-
-def named_parameters(chunks):
-    """(global name, parameter) of every parameter this rank holds; a tied-embedding copy on the last
-    stage is named after the word embeddings it mirrors."""
-    out = []
-    for chunk in chunks:
-        for name, p in unwrap_model(chunk).named_parameters():
-            if getattr(p, "shared_embedding", False):
-                name = p.init_name
-            out.append((name, p))
-    return out
+FORMAT_VERSION = 3  # 3: per-rank safetensors pieces; 2: torch.save files per (tp, pp), TOML-shaped config
 
 
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def save_file(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-    return _sha256(path)
+class CheckpointSaveError(OSError):
+    """A save failed on some rank (every rank raises it, having agreed); the previous checkpoint is intact."""
 
 
 def iter_dir(root, iteration):
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
-def _tensor_meta(p, tp_size):
-    return {"full_shape": list(getattr(p, "full_shape", p.shape)), "partition_dim": getattr(p, "partition_dim", None),
-            "tp_size": tp_size}
+def layout():
+    return {"tp": ps.get_tp_size(), "pp": ps.get_pp_size(), "dp": ps.get_dp_size(), "vpp": ps.get_vpp_size(),
+            "cp": ps.get_cp_size(), "world": dist.get_world_size()}
+
+
+def resume_seed(seed, iteration):
+    """The seed of a resume under a new layout: a function of (seed, iteration), so the resumed run is itself
+    reproducible and does not replay the random streams the run began with."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{iteration}".encode()).digest()[:8], "little") >> 1
+
+
+class PendingSave:
+    """A checkpoint being written: its directory, this rank's writer and what rank 0 needs to publish it."""
+
+    def __init__(self, root, iteration, writer, index, header):
+        self.root, self.iteration, self.writer, self.index, self.header = root, iteration, writer, index, header
+
+    @property
+    def tmp_dir(self):
+        return iter_dir(self.root, self.iteration) + ".tmp"
+
+
+def begin_save(root, iteration, chunks, optimizer, progress, cfg, background=False):
+    """Starts a checkpoint: rank 0 makes ``iter_N.tmp``, every rank snapshots (background) or writes its
+    file. Collective. Raises CheckpointSaveError (on every rank) when the directory cannot be made."""
+    rank = dist.get_rank()
+    tmp_dir = iter_dir(root, iteration) + ".tmp"
+    error = None
+    if rank == 0:
+        try:
+            if os.path.exists(tmp_dir):
+                shutil.rmtree(tmp_dir)  # left by a run killed mid-save
+            os.makedirs(tmp_dir)
+        except OSError as e:
+            error = e
+    if not agree(error is None):
+        raise CheckpointSaveError(f"cannot create {tmp_dir}: {error or 'failed on rank 0'}")
+    tensors, index = plan_pieces(chunks, optimizer)
+    tensors.update(rng_tensors())
+    path = os.path.join(tmp_dir, f"rank_{rank:05d}.safetensors")
+    writer = ShardWriter(snapshot(tensors, copy=background), path, background)
+    del tensors
+    header = None
+    if rank == 0:  # the scalars as they are now, not when the background write ends
+        header = {"format_version": FORMAT_VERSION, "iteration": iteration, "progress": dict(progress),
+                  "layout": layout(), "config": to_tables(cfg), "has_optimizer": optimizer is not None,
+                  "optimizer_scalars": optimizer.scalar_state() if optimizer is not None else None,
+                  "versions": {"torch": torch.__version__, "megagopher": _version()}}
+    return PendingSave(root, iteration, writer, index, header)
+
+
+def finish_save(pending, keep_last=0):
+    """Waits for this rank's file, then rank 0 publishes the checkpoint. Collective; returns its path, or
+    raises CheckpointSaveError on every rank (the temporary directory is removed, nothing else touched)."""
+    pending.writer.wait()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    w = pending.writer
+    gathered = [None] * world
+    dist.all_gather_object(gathered, (os.path.basename(w.path), w.record, w.error, ps.get_tp_rank(), pending.index))
+    errors = [g[2] for g in gathered if g[2]]
+    final = iter_dir(pending.root, pending.iteration)
+    if rank == 0 and not errors:
+        try:
+            _publish(pending, gathered, final, keep_last)
+        except OSError as e:
+            errors.append(f"{final}: {e}")
+    if not agree(not errors):
+        if rank == 0:
+            shutil.rmtree(pending.tmp_dir, ignore_errors=True)
+        raise CheckpointSaveError(errors[0] if errors else f"publishing {final} failed on rank 0")
+    return final
 
 
 def save_checkpoint(root, iteration, chunks, optimizer, progress, cfg, keep_last=0):
-    """Collective over all ranks. ``progress``: iteration, stage_index, stage_iteration, consumed tokens...
-    ``optimizer`` may be None (a weights-only checkpoint, e.g. at a stage boundary)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    tp_rank, pp_rank, dp_rank = ps.get_tp_rank(), ps.get_pp_rank(), ps.get_dp_rank()
-    final = iter_dir(root, iteration)
-    tmp_dir = final + ".tmp"
-    if rank == 0:
-        if os.path.exists(tmp_dir):
-            shutil.rmtree(tmp_dir)  # left by a run killed mid-save
-        os.makedirs(tmp_dir)
-    dist.barrier()
-    named = named_parameters(chunks)
-    files, index = {}, {}
-    tag = f"tp{tp_rank:02d}_pp{pp_rank:02d}"
-    # Optimizer state is gathered over DP (collective), so every DP rank takes part before rank 0 of DP writes.
-    opt_state = optimizer.param_state(named) if optimizer is not None else None
-    if dp_rank == 0:
-        model_file = f"model_{tag}.pt"
-        files[model_file] = save_file({n: p.detach().cpu() for n, p in named}, os.path.join(tmp_dir, model_file))
-        for n, p in named:
-            index[n] = {**_tensor_meta(p, ps.get_tp_size()), "tp_rank": tp_rank, "file": model_file}
-        if opt_state is not None:
-            optim_file = f"optim_{tag}.pt"
-            files[optim_file] = save_file(opt_state, os.path.join(tmp_dir, optim_file))
-    rng_file = f"rng_rank{rank:05d}.pt"
-    files[rng_file] = save_file(rng_states(), os.path.join(tmp_dir, rng_file))
-    gathered = [None] * world
-    dist.all_gather_object(gathered, (files, index))
-    if rank == 0:
-        all_files, tensors = {}, {}
-        for f, idx in gathered:
-            all_files.update(f)
-            for name, meta in idx.items():
-                entry = tensors.setdefault(name, {k: meta[k] for k in ("full_shape", "partition_dim", "tp_size")})
-                entry.setdefault("shards", {})[str(meta["tp_rank"])] = meta["file"]
-        meta = {"format_version": FORMAT_VERSION, "iteration": iteration, "progress": progress,
-                "layout": layout(), "config": to_tables(cfg), "tensors": tensors, "files": all_files,
-                "has_optimizer": optimizer is not None,
-                "optimizer_scalars": optimizer.scalar_state() if optimizer is not None else None,
-                "versions": {"torch": torch.__version__, "megagopher": _version()}, "time": time.time()}
-        with open(os.path.join(tmp_dir, "metadata.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp_dir, final)
-        if keep_last:
-            for old in list_checkpoints(root)[:-keep_last]:
-                shutil.rmtree(iter_dir(root, old), ignore_errors=True)
-        write_latest(root)
-    dist.barrier()
-    return final
+    """A synchronous save: collective over all ranks. ``progress``: iteration, stage_index, stage_iteration,
+    consumed tokens...; ``optimizer`` may be None (a weights-only checkpoint, e.g. for growth)."""
+    return finish_save(begin_save(root, iteration, chunks, optimizer, progress, cfg), keep_last)
+
+
+def _index(gathered):
+    """metadata.json's tensors, files and rng_files from every rank's (file, record, error, tp_rank, index)."""
+    tensors, files, rng_files = {}, {}, {}
+    for rank, (file, record, _, tp_rank, index) in enumerate(gathered):
+        files[file], rng_files[str(rank)] = record, file
+        for name, meta in index.items():
+            entry = tensors.setdefault(name, {k: meta[k] for k in ("full_shape", "partition_dim", "tp_size", "dtype")})
+            entry.setdefault("local_shapes", {})[str(tp_rank)] = meta["local_shape"]
+            pieces = entry.setdefault("pieces", {})
+            for kind, lo, hi, key in meta["pieces"]:
+                pieces.setdefault(kind, {}).setdefault(str(tp_rank), []).append([lo, hi, file, key])
+    for entry in tensors.values():
+        for by_rank in entry["pieces"].values():
+            for pieces in by_rank.values():
+                pieces.sort()
+    return tensors, files, rng_files
+
+
+def _publish(pending, gathered, final, keep_last):
+    """Rank 0: metadata.json, then the rename, then ``latest``, then old checkpoints go (module docstring)."""
+    tensors, files, rng_files = _index(gathered)
+    meta = {**pending.header, "tensors": tensors, "files": files, "rng_files": rng_files, "time": time.time()}
+    write_text_durably(os.path.join(pending.tmp_dir, "metadata.json"), json.dumps(meta, indent=1))
+    replaced = final + ".replaced"
+    if os.path.exists(replaced):
+        shutil.rmtree(replaced)
+    if os.path.exists(final):  # the same step saved before (a resume past a corrupt checkpoint)
+        os.replace(final, replaced)
+    os.replace(pending.tmp_dir, final)
+    fsync_dir(pending.root)
+    write_latest(pending.root)
+    shutil.rmtree(replaced, ignore_errors=True)
+    if keep_last:
+        for old in list_checkpoints(pending.root)[:-keep_last]:
+            shutil.rmtree(iter_dir(pending.root, old), ignore_errors=True)
+
+
+class Checkpointer:
+    """The trainer's saves: synchronous, or asynchronous with at most one in flight (module docstring)."""
+
+    def __init__(self, root, keep_last=0, async_save=False, on_error="stop"):
+        self.root, self.keep_last, self.async_save, self.on_error = root, keep_last, async_save, on_error
+        self.pending = None
+
+    def save(self, iteration, chunks, optimizer, progress, cfg):
+        """Collective. Returns the path once published (synchronous), or None while it is written."""
+        self.wait()
+        try:
+            pending = begin_save(self.root, iteration, chunks, optimizer, progress, cfg, background=self.async_save)
+        except CheckpointSaveError as e:
+            return self._failed(e)
+        if self.async_save:
+            self.pending = pending
+            return None
+        return self._finish(pending)
+
+    def write_done(self):
+        """True when this rank has no background write running (what each step's all-reduce carries)."""
+        return self.pending is None or self.pending.writer.done()
+
+    def poll(self, every_rank_done):
+        """After a step's all-reduce: publishes the pending checkpoint once every rank's write is done."""
+        if self.pending is not None and every_rank_done:
+            self.wait()
+
+    def wait(self):
+        """Collective: finishes the pending save, if any (the next save, a stage's end, the run's end)."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            self._finish(pending)
+
+    def _finish(self, pending):
+        try:
+            path = finish_save(pending, self.keep_last)
+        except CheckpointSaveError as e:
+            return self._failed(e)
+        if dist.get_rank() == 0:
+            print(f"megagopher: saved checkpoint {path}", flush=True)
+        return path
+
+    def _failed(self, error):
+        """checkpoint.on_save_error: "stop" raises SaveFailed on every rank, "continue" trains on."""
+        from megagopher.common import SaveFailed
+        previous = list_checkpoints(self.root)
+        kept = f"the previous checkpoint {iter_dir(self.root, previous[-1])} is intact" if previous else \
+            "no earlier checkpoint exists"
+        message = f"checkpoint save failed ({error}); {kept}"
+        if self.on_error == "stop":
+            raise SaveFailed(f"{message}; stopping (checkpoint.on_save_error = \"continue\" trains on)")
+        if dist.get_rank() == 0:
+            print(f"megagopher: {message}; training continues (checkpoint.on_save_error = \"continue\")", flush=True)
+        return None
 
 
 def _version():
@@ -139,18 +238,10 @@ def _version():
     return megagopher.__version__
 
 
-def layout():
-    return {"tp": ps.get_tp_size(), "pp": ps.get_pp_size(), "dp": ps.get_dp_size(), "vpp": ps.get_vpp_size(),
-            "world": dist.get_world_size()}
-
-
 def write_latest(root):
     """``latest`` := the newest complete checkpoint in ``root``, the one ``find_checkpoints`` puts first,
-    so the marker and the resolver always agree (temp name + rename: never half written)."""
-    tmp = os.path.join(root, "latest.tmp")
-    with open(tmp, "w") as f:
-        f.write(f"{list_checkpoints(root)[-1]}\n")
-    os.replace(tmp, os.path.join(root, "latest"))
+    so the marker and the resolver always agree (temp name, fsync, rename: never half written)."""
+    write_text_durably(os.path.join(root, "latest"), f"{list_checkpoints(root)[-1]}\n")
 
 
 def list_checkpoints(root):
@@ -158,99 +249,9 @@ def list_checkpoints(root):
     its = []
     for name in os.listdir(root) if os.path.isdir(root) else []:  # not glob: a root may contain [ or *
         m = re.fullmatch(r"iter_(\d+)", name)
-        if m and os.path.exists(os.path.join(root, name, "metadata.json")):
+        if m and os.path.isfile(os.path.join(root, name, "metadata.json")):
             its.append(int(m.group(1)))
     return sorted(its)
-
-
-def rng_states():
-    state = {"cpu": torch.get_rng_state(), "tracker": get_rng_tracker().get_states()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_states(state):
-    torch.set_rng_state(state["cpu"])
-    get_rng_tracker().set_states(state["tracker"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-class CheckpointReader:
-    """Reads full, unpadded tensors by name from a checkpoint directory, verifying each file's checksum
-    the first time it is opened. Needs no process group."""
-
-    def __init__(self, path):
-        self.path = path
-        meta_path = os.path.join(path, "metadata.json")
-        if not os.path.exists(meta_path):
-            raise CheckpointCorrupt(f"{path}: no metadata.json (an incomplete checkpoint)")
-        try:
-            with open(meta_path) as f:
-                self.meta = json.load(f)
-        except json.JSONDecodeError as e:
-            raise CheckpointCorrupt(f"{meta_path}: unreadable ({e})") from None
-        self._open = {}
-
-    def _file(self, name):
-        if name not in self._open:
-            path = os.path.join(self.path, name)
-            expected = self.meta["files"].get(name)
-            if not os.path.exists(path):
-                raise CheckpointCorrupt(f"{path}: missing")
-            if expected is not None and _sha256(path) != expected:
-                raise CheckpointCorrupt(f"{path}: checksum mismatch (file corrupt or truncated)")
-            self._open[name] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return self._open[name]
-
-    def names(self):
-        return list(self.meta["tensors"])
-
-    def full_tensor(self, name, prefix="model", key=None):
-        """The whole tensor ``name`` (for prefix "optim", its state ``key``), with the vocab padding removed."""
-        if name not in self.meta["tensors"]:
-            raise KeyError(f"checkpoint {self.path} has no tensor {name!r}")
-        entry = self.meta["tensors"][name]
-        shards = []
-        for tp_rank in range(entry["tp_size"]):
-            file = entry["shards"][str(tp_rank)].replace("model_", prefix + "_", 1)
-            content = self._file(file)
-            shards.append(content[name] if key is None else content[name][key])
-            if entry["partition_dim"] is None:
-                break
-        full = torch.cat(shards, dim=entry["partition_dim"]) if entry["partition_dim"] is not None else shards[0]
-        if entry["partition_dim"] is not None:
-            full = full.narrow(entry["partition_dim"], 0, entry["full_shape"][entry["partition_dim"]])
-        return full
-
-    def optimizer_keys(self, name):
-        entry = self.meta["tensors"][name]
-        file = entry["shards"]["0"].replace("model_", "optim_", 1)
-        return list(self._file(file)[name].keys())
-
-
-def shard_for(param, full):
-    """This rank's slice of ``full`` for ``param`` under the current layout (re-padding the vocabulary)."""
-    return take_shard(param, full, ps.get_tp_rank(), ps.get_tp_size())
-
-
-def load_weights(reader, chunks, name_map=None):
-    """Copies every parameter of this rank's chunks from the checkpoint (any saved layout). ``name_map``
-    maps a parameter's name to the saved name it starts from (progressive stacking)."""
-    with torch.no_grad():
-        for name, p in named_parameters(chunks):
-            source = name_map(name) if name_map else name
-            p.copy_(shard_for(p, reader.full_tensor(source)).to(p.dtype))
-
-
-def load_optimizer(reader, chunks, optimizer):
-    named = named_parameters(chunks)
-    state = {}
-    for name, p in named:
-        state[name] = {key: shard_for(p, reader.full_tensor(name, "optim", key)) for key in reader.optimizer_keys(name)}
-    optimizer.load_param_state(named, state)
-    optimizer.load_scalar_state(reader.meta["optimizer_scalars"])
 
 
 def find_checkpoints(path):
@@ -278,3 +279,9 @@ def agree(ok):
     flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=ps.get_device())
     dist.all_reduce(flag)
     return int(flag.item()) == 0
+
+
+__all__ = ["CheckpointCorrupt", "CheckpointReader", "CheckpointSaveError", "Checkpointer", "FORMAT_VERSION", "agree",
+           "files_needed", "find_checkpoints", "iter_dir", "layout", "list_checkpoints", "load_optimizer",
+           "load_weights", "named_parameters", "resume_seed", "resolve_load", "save_checkpoint", "set_rng_tensors",
+           "verify_on_node", "write_latest"]

@@ -67,6 +67,8 @@ class Trainer:
         self.stop_requested = False
         self.num_layers = cfg.model.num_layers
         self.chunks = None
+        c = cfg.checkpoint
+        self.checkpointer = ckpt.Checkpointer(c.dir, c.keep_last, c.async_save, c.on_save_error)
         self._restore_or_build()
 
     # -- construction ---------------------------------------------------------------------------------
@@ -86,16 +88,26 @@ class Trainer:
         return wrap_data_parallel(chunks, self.cfg.parallel, distributed_optimizer=self.cfg.optimizer.distributed)
 
     def _restore_or_build(self):
-        """Loads the newest loadable checkpoint (falling back past corrupt ones), else starts fresh."""
+        """Loads the newest usable checkpoint, else starts fresh. Every file this rank will read (weights,
+        optimizer state, RNG) is checked before the trainer commits to a checkpoint, so a damaged one of any
+        kind falls back to the one before; the same collectives run on every rank whatever fails where."""
         c = self.cfg.checkpoint
         for path in ckpt.resolve_load(c.load, c.dir):
-            error = None
+            reader, chunks, files, error = None, None, set(), None
             try:
                 reader = ckpt.CheckpointReader(path)
                 chunks = self._build_model(reader.meta["progress"]["num_layers"])
-                ckpt.load_weights(reader, chunks)
-            except (ckpt.CheckpointCorrupt, KeyError, RuntimeError, OSError) as e:
+                same_layout = reader.meta["layout"] == ckpt.layout()
+                files = ckpt.files_needed(reader, chunks, reader.meta.get("has_optimizer"),
+                                          self.rank if same_layout else None)
+            except (ckpt.CheckpointCorrupt, KeyError, TypeError, ValueError, OSError) as e:
                 error = e
+            error = ckpt.verify_on_node(reader, files) or error
+            if error is None:
+                try:
+                    ckpt.load_weights(reader, chunks)
+                except (ckpt.CheckpointCorrupt, KeyError, RuntimeError, OSError) as e:
+                    error = e
             if ckpt.agree(error is None):
                 self._resume_from(reader, chunks)
                 return
@@ -111,12 +123,14 @@ class Trainer:
         self.stage_samples = progress["stage_samples"]
         self.skipped_total = progress.get("skipped_total", 0)
         self.chunks = self._wrap(chunks)
-        if reader.meta["has_optimizer"]:
+        if reader.meta.get("has_optimizer"):
             self.pending_optimizer = reader
-        rng_path = os.path.join(reader.path, f"rng_rank{self.rank:05d}.pt")
-        if reader.meta["layout"] == ckpt.layout() and os.path.exists(rng_path):
-            # The same ranks: continue their random streams exactly (another layout reseeds instead).
-            ckpt.set_rng_states(torch.load(rng_path, weights_only=False))
+        rng = reader.rng_tensors(self.rank) if reader.meta["layout"] == ckpt.layout() else None
+        if rng is not None:  # the same ranks: continue their random streams exactly
+            ckpt.set_rng_tensors(rng)
+        else:  # a new layout has new ranks: streams derived from (seed, iteration), reproducible in turn
+            model_parallel_seed(ckpt.resume_seed(self.cfg.training.seed, self.iteration), ps.get_tp_rank(),
+                                ps.get_pp_rank(), self.device)
         if self.rank == 0:
             print(f"megagopher: resumed from {reader.path} (stage {self.stage_index}, step {self.stage_iteration}, "
                   f"iteration {self.iteration})", flush=True)
@@ -151,13 +165,8 @@ class Trainer:
                 "skipped_total": self.skipped_total}
 
     def save(self):
-        c = self.cfg.checkpoint
-        if not c.dir:
-            return
-        path = ckpt.save_checkpoint(c.dir, self.iteration, self.chunks, self.optimizer, self._progress(), self.cfg,
-                                    keep_last=c.keep_last)
-        if self.rank == 0:
-            print(f"megagopher: saved checkpoint {path}", flush=True)
+        if self.cfg.checkpoint.dir:
+            self.checkpointer.save(self.iteration, self.chunks, self.optimizer, self._progress(), self.cfg)
 
     # -- one step ---------------------------------------------------------------------------------------
     def train_step(self, dataset, scfg, consumed_samples, gbs):
@@ -187,19 +196,22 @@ class Trainer:
 
     def _agree_on_step(self, loss_sum):
         """One all-reduce: the global batch's loss sum (from the last stage's TP rank 0 of every DP replica),
-        which ranks saw a non-finite loss, and whether any rank was asked to stop."""
+        which ranks saw a non-finite loss, whether any rank was asked to stop, and how many ranks have
+        finished writing an asynchronous checkpoint (all of them: it is published now, on every rank)."""
         world = dist.get_world_size()
         owner = ps.is_pipeline_last_stage() and ps.get_tp_rank() == 0 and ps.get_cp_rank() == 0
         local = float(loss_sum) if owner else 0.0
-        values = torch.zeros(2 + world, dtype=torch.float64)
+        values = torch.zeros(3 + world, dtype=torch.float64)
         values[0] = local if torch.isfinite(torch.tensor(local)) else 0.0
         values[1] = float(self.stop_requested)
-        values[2 + self.rank] = 0.0 if torch.isfinite(torch.tensor(local)) else 1.0
+        values[2] = float(self.checkpointer.write_done())
+        values[3 + self.rank] = 0.0 if torch.isfinite(torch.tensor(local)) else 1.0
         values = values.to(self.device)
         dist.all_reduce(values)
         values = values.cpu()
         self.stop_requested = bool(values[1] > 0)
-        bad = [r for r in range(world) if values[2 + r] > 0]
+        self.checkpointer.poll(int(values[2]) == world)
+        bad = [r for r in range(world) if values[3 + r] > 0]
         return (float("nan") if bad else float(values[0])), bad
 
     # -- evaluation -------------------------------------------------------------------------------------
@@ -241,17 +253,23 @@ class Trainer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        # Every rank computes the report (no communication), so if it ever raises it raises everywhere,
+        # never on rank 0 alone while the others wait in the next collective (invariant 6). It splits the
+        # model as it is now built: parallel.pp_layers only at the configured depth.
+        parallel = dataclasses.replace(cfg.parallel, pp_layers=cfg.pp_layers_at(self.num_layers))
+        report = memory_report(self.model_cfg, parallel, cfg.training, cfg.optimizer,
+                               world_size=self.world_size, device=self.device.type)
         if self.rank == 0:
-            # The report splits the model as it is now built: parallel.pp_layers only at the configured depth.
-            parallel = dataclasses.replace(cfg.parallel, pp_layers=cfg.pp_layers_at(self.num_layers))
-            report = memory_report(self.model_cfg, parallel, cfg.training, cfg.optimizer,
-                                   world_size=self.world_size, device=self.device.type)
             print(f"megagopher: {report['line']}", flush=True)
         logger = MetricsLogger(run_dir, self.rank == 0, cfg.run.tensorboard, device_name,
                                resume_iteration=self.iteration)
         try:
             with kernels.use_backend(cfg.training.kernel_backend):
                 self._run_stages(logger)
+            self.checkpointer.wait()  # the run ends with its last checkpoint published
+        except NonFiniteLoss:  # agreed by every rank, so the collective wait is safe
+            self.checkpointer.wait()
+            raise
         finally:
             logger.close()
         if cfg.parallel.trace:
@@ -267,6 +285,7 @@ class Trainer:
             self.stage_iteration, self.stage_samples = 0, 0
             self.stage_index = stage_index + 1
             self.save()  # every stage ends with a checkpoint the next one (or a restart) starts from
+            self.checkpointer.wait()
 
     def _start_stage(self, stage_index):
         """Growth, data and optimizer of a stage (fresh unless the stage keeps the previous one's)."""
@@ -274,6 +293,9 @@ class Trainer:
         t, o = scfg.training, scfg.optimizer
         if self.stage_iteration == 0 and stage.grow and stage.grow["num_layers"] != self.num_layers:
             self._grow(stage.grow["num_layers"])
+            # A grown model starts a fresh optimizer (as an uninterrupted run does): the saved state is
+            # for the old depth's parameters.
+            self.pending_optimizer = None
         datasets = data_lib.build_datasets(scfg, self.vocab_size, t.train_iters)
         keep = stage.keep_optimizer if stage.keep_optimizer is not None else self.cfg.checkpoint.keep_optimizer
         keep = keep or stage_index == 0

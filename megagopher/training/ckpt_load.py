@@ -1,0 +1,104 @@
+"""Loading a checkpoint into this rank's model chunks and optimizer shards under the current layout, and
+checking the files it needs before the trainer commits to it."""
+import socket
+
+import torch
+import torch.distributed as dist
+
+from megagopher import parallel_state as ps
+from megagopher.optimizer.optimizer import STATE_KEYS
+from megagopher.tensor_parallel.layers import take_shard
+from megagopher.training.ckpt_files import CheckpointCorrupt
+from megagopher.training.ckpt_save import named_parameters
+
+
+def _same_cut(reader, name, p):
+    """True when this rank's local tensor of ``p`` is exactly a saved TP rank's: then it is read as it is."""
+    entry = reader.entry(name)
+    if entry["partition_dim"] is None:
+        return list(p.shape) == reader.local_shape(name, 0)
+    return entry["tp_size"] == ps.get_tp_size() and list(p.shape) == reader.local_shape(name, ps.get_tp_rank())
+
+
+def read_slice(reader, name, kind, p, lo, out):
+    """Fills the flat ``out`` with elements [lo, lo + out.numel()) of this rank's local ``kind`` tensor of
+    ``p`` (saved as ``name``). Under the saved cut it reads just those bytes; under another TP size it
+    joins the one tensor, re-pads the vocabulary and cuts it for this layout."""
+    if _same_cut(reader, name, p):
+        tp_rank = 0 if reader.entry(name)["partition_dim"] is None else ps.get_tp_rank()
+        reader.read_local(name, kind, tp_rank, out, lo)
+        return
+    local = take_shard(p, reader.full_tensor(name, kind), ps.get_tp_rank(), ps.get_tp_size())
+    if local.shape != p.shape:
+        raise CheckpointCorrupt(f"{reader.path}: {name} has shape {tuple(local.shape)} under this layout, the "
+                                f"model expects {tuple(p.shape)}")
+    out.copy_(local.reshape(-1)[lo:lo + out.numel()])
+
+
+@torch.no_grad()
+def load_weights(reader, chunks, name_map=None):
+    """Copies every parameter of this rank's chunks from the checkpoint (any saved layout). ``name_map``
+    maps a parameter's name to the saved name it starts from (progressive stacking)."""
+    for name, p in named_parameters(chunks):
+        source = name_map(name) if name_map else name
+        reader.entry(source)  # a KeyError naming the tensor when the model does not match the checkpoint
+        flat = p.data.view(-1)
+        read_slice(reader, source, "param", p, 0, flat)
+
+
+@torch.no_grad()
+def load_optimizer(reader, chunks, optimizer):
+    """Fills this rank's optimizer shards (whatever dp and ZeRO-1 setting saved them) and its scalars."""
+    names = {id(p): n for n, p in named_parameters(chunks)}
+    for s in optimizer.shards:
+        for p in s.buffer.params:
+            p_lo, p_hi = s.buffer.param_range[id(p)]
+            lo, hi = max(p_lo, s.start), min(p_hi, s.end)
+            if lo >= hi:
+                continue
+            name = names.get(id(p))
+            if name is None:
+                raise KeyError(f"optimizer shard holds a parameter the model chunks do not name ({s.buffer.name(p)})")
+            for key in STATE_KEYS:
+                if key == "master" and not s.has_master_copy and not reader.has(name, "master"):
+                    continue  # fp32 on both sides: the weights, already loaded, are the master
+                read_slice(reader, name, key, p, lo - p_lo, getattr(s, key)[lo - s.start:hi - s.start])
+    optimizer.load_scalar_state(reader.meta.get("optimizer_scalars"))
+
+
+def files_needed(reader, chunks, with_optimizer, rng_rank=None):
+    """The files of the checkpoint this rank will read: its pieces of weights (and optimizer state),
+    and its RNG file when ``rng_rank`` is given."""
+    kinds = ("param",) + (STATE_KEYS if with_optimizer else ())
+    files = set()
+    for name, p in named_parameters(chunks):
+        if _same_cut(reader, name, p):
+            ranks = [0] if reader.entry(name)["partition_dim"] is None else [ps.get_tp_rank()]
+        else:
+            ranks = reader.saved_ranks(name)
+        for kind in kinds:
+            if kind == "master" and not reader.has(name, "master"):
+                continue
+            files |= reader.files_for(name, kind, ranks)
+    if rng_rank is not None and reader.rng_file(rng_rank):
+        files.add(reader.rng_file(rng_rank))
+    return files
+
+
+def verify_on_node(reader, files):
+    """Checks size and checksum of every file some rank on this node reads, each once per node: the
+    lowest rank of the node that needs a file checks it. Collective (every rank calls it, ``reader``
+    None and ``files`` empty when it could not open the checkpoint). Returns this rank's error or None."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    needs = [None] * world
+    dist.all_gather_object(needs, (socket.gethostname(), sorted(files)))
+    host = needs[rank][0]
+    for file in sorted(files):
+        checker = min(r for r, (h, fs) in enumerate(needs) if h == host and file in fs)
+        if checker != rank:
+            continue
+        try:
+            reader.verify(file)
+        except CheckpointCorrupt as e:
+            return e
+    return None

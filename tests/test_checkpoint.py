@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+from megagopher.testing import free_port
 from train_utils import ROOT, TINY, read_metrics, run_train, write_config
 
 STAGED = TINY.replace("train_iters = 4\n", "") + """
@@ -29,35 +30,51 @@ def _losses(run_dir):
     return [(r["iteration"], r["stage"], r["loss"], r["grad_norm"]) for r in read_metrics(run_dir)]
 
 
-def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
-    cfg = write_config(tmp_path, STAGED)
-    ref_dir = str(tmp_path / "ref")
-    run_train(cfg, ref_dir, f"--checkpoint.dir={tmp_path / 'ref_ckpt'}")
-    reference = _losses(ref_dir)
-    assert [r[0] for r in reference] == list(range(1, 7)) and {r[1] for r in reference} == {"general", "math"}
+# Four ranks (tp2 x dp2 with sequence parallelism) and dropout: a bit-exact resume needs every rank's
+# random streams (CPU and the model-parallel tracker) restored, not just the weights.
+LAYOUT = ("--parallel.tp=2", "--parallel.sp=true", "--model.dropout=0.1")
 
-    run_dir, ckpt_dir = str(tmp_path / "run"), str(tmp_path / "ckpt")
-    args = (f"--checkpoint.dir={ckpt_dir}", "--checkpoint.load=auto")
-    # 1) killed in the middle of writing the checkpoint of iteration 2: iter_0000002 must not appear.
-    inject = os.path.join(ROOT, "tests", "fault_injection.py")
-    proc = subprocess.run([sys.executable, inject, "kill-in-save", "2", "--config", cfg, f"--run.dir={run_dir}",
-                           *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL
-    assert sorted(os.listdir(ckpt_dir)) == ["iter_0000001", "iter_0000002.tmp", "latest"]
-    # 2) killed with SIGKILL at a random point after that (the stage boundary is at iteration 3).
-    cmd = [sys.executable, "-m", "megagopher.train", "--config", cfg, f"--run.dir={run_dir}", *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = random.Random().randint(3, 5)
-    deadline = time.time() + 240
+
+def _run_until(cmd, run_dir, target, timeout=240):
+    """Starts ``cmd`` in its own session; SIGKILLs the whole job (launcher and workers) once metrics.jsonl
+    reaches iteration ``target``."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env=env)
+    deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         rows = read_metrics(run_dir) if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) else []
         if rows and rows[-1]["iteration"] >= target:
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    return proc
+
+
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
+    cfg = write_config(tmp_path, STAGED)
+    ref_dir = str(tmp_path / "ref")
+    run_train(cfg, ref_dir, *LAYOUT, f"--checkpoint.dir={tmp_path / 'ref_ckpt'}", nproc=4)
+    reference = _losses(ref_dir)
+    assert [r[0] for r in reference] == list(range(1, 7)) and {r[1] for r in reference} == {"general", "math"}
+
+    run_dir, ckpt_dir = str(tmp_path / "run"), str(tmp_path / "ckpt")
+    args = (*LAYOUT, f"--checkpoint.dir={ckpt_dir}", "--checkpoint.load=auto")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", f"--master-port={free_port()}"]
+    # 1) every rank killed right after writing its file of iteration 2's checkpoint: iter_0000002 must not appear.
+    inject = os.path.join(ROOT, "tests", "fault_injection.py")
+    proc = subprocess.run([*torchrun, inject, "kill-in-save", "2", "--config", cfg, f"--run.dir={run_dir}", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode != 0
+    assert sorted(os.listdir(ckpt_dir)) == ["iter_0000001", "iter_0000002.tmp", "latest"]
+    # 2) the whole job SIGKILLed at a random point after that (the stage boundary is at iteration 3).
+    target = random.Random().randint(3, 5)
+    cmd = [*torchrun[:-1], f"--master-port={free_port()}", "-m", "megagopher.train", "--config", cfg,
+           f"--run.dir={run_dir}", *args]
+    _run_until(cmd, run_dir, target)
     # 3) the same command again finishes the run.
-    run_train(cfg, run_dir, *args)
+    run_train(cfg, run_dir, *args, nproc=4)
     assert _losses(run_dir) == reference, f"killed near iteration {target}"
 
 

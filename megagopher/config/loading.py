@@ -10,6 +10,7 @@ without stages is one stage named "main" running ``training.train_iters`` steps.
 Loading checks each key and value against its declaration (schema.py); the rules that relate keys to one
 another and to the world size are ``validate(cfg, world_size)``'s (validate.py).
 """
+import copy
 import json
 import math
 import os
@@ -106,13 +107,19 @@ def _override_stage(stages, dotted, value):
 
 
 def _read_toml(path):
+    """The tables of the TOML file at ``path``; ConfigError naming it when it is missing, not a file,
+    unreadable, not UTF-8 or not TOML."""
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path!r} is a directory, not a file")
     if not os.path.exists(path):
         raise ConfigError(f"config file {path!r} does not exist")
-    with open(path, "rb") as f:
-        try:
+    try:
+        with open(path, "rb") as f:
             return tomllib.load(f)
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path!r}: {e.strerror or e}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
 
 
 def _merge_overrides(tables, stages, overrides):
@@ -157,12 +164,30 @@ def from_tables(raw):
     return JobConfig(**sections, stages=stages)
 
 
+def _rejects(raw, message):
+    """Whether the file's own tables, without the overrides, fail with ``message``: then the file is at
+    fault and the error should name it."""
+    try:
+        from_tables(copy.deepcopy(raw))
+    except ConfigError as e:
+        return str(e) == message
+    return False
+
+
 def load_config(path=None, overrides=None):
     """Reads ``path`` (TOML), applies ``overrides`` ({'section.key': value}), returns the JobConfig. Each key
-    and value is checked against its declaration; ``validate(cfg, world_size)`` checks the rest."""
-    tables, stages = _split(_read_toml(path) if path else {})
-    _merge_overrides(tables, stages, overrides)
-    return from_tables({**tables, "stages": stages})
+    and value is checked against its declaration; ``validate(cfg, world_size)`` checks the rest. A
+    ConfigError caused by the file itself (not by an override) starts with the file's path."""
+    raw = _read_toml(path) if path else {}
+    try:
+        tables, stages = _split(copy.deepcopy(raw))   # stage overrides edit the tables in place
+        _merge_overrides(tables, stages, overrides)
+        return from_tables({**tables, "stages": stages})
+    except ConfigError as e:
+        # Re-read without the overrides, only on failure, to tell whose fault it is.
+        if path and _rejects(raw, str(e)):
+            raise ConfigError(f"{path}: {e}") from None
+        raise
 
 
 # -- writing it back --------------------------------------------------------------------------------------

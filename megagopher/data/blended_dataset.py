@@ -11,11 +11,13 @@ its own seeded index.
 """
 import numpy as np
 
+from megagopher.common import InputError
+
 
 def normalize_weights(weights, what="blend"):
     w = np.asarray(weights, dtype=np.float64)
     if w.ndim != 1 or w.size == 0 or not np.all(np.isfinite(w)) or np.any(w <= 0):
-        raise ValueError(f"{what} weights must be a non-empty list of positive numbers, got {list(weights)}")
+        raise InputError(f"{what} weights must be a non-empty list of positive numbers, got {list(weights)}")
     return w / w.sum()
 
 

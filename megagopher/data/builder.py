@@ -10,9 +10,13 @@ import warnings
 
 import numpy as np
 
+from megagopher.common import InputError
+
 from .blended_dataset import BlendedDataset, normalize_weights, samples_per_dataset
+from .errors import DataError
 from .gpt_dataset import GPTDataset
 from .indexed_dataset import IndexedDataset
+from .token_check import check_token_ids
 
 SPLIT_NAMES = ("train", "valid", "test")
 
@@ -24,9 +28,9 @@ def parse_split(split):
     try:
         weights = [float(p) for p in parts]
     except ValueError:
-        raise ValueError(f"split {split!r} must be up to three comma-separated numbers, like '969,30,1'") from None
+        raise InputError(f"split {split!r} must be up to three comma-separated numbers, like '969,30,1'") from None
     if not 1 <= len(weights) <= 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"split {split!r} must be 1 to 3 non-negative numbers with a positive sum, like '969,30,1'")
+        raise InputError(f"split {split!r} must be 1 to 3 non-negative numbers with a positive sum, like '969,30,1'")
     weights += [0.0] * (3 - len(weights))
     return [w / sum(weights) for w in weights]
 
@@ -51,7 +55,7 @@ def _parse_blend(blend):
         weights = [float(w) for w, _ in blend]
         prefixes = [os.fspath(p) for _, p in blend]
     except (TypeError, ValueError):
-        raise ValueError(f"blend must be [[weight, path_prefix], ...], got {blend!r}") from None
+        raise InputError(f"blend must be [[weight, path_prefix], ...], got {blend!r}") from None
     return normalize_weights(weights, "blend"), prefixes
 
 
@@ -67,7 +71,7 @@ def _writable(cache_dir):
         return False
 
 
-def build_gpt_datasets(blend, seq_length, seed, split, num_samples, cache_dir=None):
+def build_gpt_datasets(blend, seq_length, seed, split, num_samples, cache_dir=None, vocab_size=None):
     """Return (train, valid, test) datasets of shuffled GPT samples.
 
     blend        [[weight, path_prefix], ...] (or one path prefix): indexed datasets and their weights.
@@ -79,12 +83,17 @@ def build_gpt_datasets(blend, seq_length, seed, split, num_samples, cache_dir=No
     num_samples  (n_train, n_valid, n_test): samples each split must provide; epochs repeat as needed.
                  A count of 0 gives None for that split.
     cache_dir    where indices are cached; default: PREFIX's directory + "/index-cache" for the first
-                 prefix (no cache, with a warning, if it cannot be written).
+                 prefix (no cache, with a warning, if it cannot be written). A damaged cache file is
+                 rebuilt, with a warning (data/cache.py).
+    vocab_size   when given, every token id of every dataset must lie in [0, vocab_size)
+                 (data/token_check.py: one pass over each .bin, remembered in the cache).
 
     Each returned dataset has ``len() >= `` its requested count and ``ds[i]`` -> int64 numpy array of
     seq_length + 1 ids, identical for identical (blend, seq_length, seed, split). With several datasets the
     result is a BlendedDataset of exactly the requested size. Raises FileNotFoundError / ValueError
-    naming the path or argument at fault (e.g. a split with no documents asked for samples).
+    naming the path or argument at fault (e.g. a split with no documents asked for samples): for the
+    blend, the split and the dataset files these are InputErrors (DataError, MissingDataFile), which
+    the training command reports in one line with exit status 2.
     """
     weights, prefixes = _parse_blend(blend)
     split_weights = parse_split(split)
@@ -98,6 +107,9 @@ def build_gpt_datasets(blend, seq_length, seed, split, num_samples, cache_dir=No
             warnings.warn(f"cannot write the index cache {cache_dir}; indices will be rebuilt every run")
             cache_dir = None
     indexed = [IndexedDataset(p) for p in prefixes]
+    if vocab_size is not None:
+        for ds in indexed:
+            check_token_ids(ds, vocab_size, cache_dir)
     ranges = [split_document_ranges(len(ds), split_weights) for ds in indexed]
 
     results = []
@@ -114,7 +126,7 @@ def build_gpt_datasets(blend, seq_length, seed, split, num_samples, cache_dir=No
                 parts.append(None)
                 continue
             if count == 0:
-                raise ValueError(f"the {name} split of {prefixes[d]} is empty (split {split!r} over "
+                raise DataError(f"the {name} split of {prefixes[d]} is empty (split {split!r} over "
                                  f"{len(ds)} documents) but {n} {name} samples were requested")
             parts.append(GPTDataset(ds, first, count, seq_length, seed, int(per_dataset[d]), name, cache_dir))
         results.append(parts[0] if len(parts) == 1 else BlendedDataset(parts, weights, n))

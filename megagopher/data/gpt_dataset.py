@@ -19,16 +19,18 @@ RandomState's output is frozen across numpy versions, and seeding per epoch mean
 only appends epochs, leaving the earlier order unchanged. The indices are cached as .npy files whose name
 hashes everything they depend on (the document lengths themselves, the document range, seq_length, seed,
 split and epoch count), written under a temporary name and renamed, so ranks that build at the same time
-only overwrite a file with identical content.
+only overwrite a file with identical content, and vouched for by a manifest of digests, so a damaged
+cache file is rebuilt rather than trusted (data/cache.py).
 """
 import hashlib
-import json
 import os
-import uuid
 
 import numpy as np
 
-INDEX_VERSION = 1     # bump when the algorithm changes, so old caches are not reused
+from .cache import cached_indices
+from .errors import DataError
+
+INDEX_VERSION = 2     # bump when the algorithm or the cache layout changes, so old caches are not reused
 SPLIT_IDS = {"train": 0, "valid": 1, "test": 2}
 _DOC_SHUFFLE, _SAMPLE_SHUFFLE = 0, 1
 
@@ -74,37 +76,6 @@ def build_shuffle_index(per_epoch, num_epochs, seed, split):
     return out
 
 
-def _atomic_save(path, array):
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}.npy"
-    np.save(tmp, array)
-    os.replace(tmp, path)
-
-
-def cached_indices(cache_dir, stem, description, build):
-    """Load the arrays ``build()`` would return from cache_dir/<stem>-<hash>-<name>.npy, or build and
-    save them. ``description`` (JSON-able) must hold everything the arrays depend on."""
-    if cache_dir is None:
-        return build()
-    key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
-    base = os.path.join(cache_dir, f"{stem}-{key}")
-    names = ("document_index", "sample_index", "shuffle_index")
-    paths = {n: f"{base}-{n}.npy" for n in names}
-    if all(os.path.exists(p) for p in paths.values()):
-        try:
-            return {n: np.load(p, mmap_mode="r") for n, p in paths.items()}
-        except (ValueError, OSError):
-            pass   # unreadable (should not happen with atomic writes): rebuild over it
-    arrays = build()
-    os.makedirs(cache_dir, exist_ok=True)
-    for n in names:
-        _atomic_save(paths[n], arrays[n])
-    tmp = f"{base}.json.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w") as f:   # a human-readable note of what the hash covers
-        json.dump(description, f, indent=1)
-    os.replace(tmp, f"{base}.json")
-    return arrays
-
-
 class GPTDataset:
     """Shuffled samples of ``seq_length + 1`` tokens from documents [first, first + count) of ``indexed``.
 
@@ -126,7 +97,7 @@ class GPTDataset:
         tokens = int(sizes[first:first + count].sum(dtype=np.int64))
         self.samples_per_epoch = (tokens - 1) // seq_length
         if self.samples_per_epoch < 1:
-            raise ValueError(f"the {split} split of {indexed.path_prefix} (documents [{first}, "
+            raise DataError(f"the {split} split of {indexed.path_prefix} (documents [{first}, "
                              f"{first + count})) has {tokens} tokens: too few for one sample of "
                              f"seq_length + 1 = {seq_length + 1}")
         self.num_epochs = -(-num_samples // self.samples_per_epoch)

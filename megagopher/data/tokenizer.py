@@ -20,6 +20,8 @@ from functools import lru_cache
 
 import regex
 
+from .errors import MissingTokenizerFile, TokenizerError, require_file, unreadable
+
 EOD_TOKEN = "<|endoftext|>"
 
 # GPT-2's pre-tokenisation pattern, verbatim from openai/gpt-2 src/encoder.py.
@@ -57,35 +59,66 @@ def pretokenize(text):
             for piece in GPT2_PATTERN.findall(text)]
 
 
+def _unique_keys(pairs):
+    # json.load keeps the last of two equal keys silently; in a vocabulary that hides a damaged token.
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"token {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def _read_vocab(vocab_path):
+    try:
+        with open(vocab_path, "rb") as f:
+            vocab = json.loads(f.read().decode("utf-8"), object_pairs_hook=_unique_keys)
+    except OSError as e:
+        raise unreadable(TokenizerError, vocab_path, e) from None
+    except ValueError as e:   # JSON, UTF-8 or a repeated token
+        raise TokenizerError(f"{vocab_path} is not a valid vocabulary: {e}") from None
+    if not isinstance(vocab, dict) or not all(type(i) is int and i >= 0 for i in vocab.values()):
+        raise TokenizerError(f"{vocab_path} must map token strings to non-negative integer ids")
+    # GPT-2's file and train_tokenizer's number their tokens 0..N-1; a gap or a repeat means a damaged id.
+    ids = sorted(vocab.values())
+    if ids != list(range(len(ids))):
+        wrong = next(i for i, v in enumerate(ids) if v != i)
+        what = f"id {ids[wrong]} appears twice" if ids[wrong] < wrong else f"id {wrong} is missing"
+        raise TokenizerError(f"{vocab_path}: token ids must be 0..{len(ids) - 1}, each once; {what}")
+    return vocab
+
+
+def _read_merges(merges_path):
+    merges = []
+    try:
+        with open(merges_path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                # GPT-2's file starts with "#version: 0.2"; skip that and blank lines (the trailing newline).
+                if line_no == 1 and line.startswith("#version"):
+                    continue
+                parts = line.split()
+                if not parts:
+                    continue
+                if len(parts) != 2:
+                    raise TokenizerError(f"{merges_path} line {line_no}: expected two space-separated tokens, "
+                                         f"got {line!r}")
+                merges.append((parts[0], parts[1]))
+    except OSError as e:
+        raise unreadable(TokenizerError, merges_path, e) from None
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"{merges_path} is not UTF-8 text: {e}") from None
+    return merges
+
+
 def read_vocab_files(directory):
-    """Read DIR/vocab.json and DIR/merges.txt; return (vocab dict, list of merge pairs). Errors name
-    the file and what is wrong with it."""
+    """Read DIR/vocab.json and DIR/merges.txt; return (vocab dict, list of merge pairs). Errors are
+    TokenizerErrors (MissingTokenizerFile for a missing file) naming the file and what is wrong with it."""
     vocab_path = os.path.join(directory, "vocab.json")
     merges_path = os.path.join(directory, "merges.txt")
+    hint = " (a tokenizer directory holds vocab.json and merges.txt, as written by tools/train_tokenizer.py)"
     for path in (vocab_path, merges_path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"tokenizer file {path} does not exist (a tokenizer directory holds "
-                                    f"vocab.json and merges.txt, as written by tools/train_tokenizer.py)")
-    try:
-        with open(vocab_path, encoding="utf-8") as f:
-            vocab = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{vocab_path} is not valid JSON: {e}") from None
-    if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
-        raise ValueError(f"{vocab_path} must map token strings to integer ids")
-    merges = []
-    with open(merges_path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            # GPT-2's file starts with "#version: 0.2"; skip that and blank lines (the trailing newline).
-            if line_no == 1 and line.startswith("#version"):
-                continue
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 2:
-                raise ValueError(f"{merges_path} line {line_no}: expected two space-separated tokens, got {line!r}")
-            merges.append((parts[0], parts[1]))
-    return vocab, merges
+        require_file(path, "tokenizer file", TokenizerError, MissingTokenizerFile, hint)
+    return _read_vocab(vocab_path), _read_merges(merges_path)
 
 
 class Tokenizer:
@@ -95,25 +128,28 @@ class Tokenizer:
     str``, ``eod`` (id of ``<|endoftext|>``), ``vocab_size`` (largest id + 1, special tokens included).
     """
 
-    def __init__(self, vocab, merges, source="<memory>"):
+    def __init__(self, vocab, merges, source="<memory>", merges_source=None):
+        merges_source = merges_source or source
         self.encoder = dict(vocab)
         self.decoder = {i: t for t, i in self.encoder.items()}
         if len(self.decoder) != len(self.encoder):
-            raise ValueError(f"{source}: two tokens share one id")
+            raise TokenizerError(f"{source}: two tokens share one id")
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         missing = [c for c in self.byte_encoder.values() if c not in self.encoder]
         if missing:
-            raise ValueError(f"{source}: vocabulary lacks {len(missing)} of the 256 byte tokens "
-                             f"(e.g. {missing[0]!r}); a byte-level vocabulary needs every byte")
+            raise TokenizerError(f"{source}: vocabulary lacks {len(missing)} of the 256 byte tokens "
+                                 f"(e.g. {missing[0]!r}); a byte-level vocabulary needs every byte")
         self.bpe_ranks = {}
         for rank, (a, b) in enumerate(merges):
-            if a + b not in self.encoder:
-                raise ValueError(f"{source}: merge {rank + 1} ({a!r} {b!r}) makes {a + b!r}, "
-                                 f"which is not in the vocabulary")
+            # A merge joins two tokens into a third; all three are in the vocabulary of a matching pair.
+            absent = next((t for t in (a, b, a + b) if t not in self.encoder), None)
+            if absent is not None:
+                raise TokenizerError(f"{merges_source}: merge {rank + 1} ({a!r} {b!r}) needs {absent!r}, "
+                                     f"which is not in the vocabulary {source}")
             self.bpe_ranks[(a, b)] = rank   # a repeated pair keeps its last rank, as GPT-2's dict(zip()) does
         if EOD_TOKEN not in self.encoder:
-            raise ValueError(f"{source}: vocabulary has no {EOD_TOKEN!r} token (the end-of-document id)")
+            raise TokenizerError(f"{source}: vocabulary has no {EOD_TOKEN!r} token (the end-of-document id)")
         producible = set(self.byte_encoder.values()) | {a + b for a, b in merges}
         # Special tokens: entries no byte sequence can produce; encode() emits them only when allowed.
         self.special_tokens = {t: i for t, i in self.encoder.items() if t not in producible or t == EOD_TOKEN}
@@ -207,6 +243,8 @@ def load_tokenizer(directory):
     """Load DIR/vocab.json + DIR/merges.txt (GPT-2's format, as written by tools/train_tokenizer.py or
     by OpenAI/Hugging Face for GPT-2) and return a :class:`Tokenizer` with ``encode(str) -> list[int]``,
     ``decode(list[int]) -> str``, ``eod`` (the id of ``<|endoftext|>``) and ``vocab_size`` (largest id
-    + 1, special tokens included). Raises FileNotFoundError / ValueError naming the file at fault."""
+    + 1, special tokens included). Raises TokenizerError (a ValueError; MissingTokenizerFile, a
+    FileNotFoundError, for a missing file) naming the file at fault."""
     vocab, merges = read_vocab_files(directory)
-    return Tokenizer(vocab, merges, source=os.path.join(directory, "vocab.json"))
+    return Tokenizer(vocab, merges, source=os.path.join(directory, "vocab.json"),
+                     merges_source=os.path.join(directory, "merges.txt"))

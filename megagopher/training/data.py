@@ -58,12 +58,14 @@ def microbatches(dataset, indices, micro_batch_size, device):
 
 
 def vocab_size_of(cfg):
-    """The model's vocabulary: the tokenizer's when the data has one, else model.vocab_size."""
+    """The model's vocabulary: the tokenizer's when the data has one, else model.vocab_size. A tokenizer
+    file that is missing or damaged raises TokenizerError naming it (an InputError: one line, exit 2)."""
     d = cfg.data
     if d.source == "indexed" and d.tokenizer_dir:
         # Read from files the config names, so checked here (still before any collective), not in validate.
-        if not all(os.path.isfile(os.path.join(d.tokenizer_dir, f)) for f in ("vocab.json", "merges.txt")):
-            raise ConfigError(f"data.tokenizer_dir = {d.tokenizer_dir!r} holds no vocab.json and merges.txt")
+        if not os.path.isdir(d.tokenizer_dir):
+            raise ConfigError(f"data.tokenizer_dir = {d.tokenizer_dir!r} holds no vocab.json and merges.txt "
+                              f"(it is not a directory)")
         from megagopher.data.tokenizer import load_tokenizer
         return load_tokenizer(d.tokenizer_dir).vocab_size
     return cfg.model.vocab_size
@@ -81,9 +83,11 @@ def build_datasets(scfg, vocab_size, train_iters):
     from megagopher.data import build_gpt_datasets
     n_train = train_iters * t.global_batch_size
     n_valid = t.eval_iters * t.global_batch_size if evaluates else 0
+    # vocab_size: every token id is checked against the model's vocabulary when the files are opened,
+    # identically on every rank (data/token_check.py says why not per batch).
     train, valid, _ = build_gpt_datasets(d.blend, seq, t.seed, d.split, (n_train, n_valid, 0),
-                                         cache_dir=d.cache_dir or None)
+                                         cache_dir=d.cache_dir or None, vocab_size=vocab_size)
     if d.valid_blend and evaluates:
         valid, _, _ = build_gpt_datasets(d.valid_blend, seq, t.seed, "1,0,0", (n_valid, 0, 0),
-                                         cache_dir=d.cache_dir or None)
+                                         cache_dir=d.cache_dir or None, vocab_size=vocab_size)
     return train, valid

@@ -1,0 +1,153 @@
+"""The checkpoint format at library level (training/checkpoint.py, format 3), on 2 data-parallel gloo ranks:
+a save and load under the same layout continues bitwise (fp32 and bf16, with and without ZeRO-1, sync and
+async); every rank writes only its own file and the bytes written are the model state once; the files are
+plain safetensors; a damaged file or metadata.json is reported as CheckpointCorrupt naming the file."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from megagopher import parallel_state as ps
+from megagopher.common import PRECISION_DTYPES
+from megagopher.config import JobConfig
+from megagopher.distributed import finalize_model_grads, wrap_data_parallel
+from megagopher.model import GPTConfig, GPTModel
+from megagopher.optimizer import build_optimizer
+from megagopher.testing import spawn
+from megagopher.training import checkpoint as ckpt
+
+OPT = dict(lr=1e-3, weight_decay=0.1, clip_grad=1.0)
+CFG = GPTConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, vocab_size=70,
+                make_vocab_size_divisible_by=8)
+CASES = [("fp32", False, False), ("fp32", True, False), ("bf16", True, True), ("bf16", False, True)]
+
+
+def _build(precision, distributed):
+    model = GPTModel(CFG).initialize(3).to(PRECISION_DTYPES[precision])
+    chunks = wrap_data_parallel([model], {"bucket_size_mb": 0.004}, distributed_optimizer=distributed)
+    return chunks, build_optimizer(chunks, {**OPT, "distributed": distributed}, {"precision": precision})
+
+
+def _step(chunks, opt, seed):
+    gen = torch.Generator().manual_seed(seed * 10 + ps.get_dp_rank())
+    ids = torch.randint(0, 70, (2, 16), generator=gen)
+    opt.zero_grad()
+    chunks[0](ids, labels=torch.roll(ids, 1, 1)).float().mean().backward()
+    finalize_model_grads(chunks)
+    return opt.step()
+
+
+def _params(chunks):
+    return [p.detach().clone() for p in chunks[0].module.parameters()]
+
+
+def _save_load_continue(rank, world, root):
+    ps.initialize_model_parallel(tp=1, pp=1)
+    out = {}
+    for precision, distributed, background in CASES:
+        tag = f"{precision}_{'zero' if distributed else 'plain'}_{'async' if background else 'sync'}"
+        chunks, opt = _build(precision, distributed)
+        for seed in range(2):
+            _step(chunks, opt, seed)
+        pending = ckpt.begin_save(os.path.join(root, tag), 2, chunks, opt, {"iteration": 2}, JobConfig(),
+                                  background=background)
+        _step(chunks, opt, 2)  # training goes on while an asynchronous save writes its snapshot
+        path = ckpt.finish_save(pending)
+        expected = _params(chunks)
+        fresh, fresh_opt = _build(precision, distributed)
+        reader = ckpt.CheckpointReader(path)
+        ckpt.load_weights(reader, fresh)
+        ckpt.load_optimizer(reader, fresh, fresh_opt)
+        _step(fresh, fresh_opt, 2)
+        same = all(torch.equal(a, b) for a, b in zip(_params(fresh), expected))
+        state = opt.state_bytes() if distributed else (opt.state_bytes() if rank == 0 else 0)
+        params = sum(p.numel() * p.element_size() for p in chunks[0].module.parameters())
+        out[tag] = {"path": path, "same": same, "state_bytes": state, "param_bytes": params,
+                    "step": fresh_opt.step_count}
+    ps.destroy_model_parallel()
+    return out
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("format"))
+    return spawn(_save_load_continue, 2, root)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_same_layout_resume_is_bitwise(saved, case):
+    precision, distributed, background = case
+    tag = f"{precision}_{'zero' if distributed else 'plain'}_{'async' if background else 'sync'}"
+    assert all(r[tag]["same"] for r in saved), tag
+    assert all(r[tag]["step"] == 3 for r in saved)
+
+
+def test_each_rank_writes_its_share_once(saved):
+    """Bytes of all pieces = the model's parameters once + the optimizer state once (ZeRO-1 shards are
+    disjoint; without ZeRO-1 the replicas split the writing), and each rank wrote one file."""
+    for tag in saved[0]:
+        path = saved[0][tag]["path"]
+        meta = json.load(open(os.path.join(path, "metadata.json")))
+        assert sorted(os.listdir(path)) == ["metadata.json", "rank_00000.safetensors", "rank_00001.safetensors"]
+        written = {"param": 0, "state": 0}
+        for entry in meta["tensors"].values():
+            size = {"float32": 4, "bfloat16": 2}[entry["dtype"]]
+            for kind, by_rank in entry["pieces"].items():
+                n = sum(hi - lo for pieces in by_rank.values() for lo, hi, _, _ in pieces)
+                written["param" if kind == "param" else "state"] += n * (size if kind == "param" else 4)
+        assert written["param"] == saved[0][tag]["param_bytes"], tag
+        distributed = "zero" in tag
+        state = sum(r[tag]["state_bytes"] for r in saved) if distributed else saved[0][tag]["state_bytes"]
+        assert written["state"] == state, tag
+        files = [os.path.join(path, f"rank_{r:05d}.safetensors") for r in range(2)]
+        assert all(meta["files"][os.path.basename(f)]["bytes"] == os.path.getsize(f) for f in files)
+        with safe_open(files[1], "pt") as f:  # plain safetensors: any tool reads the pieces
+            assert "rng/cpu" in f.keys() and any(k.startswith("exp_avg/") for k in f.keys())
+
+
+def test_full_tensors_read_without_a_process_group(saved):
+    reader = ckpt.CheckpointReader(saved[0]["fp32_zero_sync"]["path"])
+    embedding = reader.full_tensor("embedding.word.weight")
+    assert embedding.shape == (70, 32)  # the vocabulary padding (72) dropped
+    master = reader.full_tensor("embedding.word.weight", "master")  # fp32: the weights are the master
+    assert torch.equal(master, embedding)
+    assert reader.full_tensor("layers.0.mlp.fc1.weight", "exp_avg_sq").min() >= 0
+
+
+def _damaged_copy(src, dst, damage):
+    import shutil
+    shutil.copytree(src, dst)
+    damage(dst)
+    return dst
+
+
+@pytest.mark.parametrize("what, damage, message", [
+    ("metadata invalid UTF-8", lambda d: _flip(os.path.join(d, "metadata.json"), 3, 0xFF), "UnicodeDecodeError"),
+    ("metadata truncated", lambda d: _truncate(os.path.join(d, "metadata.json"), 100), "unreadable"),
+    ("metadata missing fields", lambda d: open(os.path.join(d, "metadata.json"), "w").write("{}"), "no iteration"),
+    ("shard truncated", lambda d: _truncate(os.path.join(d, "rank_00001.safetensors"), 1000), "bytes, the checkpoint"),
+    ("shard flipped", lambda d: _flip(os.path.join(d, "rank_00001.safetensors"), -5, 1), "checksum mismatch"),
+    ("shard missing", lambda d: os.remove(os.path.join(d, "rank_00001.safetensors")), "missing"),
+])
+def test_damage_is_reported_naming_the_file(saved, tmp_path, what, damage, message):
+    path = _damaged_copy(saved[0]["bf16_zero_async"]["path"], str(tmp_path / "iter_0000002"), damage)
+    with pytest.raises(ckpt.CheckpointCorrupt, match=message) as info:
+        reader = ckpt.CheckpointReader(path)
+        for file in reader.meta["files"]:
+            reader.verify(file)
+    assert path in str(info.value), what
+
+
+def _flip(path, offset, mask):
+    with open(path, "r+b") as f:
+        f.seek(offset, os.SEEK_END if offset < 0 else os.SEEK_SET)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ mask]))
+
+
+def _truncate(path, size):
+    with open(path, "r+b") as f:
+        f.truncate(size)

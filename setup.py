@@ -21,12 +21,13 @@ setup(
         "torch>=2.3",
         "numpy",
         "regex",
+        "safetensors>=0.4",  # checkpoint shards and the Hugging Face export
         "tensorboard",
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
         # test-only peers: transformers checks our HF export; megatron-core (installed with --no-deps by
         # .ci/run) reads our indexed datasets.
-        "test": ["pytest", "hypothesis", "transformers", "safetensors"],
+        "test": ["pytest", "hypothesis", "transformers"],
     },
 )

@@ -1,7 +1,6 @@
 """tools/export_hf.py: each Hugging Face format from a tiny trained checkpoint gives, through transformers'
 AutoModelForCausalLM, the logits megagopher's own model gives (fp32); the tokenizer files load with
-AutoTokenizer and encode as ours; combinations no format expresses fail clearly; the fallback
-safetensors writer writes files the safetensors package reads."""
+AutoTokenizer and encode as ours; combinations no format expresses fail clearly."""
 import json
 import os
 import subprocess
@@ -15,7 +14,6 @@ from megagopher.data.math_problems import generate_problems
 from megagopher.data.tokenizer import load_tokenizer
 from megagopher.export.hf import ExportError, choose_format, export_hf
 from megagopher.export.loading import model_config_of, open_checkpoint
-from megagopher.export.safetensors_io import write_safetensors
 from megagopher.model import GPTConfig, GPTModel
 from megagopher.training.checkpoint import load_weights
 from train_utils import ROOT, run_train, write_config
@@ -121,12 +119,3 @@ def test_formats_that_cannot_express_a_model():
         choose_format(cfg(parallel_residual=True), "gpt2")
 
 
-def test_fallback_safetensors_writer(tmp_path):
-    from safetensors.torch import load_file
-    tensors = {"a": torch.randn(3, 5), "b.bias": torch.arange(7, dtype=torch.int64),
-               "c": torch.randn(2, 2, 3).to(torch.bfloat16), "d": torch.randn(4).half(), "e": torch.zeros(0)}
-    write_safetensors(tensors, str(tmp_path / "x.safetensors"), metadata={"format": "pt"})
-    back = load_file(str(tmp_path / "x.safetensors"))
-    assert set(back) == set(tensors)
-    for name, t in tensors.items():
-        assert back[name].dtype == t.dtype and torch.equal(back[name], t)

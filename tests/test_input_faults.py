@@ -23,6 +23,7 @@ import builtins
 import glob
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -206,7 +207,10 @@ def snapshot(root):
     out = {}
     for rel in INPUTS:
         path = os.path.join(root, rel)
-        out[rel] = "dir" if os.path.isdir(path) else open(path, "rb").read() if os.path.isfile(path) else None
+        if os.path.isdir(path) or not os.path.isfile(path):
+            out[rel] = "dir" if os.path.isdir(path) else None
+        else:
+            out[rel] = open(path, "rb").read() if os.access(path, os.R_OK) else os.stat(path).st_mtime_ns
     return out
 
 
@@ -258,7 +262,8 @@ def test_damaged_input_in_process(prepared, tmp_path, artifact, damage, k):
         warnings.simplefilter("always")
         outcome = open_inputs(root)
     result = check_outcome(outcome, verdict, path, artifact, prepared[1])
-    print(f"{artifact:20} {damage:10} {what:38} {verdict:14} -> {result}: {str(outcome[1])[:150]}")
+    detail = outcome[1] if outcome[0] == "error" else f"vocab {outcome[1][0]}, {len(outcome[1][1])} samples"
+    print(f"\n{artifact:19} {damage:9} {what:32} {verdict:13} -> {result}: {detail}")
     assert snapshot(root) == before, "an input file was written"
     if ARTIFACTS[artifact][1] and damage not in ("directory", "no_read"):
         # The damaged cache file was rebuilt to exactly what it was.
@@ -300,7 +305,7 @@ def _launch(root, run_dir, nproc):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
     files = sorted(glob.glob(os.path.join(logs, "**", "stderr.log"), recursive=True))
     assert len(files) == nproc, (files, proc.stderr[-3000:])
-    statuses = [int(s) for s in __import__("re").findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr)]
+    statuses = [int(s) for s in re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr)]
     return statuses, [open(f).read().splitlines() for f in files], proc.returncode
 
 

@@ -5,7 +5,7 @@ batch would stop only the rank that met the bad id while its peers wait in a col
 the dataset is opened, every rank reads the same file and raises the same DataError before training.
 Why it is cheap enough: it is one sequential, chunked numpy pass (argmin/argmax) over the memory-mapped
 .bin, and its result, the smallest and largest id and where they are, is kept in the index cache under
-a key of the .bin's path, size and modification time, so later runs pay one stat. (Without a writable
+a key of the .bin's name, size and modification time, so later runs pay one stat. (Without a writable
 cache the pass is repeated per process; within a process it is remembered.) A changed token that stays
 inside the vocabulary is not detectable from the files and trains like any other token.
 """
@@ -21,30 +21,33 @@ _seen = {}   # identity of a .bin -> its extremes, for the stages and blends of 
 
 
 def _identity(bin_path):
+    """What tells one version of a .bin from another without reading it, as make and rsync do. No
+    directory in it: a copy that keeps the modification time (cp -p) is the same data and reuses the record."""
     st = os.stat(bin_path)
-    return {"bin": os.path.abspath(bin_path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "inode": st.st_ino}
+    return {"bin": os.path.basename(bin_path)[:-len(".bin")], "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def token_extremes(indexed, cache_dir=None):
     """``indexed.token_extremes()``, from the index cache when a record for this version of the .bin
     is there (and sound), else computed and recorded."""
-    identity = _identity(data_file_path(indexed.path_prefix))
+    bin_path = data_file_path(indexed.path_prefix)
+    identity = _identity(bin_path)
     key = json.dumps(identity, sort_keys=True)
-    if key in _seen:
-        return _seen[key]
+    seen = (os.path.abspath(bin_path), key)
+    if seen in _seen:
+        return _seen[seen]
     path = None
     if cache_dir is not None:
-        name = f"{os.path.basename(indexed.path_prefix)}-tokens-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-        path = os.path.join(cache_dir, name + ".json")
+        name = f"{identity['bin']}-tokens-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+        path = os.path.join(cache_dir, name)
         record = read_record(path)
         if record is not None and record.get("identity") == identity:
-            _seen[key] = None if record["extremes"] is None else tuple(map(tuple, record["extremes"]))
-            return _seen[key]
+            _seen[seen] = None if record["extremes"] is None else tuple(map(tuple, record["extremes"]))
+            return _seen[seen]
     extremes = indexed.token_extremes()
     if path is not None:
         write_record(path, {"identity": identity, "extremes": extremes})
-    _seen[key] = extremes
+    _seen[seen] = extremes
     return extremes
 
 

@@ -30,9 +30,9 @@ import json
 import os
 
 import torch
+from safetensors.torch import save_file
 
 from megagopher.export.loading import load_run_tokenizer, model_config_of, open_checkpoint
-from megagopher.export.safetensors_io import save_file
 
 FORMATS = ("llama", "gpt_neox", "gpt2")
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -310,6 +310,8 @@ def export_hf(checkpoint, output, fmt=None, dtype=None, tokenizer_dir=None, toke
     config["megagopher"] = {"checkpoint": os.path.abspath(reader.path), "iteration": reader.meta["iteration"]}
     with open(os.path.join(output, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
+    # safetensors refuses tensors that share memory (a tied head is the embedding): each gets its own copy.
+    tensors = {name: t.detach().cpu().contiguous().clone() for name, t in tensors.items()}
     save_file(tensors, os.path.join(output, "model.safetensors"), metadata={"format": "pt"})
     if tok is not None:
         write_tokenizer(tok, output, cfg.max_position_embeddings)

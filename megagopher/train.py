@@ -1,7 +1,8 @@
 """Entry point: ``python -m megagopher.train --config FILE.toml [--section.key=value ...]``, alone or under
 torchrun (docs/ARCHITECTURE.md 4.1). A bad config exits with status 2 and one line naming the problem, on
 every rank, before any process communicates. ``--help-config`` prints every key with its default, choices
-and doc."""
+and doc. A run that loses a rank, its launcher or its rendezvous store exits with status 5 and one line
+naming what was lost (training/watchdog.py), instead of a traceback from every rank."""
 import argparse
 import sys
 
@@ -18,8 +19,9 @@ def main(argv=None):
         from megagopher.config.reference import help_text
         sys.stdout.write(help_text())
         return 0
-    from megagopher.common import EXIT_INPUT_ERROR, EXIT_NON_FINITE, EXIT_SAVE_FAILED, InputError, SaveFailed
+    from megagopher.common import EXIT_INPUT_ERROR, InputError
     from megagopher.config import ConfigError, load_config, parse_overrides
+    from megagopher.training.distributed import exit_if_peer_lost, stop_watchdog
     try:
         cfg = load_config(args.config, parse_overrides(rest))
         from megagopher.training.loop import Trainer
@@ -28,8 +30,23 @@ def main(argv=None):
         print(f"megagopher.train: config error: {e}", file=sys.stderr, flush=True)
         return EXIT_INPUT_ERROR
     except InputError as e:  # a data or tokenizer file named by the config
+        stop_watchdog()  # every rank reads the same files, so every rank ends here
         print(f"megagopher.train: {e}", file=sys.stderr, flush=True)
         return EXIT_INPUT_ERROR
+    except RuntimeError as e:
+        exit_if_peer_lost(e)
+        raise
+    try:
+        return _run(trainer)
+    except RuntimeError as e:  # from a collective, the run's or the final barrier's, when a peer is gone
+        exit_if_peer_lost(e)
+        raise
+
+
+def _run(trainer):
+    """Trains, then ends the run's communication in order; the exit status."""
+    from megagopher.common import EXIT_INPUT_ERROR, EXIT_NON_FINITE, EXIT_SAVE_FAILED, InputError, SaveFailed
+    from megagopher.training.distributed import end_distributed
     from megagopher.training.loop import NonFiniteLoss
     status = 0
     try:
@@ -43,8 +60,9 @@ def main(argv=None):
     except SaveFailed as e:  # agreed by every rank (checkpoint.on_save_error = "stop")
         print(f"megagopher.train: {e}", file=sys.stderr, flush=True)
         status = EXIT_SAVE_FAILED
-    trainer.close()
+    end_distributed(trainer.close)  # the watchdog stops before the groups are destroyed
     return status
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,9 +5,10 @@
 Runs data parallelism with ZeRO-1 (fp32) on CPU gloo ranks, a model of about 160M parameters by default,
 through the library calls the trainer makes, in three fresh sets of processes:
   baseline  build, wrap, optimizer, two steps: the peak resident memory of a run that never checkpoints;
-  save      one step, a synchronous save, one step, an asynchronous save while a step runs: for each save,
-            the peak resident memory during it above the memory just before it (the kernel's high-water
-            mark, reset through /proc/self/clear_refs), and the stall: how long the step loop waits;
+  save      one step, a synchronous save, then two asynchronous saves, each overlapping a step: for each
+            save, the peak resident memory during it above the memory just before it (the kernel's
+            high-water mark, reset through /proc/self/clear_refs), and the stall: how long the step loop
+            waits (the first asynchronous save allocates the host snapshot the later ones reuse);
   load      build, load the weights, wrap, optimizer, load its state, two steps: the peak resident memory
             above the baseline's.
 Figures are per rank (the largest over ranks) and relative to the rank's model state (parameters, fp32
@@ -75,17 +76,21 @@ def _state_bytes(chunks, opt):
             + opt.state_bytes())
 
 
-def _timed_save(chunks, opt, root, iteration, background, a):
-    """(stall s, peak above the start in bytes, total s until published) of one save."""
+def _timed_save(chunks, opt, root, iteration, background, a, pool):
+    """(stall s, peak above the start in bytes, s until published) of one save. For an asynchronous save
+    the peak is taken over the snapshot (the writer thread then writes from it, adding nothing), not over
+    the training step it overlaps, which is measured by the baseline."""
     rss = _status("VmRSS")
     _reset_peak()
     start = time.perf_counter()
-    pending = ckpt.begin_save(root, iteration, chunks, opt, {"iteration": iteration}, JobConfig(), background)
-    stall = time.perf_counter() - start
+    pending = ckpt.begin_save(root, iteration, chunks, opt, {"iteration": iteration}, JobConfig(), background, pool)
+    stall, peak = time.perf_counter() - start, _status("VmHWM") - rss
     if background:
         _step(chunks, opt, a["vocab"])  # the step the write overlaps
     ckpt.finish_save(pending)
-    return stall if background else time.perf_counter() - start, _status("VmHWM") - rss, time.perf_counter() - start
+    if not background:
+        stall, peak = time.perf_counter() - start, _status("VmHWM") - rss
+    return stall, peak, time.perf_counter() - start
 
 
 def _rank(rank, world, mode, a, root):
@@ -105,8 +110,11 @@ def _rank(rank, world, mode, a, root):
         start = time.perf_counter()
         _step(chunks, opt, a["vocab"])
         out["step_s"] = time.perf_counter() - start
-        out["sync"] = _timed_save(chunks, opt, root, 1, False, a)
-        out["async"] = _timed_save(chunks, opt, root, 2, True, a)
+        pool = {}
+        out["sync"] = _timed_save(chunks, opt, root, 1, False, a, pool)
+        out["async_first"] = _timed_save(chunks, opt, root, 2, True, a, pool)
+        out["async"] = _timed_save(chunks, opt, root, 3, True, a, pool)
+        out["pool"] = sum(t.numel() * t.element_size() for t in pool.values())
     else:
         _step(chunks, opt, a["vocab"])
     out["peak"] = _status("VmHWM")
@@ -135,11 +143,14 @@ def main(argv=None):
           f"{state / gib:.2f} GiB; checkpoint {size / gib:.2f} GiB on disk; one step {save[0]['step_s']:.2f} s\n")
     print("| | peak RSS above the run without checkpoints | % of model state | stall per save |")
     print("|---|---|---|---|")
-    for label, key in (("save, synchronous", "sync"), ("save, asynchronous", "async")):
+    for label, key in (("save, synchronous", "sync"), ("save, asynchronous, first (allocates the snapshot)",
+                                                       "async_first"), ("save, asynchronous, later", "async")):
         extra = max(r[key][1] for r in save)
         stall = max(r[key][0] for r in save)
         print(f"| {label} | {extra / gib:.3f} GiB | {100 * extra / state:+.1f}% | {stall:.2f} s "
               f"(published after {max(r[key][2] for r in save):.2f} s) |")
+    pool = max(r["pool"] for r in save)
+    print(f"| asynchronous saves keep their host snapshot | {pool / gib:.3f} GiB | {100 * pool / state:+.1f}% | |")
     extra = max(lr["peak"] - br["peak"] for lr, br in zip(load, base))
     print(f"| load (build, read weights and ZeRO-1 shard, two steps) | {extra / gib:.3f} GiB | "
           f"{100 * extra / state:+.1f}% | load {max(r['load_s'] for r in load):.2f} s |")

@@ -26,7 +26,8 @@ already is removed only after its replacement is in place, and old ones (keep_la
 fails falls back to the previous one.
 
 Asynchronous saves (checkpoint.async_save). The step pays for a snapshot of the rank's pieces into host
-memory (pinned on CUDA); a thread writes the file. Every step's all-reduce carries "my write is done", so
+memory (pinned on CUDA; allocated once and reused, so one copy of the rank's share stays allocated between
+saves); a thread writes the file. Every step's all-reduce carries "my write is done", so
 all ranks see the same step at which every file is on disk, and rank 0 publishes the checkpoint then;
 the next save, the end of a stage and the end of the run wait for it. A crash before that leaves only
 ``iter_N.tmp``: the previous checkpoint stays the newest complete one.
@@ -45,7 +46,7 @@ from megagopher import parallel_state as ps
 from megagopher.config import to_tables
 from megagopher.training.ckpt_files import CheckpointCorrupt, fsync_dir, write_text_durably
 from megagopher.training.ckpt_load import files_needed, load_optimizer, load_weights, verify_on_node  # noqa: F401
-from megagopher.training.ckpt_reader import CheckpointReader  # noqa: F401
+from megagopher.training.ckpt_reader import CheckpointReader, metadata_digest  # noqa: F401
 from megagopher.training.ckpt_save import (ShardWriter, named_parameters, plan_pieces, rng_tensors,  # noqa: F401
                                            set_rng_tensors, snapshot)
 
@@ -82,9 +83,10 @@ class PendingSave:
         return iter_dir(self.root, self.iteration) + ".tmp"
 
 
-def begin_save(root, iteration, chunks, optimizer, progress, cfg, background=False):
-    """Starts a checkpoint: rank 0 makes ``iter_N.tmp``, every rank snapshots (background) or writes its
-    file. Collective. Raises CheckpointSaveError (on every rank) when the directory cannot be made."""
+def begin_save(root, iteration, chunks, optimizer, progress, cfg, background=False, pool=None):
+    """Starts a checkpoint: rank 0 makes ``iter_N.tmp``, every rank snapshots (background; into ``pool``,
+    see ckpt_save.snapshot) or writes its file. Collective. Raises CheckpointSaveError (on every rank)
+    when the directory cannot be made."""
     rank = dist.get_rank()
     tmp_dir = iter_dir(root, iteration) + ".tmp"
     error = None
@@ -100,7 +102,7 @@ def begin_save(root, iteration, chunks, optimizer, progress, cfg, background=Fal
     tensors, index = plan_pieces(chunks, optimizer)
     tensors.update(rng_tensors())
     path = os.path.join(tmp_dir, f"rank_{rank:05d}.safetensors")
-    writer = ShardWriter(snapshot(tensors, copy=background), path, background)
+    writer = ShardWriter(snapshot(tensors, copy=background, pool=pool), path, background)
     del tensors
     header = None
     if rank == 0:  # the scalars as they are now, not when the background write ends
@@ -161,6 +163,7 @@ def _publish(pending, gathered, final, keep_last):
     """Rank 0: metadata.json, then the rename, then ``latest``, then old checkpoints go (module docstring)."""
     tensors, files, rng_files = _index(gathered)
     meta = {**pending.header, "tensors": tensors, "files": files, "rng_files": rng_files, "time": time.time()}
+    meta["metadata_sha256"] = metadata_digest(meta)
     write_text_durably(os.path.join(pending.tmp_dir, "metadata.json"), json.dumps(meta, indent=1))
     replaced = final + ".replaced"
     if os.path.exists(replaced):
@@ -169,7 +172,10 @@ def _publish(pending, gathered, final, keep_last):
         os.replace(final, replaced)
     os.replace(pending.tmp_dir, final)
     fsync_dir(pending.root)
-    write_latest(pending.root)
+    try:
+        write_latest(pending.root)
+    except OSError as e:  # a marker for people and tools: no megagopher reader needs it (find_checkpoints)
+        print(f"megagopher: warning: {os.path.join(pending.root, 'latest')} not updated ({e})", flush=True)
     shutil.rmtree(replaced, ignore_errors=True)
     if keep_last:
         for old in list_checkpoints(pending.root)[:-keep_last]:
@@ -182,12 +188,14 @@ class Checkpointer:
     def __init__(self, root, keep_last=0, async_save=False, on_error="stop"):
         self.root, self.keep_last, self.async_save, self.on_error = root, keep_last, async_save, on_error
         self.pending = None
+        self.pool = {}  # the host snapshot asynchronous saves reuse (one copy of this rank's share)
 
     def save(self, iteration, chunks, optimizer, progress, cfg):
         """Collective. Returns the path once published (synchronous), or None while it is written."""
         self.wait()
         try:
-            pending = begin_save(self.root, iteration, chunks, optimizer, progress, cfg, background=self.async_save)
+            pending = begin_save(self.root, iteration, chunks, optimizer, progress, cfg, background=self.async_save,
+                                 pool=self.pool)
         except CheckpointSaveError as e:
             return self._failed(e)
         if self.async_save:
@@ -254,17 +262,25 @@ def list_checkpoints(root):
     return sorted(its)
 
 
+def all_checkpoint_dirs(root):
+    """Iterations of every iter_N directory in ``root``, complete or not, oldest first."""
+    names = os.listdir(root) if os.path.isdir(root) else []
+    return sorted(int(m.group(1)) for m in (re.fullmatch(r"iter_(\d+)", n) for n in names) if m)
+
+
 def find_checkpoints(path):
     """The one policy for "the newest checkpoint", used by training, generate, evaluate, export and convert:
     the checkpoint directories ``path`` names, newest first. ``path`` is one iter_N directory (then just it)
     or a checkpoint root (then its complete iter_N directories, those with metadata.json: a save is renamed
     into place only once complete, and ``latest`` is rewritten after every save to name the first of these).
     Loaders try them in order, so a corrupt newest checkpoint falls back to the one before."""
-    if path and os.path.exists(os.path.join(path, "metadata.json")):
+    if path and os.path.lexists(os.path.join(path, "metadata.json")):
         return [path]
     if not path or not os.path.isdir(path):
         return []
-    return [iter_dir(path, i) for i in reversed(list_checkpoints(path))]
+    # Every iter_N directory is a candidate: a save renames only complete ones into place, so one without
+    # a usable metadata.json was damaged, and its reader says so (naming it) before the loader falls back.
+    return [iter_dir(path, i) for i in reversed(all_checkpoint_dirs(path))]
 
 
 def resolve_load(load, root):

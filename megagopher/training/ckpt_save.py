@@ -122,19 +122,27 @@ def set_rng_tensors(tensors):
         torch.cuda.set_rng_state(tensors["rng/cuda"])
 
 
-def snapshot(tensors, copy):
-    """The tensors to write, in host memory. ``copy`` (asynchronous saves) clones them, because training
+def snapshot(tensors, copy, pool=None):
+    """The tensors to write, in host memory. ``copy`` (asynchronous saves) copies them, because training
     goes on changing the originals; GPU tensors always come over, into pinned memory so the copies run
-    at full bus speed. A synchronous save of CPU tensors writes them where they are."""
+    at full bus speed. A synchronous save of CPU tensors writes them where they are. ``pool`` ({key:
+    host tensor}, kept by the caller between saves) is reused when the pieces have not changed shape:
+    allocating (and on CUDA pinning) a rank's share of the model state again at every save costs more
+    than copying it."""
     out, on_gpu = {}, False
+    pool = {} if pool is None else pool
     for key, t in tensors.items():
         if t.device.type == "cpu" and not copy:
             out[key] = t
             continue
         on_gpu = on_gpu or t.device.type == "cuda"
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda")
+        host = pool.get(key)
+        if host is None or host.shape != t.shape or host.dtype != t.dtype:
+            host = pool[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda")
         host.copy_(t, non_blocking=t.device.type == "cuda")
         out[key] = host
+    for key in set(pool) - set(tensors):
+        del pool[key]
     if on_gpu:
         torch.cuda.synchronize()
     return out
@@ -160,7 +168,7 @@ class ShardWriter:
         except Exception as e:  # disk full, read-only, quota: reported to every rank, which decide together
             self.error = f"{self.path}: {e}"
         finally:
-            self._tensors = None  # an asynchronous save's snapshot is freed as soon as it is on disk
+            self._tensors = None
 
     def done(self):
         return self._thread is None or not self._thread.is_alive()

@@ -1,17 +1,28 @@
-"""Starting the processes' communication. The config has been validated before (config/validate.py,
-invariant 6), so every rank arrives here with a config that works for this world size."""
+"""Starting and ending the processes' communication. The config has been validated before
+(config/validate.py, invariant 6), so every rank arrives here with a config that works for this world size.
+
+A multi-rank run that this module starts also gets a watchdog (training/watchdog.py): a lost rank, launcher
+or store ends every other rank within seconds, with one line naming what was lost. The run ends through
+``end_distributed``, which stops the watchdog before any process group is destroyed, so it never fires
+during a clean exit."""
 import datetime
 import os
+import sys
 
 import torch
 import torch.distributed as dist
 
 from megagopher.common import pick_device
+from megagopher.training import watchdog as wd
+
+_watchdog = None  # this process's watchdog, while it runs
 
 
 def setup_distributed(cfg):
     """Initialises the default process group (gloo on CPU, NCCL on CUDA); returns this rank's device.
-    Without torchrun's environment it starts a one-process group, so ``python -m megagopher.train`` works."""
+    Without torchrun's environment it starts a one-process group, so ``python -m megagopher.train`` works.
+    A group that the caller initialised is left to the caller, watchdog included."""
+    global _watchdog
     device = pick_device(cfg.training.device)
     backend = cfg.parallel.backend
     if backend == "auto":
@@ -22,6 +33,44 @@ def setup_distributed(cfg):
     if not dist.is_initialized():
         if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend, timeout=timeout)
+            if dist.get_world_size() > 1:
+                _watchdog = wd.start_from_env(dist.get_rank(), dist.get_world_size(),
+                                              wd.threshold_for(cfg.parallel.timeout_s),
+                                              finished=lambda: not dist.is_initialized())
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return device
+
+
+def stop_watchdog():
+    """Ends this rank's watch cleanly (its watcher will not call it lost); no collective. For a run that
+    every rank ends at the same point without communicating again (an input error they all raise)."""
+    global _watchdog
+    if _watchdog is not None:
+        _watchdog.stop()
+        _watchdog = None
+
+
+def end_distributed(close):
+    """The clean end of a run on every rank: a barrier while the watchdog still watches (a rank lost now
+    is still named), then the watchdog stops, then ``close`` (Trainer.close) destroys the groups."""
+    if _watchdog is not None:
+        dist.barrier()
+    stop_watchdog()
+    close()
+
+
+def exit_if_peer_lost(error):
+    """Called with an exception that reached the entry point. When it is a failed collective of a run
+    this module watches, a peer or the launcher is gone: give the watchdog its threshold to name it (its
+    verdict ends the process), else print one line, and exit without the collective shutdown, which
+    would hang. Any other error returns, for the caller to raise."""
+    if _watchdog is None or not wd.is_communication_error(error):
+        return
+    if _watchdog.wait_for_verdict() is None:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        rank = _watchdog.rank
+        os.write(2, (f"megagopher: a collective failed on rank {rank} ({first}) and the watchdog named no lost "
+                     f"rank within {_watchdog.threshold_s:.0f} s; ending rank {rank}\n").encode())
+    sys.stdout.flush()
+    os._exit(wd.EXIT_PEER_LOST)

@@ -20,7 +20,6 @@ resumes into the right stage and step.
 import dataclasses
 import os
 import signal
-import shutil
 import time
 
 import torch
@@ -37,20 +36,27 @@ from megagopher.pipeline_parallel.trace import Tracer
 from megagopher.tensor_parallel import model_parallel_seed
 from megagopher.training import checkpoint as ckpt
 from megagopher.training import data as data_lib
-from megagopher.common import PRECISION_DTYPES
+from megagopher.common import PRECISION_DTYPES, InputError
 from megagopher.config import to_toml, validate
 from megagopher.training.distributed import setup_distributed
 from megagopher.training.metrics import MetricsLogger, model_flops_per_token
+from megagopher.training.resume import CheckpointedRun
 
 
 class NonFiniteLoss(RuntimeError):
     pass
 
 
-class Trainer:
+class Trainer(CheckpointedRun):
     def __init__(self, cfg):
         self.cfg = cfg
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.stop_requested = False
+        # From the start: a SIGTERM or SIGINT during start-up or data building stops the run cleanly before
+        # its first step (checked collectively at every stage start), not with a traceback mid-setup.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
         # Invariant 6: every check that can fail runs here, identically on every rank, before any collective.
         self.dp = validate(cfg, self.world_size)
         self.vocab_size = data_lib.vocab_size_of(cfg)
@@ -64,7 +70,6 @@ class Trainer:
         self.stage_samples = 0  # samples consumed in the current stage: the data position (ramp-up aware)
         self.skipped_total = 0
         self.optimizer, self.pending_optimizer = None, None
-        self.stop_requested = False
         self.num_layers = cfg.model.num_layers
         self.chunks = None
         c = cfg.checkpoint
@@ -86,87 +91,6 @@ class Trainer:
 
     def _wrap(self, chunks):
         return wrap_data_parallel(chunks, self.cfg.parallel, distributed_optimizer=self.cfg.optimizer.distributed)
-
-    def _restore_or_build(self):
-        """Loads the newest usable checkpoint, else starts fresh. Every file this rank will read (weights,
-        optimizer state, RNG) is checked before the trainer commits to a checkpoint, so a damaged one of any
-        kind falls back to the one before; the same collectives run on every rank whatever fails where."""
-        c = self.cfg.checkpoint
-        for path in ckpt.resolve_load(c.load, c.dir):
-            reader, chunks, files, error = None, None, set(), None
-            try:
-                reader = ckpt.CheckpointReader(path)
-                chunks = self._build_model(reader.meta["progress"]["num_layers"])
-                same_layout = reader.meta["layout"] == ckpt.layout()
-                files = ckpt.files_needed(reader, chunks, reader.meta.get("has_optimizer"),
-                                          self.rank if same_layout else None)
-            except (ckpt.CheckpointCorrupt, KeyError, TypeError, ValueError, OSError) as e:
-                error = e
-            error = ckpt.verify_on_node(reader, files) or error
-            if error is None:
-                try:
-                    ckpt.load_weights(reader, chunks)
-                except (ckpt.CheckpointCorrupt, KeyError, RuntimeError, OSError) as e:
-                    error = e
-            if ckpt.agree(error is None):
-                self._resume_from(reader, chunks)
-                return
-            if self.rank == 0 or error is not None:
-                print(f"megagopher: checkpoint {path} cannot be used ({error or 'corrupt on another rank'}); "
-                      "trying the previous one", flush=True)
-        self.chunks = self._wrap(self._build_model(self.num_layers))
-
-    def _resume_from(self, reader, chunks):
-        progress = reader.meta["progress"]
-        self.iteration, self.consumed_tokens = progress["iteration"], progress["consumed_tokens"]
-        self.stage_index, self.stage_iteration = progress["stage_index"], progress["stage_iteration"]
-        self.stage_samples = progress["stage_samples"]
-        self.skipped_total = progress.get("skipped_total", 0)
-        self.chunks = self._wrap(chunks)
-        if reader.meta.get("has_optimizer"):
-            self.pending_optimizer = reader
-        rng = reader.rng_tensors(self.rank) if reader.meta["layout"] == ckpt.layout() else None
-        if rng is not None:  # the same ranks: continue their random streams exactly
-            ckpt.set_rng_tensors(rng)
-        else:  # a new layout has new ranks: streams derived from (seed, iteration), reproducible in turn
-            model_parallel_seed(ckpt.resume_seed(self.cfg.training.seed, self.iteration), ps.get_tp_rank(),
-                                ps.get_pp_rank(), self.device)
-        if self.rank == 0:
-            print(f"megagopher: resumed from {reader.path} (stage {self.stage_index}, step {self.stage_iteration}, "
-                  f"iteration {self.iteration})", flush=True)
-
-    def _grow(self, num_layers):
-        """Progressive stacking (Gong et al. 2019): a deeper model whose layer i starts as layer i mod L of
-        the current one. Goes through a weights-only checkpoint so it works under any layout."""
-        old = self.num_layers
-        tmp_root = os.path.join(self.cfg.run.dir, ".grow")
-        path = ckpt.save_checkpoint(tmp_root, self.iteration, self.chunks, None, self._progress(), self.cfg)
-        reader = ckpt.CheckpointReader(path)
-
-        def source(name):
-            if name.startswith("layers."):
-                index, rest = name.split(".", 2)[1:]
-                return f"layers.{int(index) % old}.{rest}"
-            return name
-
-        chunks = self._build_model(num_layers)
-        ckpt.load_weights(reader, chunks, name_map=source)
-        self.chunks = self._wrap(chunks)
-        self.optimizer = None
-        dist.barrier()
-        if self.rank == 0:
-            shutil.rmtree(tmp_root, ignore_errors=True)
-            print(f"megagopher: grew the model from {old} to {num_layers} layers (progressive stacking)", flush=True)
-
-    def _progress(self):
-        return {"iteration": self.iteration, "consumed_tokens": self.consumed_tokens, "stage_index": self.stage_index,
-                "stage_iteration": self.stage_iteration, "stage_samples": self.stage_samples,
-                "num_layers": self.num_layers,
-                "skipped_total": self.skipped_total}
-
-    def save(self):
-        if self.cfg.checkpoint.dir:
-            self.checkpointer.save(self.iteration, self.chunks, self.optimizer, self._progress(), self.cfg)
 
     # -- one step ---------------------------------------------------------------------------------------
     def train_step(self, dataset, scfg, consumed_samples, gbs):
@@ -239,7 +163,8 @@ class Trainer:
     def _on_signal(self, signum, frame):
         self.stop_requested = True
         if self.rank == 0:
-            print(f"megagopher: got {signal.Signals(signum).name}; saving a checkpoint after this step", flush=True)
+            print(f"megagopher: got {signal.Signals(signum).name}; stopping after this step (with a checkpoint "
+                  "if it trained one since the last)", flush=True)
 
     def run(self):
         cfg = self.cfg
@@ -250,8 +175,6 @@ class Trainer:
             with open(tmp, "w") as f:
                 f.write(to_toml(cfg))
             os.replace(tmp, os.path.join(run_dir, "config.toml"))
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
         device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         # Every rank computes the report (no communication), so if it ever raises it raises everywhere,
         # never on rank 0 alone while the others wait in the next collective (invariant 6). It splits the
@@ -261,8 +184,14 @@ class Trainer:
                                world_size=self.world_size, device=self.device.type)
         if self.rank == 0:
             print(f"megagopher: {report['line']}", flush=True)
-        logger = MetricsLogger(run_dir, self.rank == 0, cfg.run.tensorboard, device_name,
-                               resume_iteration=self.iteration)
+        logger, error = None, None
+        try:  # rank 0 alone writes metrics; its verdict on the file reaches every rank before training
+            logger = MetricsLogger(run_dir, self.rank == 0, cfg.run.tensorboard, device_name,
+                                   resume_iteration=self.iteration)
+        except InputError as e:
+            error = e
+        if not ckpt.agree(error is None):
+            raise error or InputError(f"{os.path.join(run_dir, 'metrics.jsonl')} cannot be used (see rank 0)")
         try:
             with kernels.use_backend(cfg.training.kernel_backend):
                 self._run_stages(logger)
@@ -277,15 +206,22 @@ class Trainer:
 
     def _run_stages(self, logger):
         cfg = self.cfg
+        self._skip_finished_stages()
+        if self.stage_index >= len(cfg.stages):
+            if self.rank == 0:
+                print(f"megagopher: nothing left to do: the checkpoint at iteration {self.iteration} finished every "
+                      "stage (raise training.train_iters or add a stage to train on)", flush=True)
+            return
         clock = {"total_iters": sum(st.train_iters for st in cfg.stages), "start": time.perf_counter(), "steps": 0}
         for stage_index in range(self.stage_index, len(cfg.stages)):
             self.stage_index = stage_index
             if not self._run_stage(stage_index, logger, clock):
                 return
-            self.stage_iteration, self.stage_samples = 0, 0
-            self.stage_index = stage_index + 1
-            self.save()  # every stage ends with a checkpoint the next one (or a restart) starts from
+            # Every stage ends with a checkpoint of the stage with all its steps done: the next stage, or
+            # the same one given more steps, starts from it.
+            self.save()
             self.checkpointer.wait()
+            self.stage_index, self.stage_iteration, self.stage_samples = stage_index + 1, 0, 0
 
     def _start_stage(self, stage_index):
         """Growth, data and optimizer of a stage (fresh unless the stage keeps the previous one's)."""
@@ -313,6 +249,11 @@ class Trainer:
     def _run_stage(self, stage_index, logger, clock):
         """The steps of one stage; False when the run stops early (signal or exit_after_iters)."""
         stage, scfg, (train_ds, valid_ds), schedule = self._start_stage(stage_index)
+        if not ckpt.agree(not self.stop_requested):  # a signal during start-up, data building or growth
+            if self.rank == 0:
+                print(f"megagopher: stopping before the first step of stage {stage.name!r} at iteration "
+                      f"{self.iteration}; nothing new to save", flush=True)
+            return False
         t = scfg.training
         flops_per_token = model_flops_per_token(self.model_cfg, scfg.model.seq_length, t.recompute)
         exit_after, interval = self.cfg.training.exit_after_iters, self.cfg.checkpoint.save_interval

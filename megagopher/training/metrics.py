@@ -10,7 +10,10 @@ by the device's peak; the peak table covers the GPUs we know (dense bf16/fp16 te
 import json
 import math
 import os
+import shutil
 import time
+
+from megagopher.common import InputError
 
 PEAK_TFLOPS_BF16 = {  # dense, no sparsity
     "H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L4": 121.0,
@@ -61,9 +64,13 @@ class MetricsLogger:
             return
         os.makedirs(run_dir, exist_ok=True)
         path = os.path.join(run_dir, "metrics.jsonl")
-        if resume_iteration:
-            _truncate_after(path, resume_iteration)
-        self.file = open(path, "a")
+        # Rows past the iteration this run starts from are from a run killed after its last checkpoint
+        # (or, starting fresh, from an earlier run in this directory): they go, so the file reads as one run.
+        _truncate_after(path, resume_iteration)
+        try:
+            self.file = open(path, "a")
+        except OSError as e:
+            raise InputError(f"{path}: cannot write the metrics file ({e.strerror})") from None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
@@ -126,19 +133,37 @@ class MetricsLogger:
 
 def _truncate_after(path, iteration):
     """On resume, drop rows written after the checkpoint we resume from (a crash can leave some), so the
-    file reads as one uninterrupted run. Written to a temporary name and renamed."""
-    if not os.path.exists(path):
+    file reads as one uninterrupted run. Unreadable lines (a half-written last line, a damaged file) are
+    dropped too; when there are any, the file as it was is kept as metrics.jsonl.damaged and one line says
+    so. The new file is written under a temporary name and renamed."""
+    if not os.path.lexists(path):
         return
-    with open(path) as f:
-        rows = [line for line in f if line.strip()]
-    keep = []
-    for line in rows:
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+    except OSError as e:  # a directory in its place, no permission
+        raise InputError(f"{path}: cannot read the metrics file to resume it ({e.strerror})") from None
+    keep, later, dropped = [], 0, 0
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
         try:
-            if json.loads(line).get("iteration", 0) <= iteration:
-                keep.append(line)
-        except json.JSONDecodeError:
-            continue  # a half-written last line from a killed run
+            row = json.loads(line.decode("utf-8"))
+            if row.get("iteration", 0) <= iteration:
+                keep.append(line + b"\n")
+            else:
+                later += 1
+        except (ValueError, AttributeError):  # invalid UTF-8 or JSON, or not a row
+            dropped += i < len(lines) - 1  # a last line with no newline is the one a killed run was writing
+    if iteration == 0 and later:
+        shutil.copyfile(path, path + ".previous")
+        print(f"megagopher: {path} held {later} rows of an earlier run; starting fresh (the file as it was is "
+              f"kept as {os.path.basename(path)}.previous)", flush=True)
+    if dropped:
+        shutil.copyfile(path, path + ".damaged")
+        print(f"megagopher: {path}: {dropped} unreadable line(s) dropped on resume (the file as it was is kept "
+              f"as {os.path.basename(path)}.damaged)", flush=True)
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with open(tmp, "wb") as f:
         f.writelines(keep)
     os.replace(tmp, path)

@@ -130,3 +130,38 @@ def test_crash_during_an_async_write_keeps_the_previous_checkpoint(tmp_path):
     assert open(os.path.join(ckpt, "latest")).read().strip() == "2"
     run_train(cfg, run_dir, *args)
     assert [r["loss"] for r in read_metrics(run_dir)] == [r["loss"] for r in read_metrics(ref)]
+
+
+ONE_STAGE = TINY.replace("train_iters = 4\n", "") + """
+[[stages]]
+name = "first"
+train_iters = 2
+"""
+TWO_STAGES = ONE_STAGE + """
+[[stages]]
+name = "second"
+train_iters = 2
+optimizer.lr = 1e-3
+"""
+
+
+def test_extending_a_finished_run(tmp_path):
+    """Rerunning a finished run with more steps continues from its last checkpoint (as Megatron's
+    --train-iters does); with a stage added it trains that stage exactly as a run that had it from the
+    start; with nothing left to do it says so in one line."""
+    one, two = write_config(tmp_path, ONE_STAGE, "one.toml"), write_config(tmp_path, TWO_STAGES, "two.toml")
+    reference = str(tmp_path / "reference")
+    run_train(two, reference)
+    run_dir = str(tmp_path / "run")
+    args = (f"--checkpoint.dir={tmp_path / 'ckpt'}", "--checkpoint.load=auto")
+    run_train(one, run_dir, *args)
+    proc = run_train(two, run_dir, *args)  # a stage added
+    assert "resumed from" in proc.stdout
+    keys = ("iteration", "stage", "loss", "grad_norm")
+    assert [[r[k] for k in keys] for r in read_metrics(run_dir)] == [[r[k] for k in keys] for r in read_metrics(reference)]
+    proc = run_train(two, run_dir, *args, "--stages.second.train_iters=3")  # the last stage, longer
+    assert [r["iteration"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5]
+    proc = run_train(two, run_dir, *args, "--stages.second.train_iters=3")
+    lines = [line for line in proc.stdout.splitlines() if "nothing left to do" in line]
+    assert len(lines) == 1 and "iteration 5" in lines[0], proc.stdout
+    assert [r["iteration"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5]

@@ -138,9 +138,11 @@ class Watchdog:
         atexit.unregister(self._at_exit)
 
     def _publish_stopped(self):
+        if self.store is None:  # stop() has run already
+            return
         try:
             self.store.set(f"stopped/{self.rank}", "1")
-        except (RuntimeError, AttributeError):  # the store is gone too, or already closed by stop()
+        except RuntimeError:  # the store is gone too; this rank is ending anyway
             pass
 
     def _at_exit(self):
@@ -204,8 +206,9 @@ class Watchdog:
             return None
         t = self._target
         if t is None or t["rank"] != other:
-            identity = store.get(f"identity/{other}").decode() if store.check([f"identity/{other}"]) else ""
-            t = self._target = {"rank": other, "identity": identity, "beat": None, "since": now, "ticks": 0}
+            t = self._target = {"rank": other, "identity": "", "beat": None, "since": now, "ticks": 0}
+        if not t["identity"] and store.check([f"identity/{other}"]):  # published when its watchdog starts
+            t["identity"] = store.get(f"identity/{other}").decode()
         beat = store.add(f"beat/{other}", 0)
         if beat != t["beat"]:
             t.update(beat=beat, since=now, ticks=0)
@@ -213,8 +216,9 @@ class Watchdog:
             t["ticks"] += 1
         gone = process_gone(t["identity"]) if t["identity"] else False
         # Counting this thread's own ticks as well as time: when the whole machine stalls, the watcher
-        # stalls too and must not blame the rank it could not watch.
-        silent = t["ticks"] * self.interval_s >= self.threshold_s and now - t["since"] >= self.threshold_s
+        # stalls too and must not blame the rank it could not watch. A rank that has not beaten yet is
+        # still starting: its silence says nothing (a collective's timeout covers that stretch).
+        silent = beat > 0 and t["ticks"] * self.interval_s >= self.threshold_s and now - t["since"] >= self.threshold_s
         if not (gone or silent) or store.check([f"stopped/{other}"]):  # it may have ended cleanly just now
             return None
         if gone:

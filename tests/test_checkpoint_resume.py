@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from megagopher.training.checkpoint import CheckpointReader
+from test_reshard import GROWING  # 2 layers, then a stage that grows to 4
 from train_utils import ROOT, TINY, read_metrics, run_train, write_config
 
 NEXT_STEP_RTOL, STEP_AFTER_RTOL = 1e-5, 1e-4  # as in test_reshard.py: only the order of sums differs
@@ -67,16 +68,6 @@ def test_fp16_resume_restores_the_loss_scaler_exactly(tmp_path):
     assert [tuple(r[k] for k in keys) for r in read_metrics(run_dir)] == expected
     assert len({r["loss_scale"] for r in read_metrics(ref)}) > 2 and any(r["skipped"] for r in read_metrics(ref))
 
-
-GROWING = TINY.replace("num_layers = 4", "num_layers = 2").replace("train_iters = 4\n", "") + """
-[[stages]]
-name = "small"
-train_iters = 2
-[[stages]]
-name = "grown"
-train_iters = 2
-grow.num_layers = 4
-"""
 
 
 def test_resume_from_the_boundary_before_growth(tmp_path):

@@ -166,6 +166,9 @@ def validate(cfg, world_size):
     for index, stage in enumerate(cfg.stages):
         if names.count(stage.name) > 1:
             raise ConfigError(f"stages[{index}].name = {stage.name!r} is used by more than one stage")
+        if ("training", "train_iters") in stage.overrides:  # stage() would replace it by the stage's own
+            raise ConfigError(f"stages[{index}].training.train_iters: a stage's number of steps is "
+                              f"stages[{index}].train_iters (--stages.{stage.name}.train_iters=N)")
         where = f" (stage {stage.name!r})" if len(cfg.stages) > 1 else ""
         try:
             dp = _check_stage(cfg, index, world_size)

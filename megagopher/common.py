@@ -32,7 +32,9 @@ class SaveFailed(RuntimeError):
     is "stop": every rank agreed on it; the training command exits with status 4."""
 
 
-EXIT_INPUT_ERROR, EXIT_NON_FINITE, EXIT_SAVE_FAILED = 2, 3, 4
+# Exit statuses of megagopher.train besides 0: bad input, an agreed non-finite loss, a failed save under
+# checkpoint.on_save_error = "stop", and a lost rank, launcher or rendezvous store (training/watchdog.py).
+EXIT_INPUT_ERROR, EXIT_NON_FINITE, EXIT_SAVE_FAILED, EXIT_PEER_LOST = 2, 3, 4, 5
 
 
 def element_bytes(precision):

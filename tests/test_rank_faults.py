@@ -24,7 +24,7 @@ def _burner():
 
 
 def test_finished_runs_exit_zero_on_every_rank_under_load(tmp_path):
-    # Two rounds of three 2-rank jobs at once (dp2 and tp2) next to a busy core: 7 processes on 2 cores,
+    # Two rounds of three 2-rank jobs at once (dp2 and tp2) next to a busy core: 7 busy processes on 2 cores,
     # the load under which a rank used to abort in its process groups' destructors after the last step.
     config = write_config(tmp_path)
     jobs = [(f"{kind}{n}", ["--parallel.tp=2"] if kind == "tp" else []) for n in range(3) for kind in ("dp", "tp")]
@@ -38,17 +38,17 @@ def test_finished_runs_exit_zero_on_every_rank_under_load(tmp_path):
         burner.wait()
     for (name, _), proc in zip(jobs, procs):
         assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
-        assert "terminate called" not in proc.stderr and "watchdog" not in proc.stderr, proc.stderr[-3000:]
+        assert "terminate called" not in proc.stderr and "ending rank" not in proc.stderr, proc.stderr[-3000:]
         assert [r["iteration"] for r in read_metrics(str(tmp_path / name))] == [1, 2, 3, 4]
 
 
 # -- a lost rank or launcher under torchrun ------------------------------------------------------------------
-def _launch(tmp_path, nproc, *overrides):
+def _launch(tmp_path, nproc, *overrides, timeout_s=TIMEOUT_S):
     """A torchrun job that trains until it is killed; its output goes to ``out.log``."""
     log = open(tmp_path / "out.log", "w")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
            "-m", "megagopher.train", "--config", write_config(tmp_path), f"--run.dir={tmp_path / 'run'}",
-           "--training.train_iters=1000000", "--training.log_interval=1000000", f"--parallel.timeout_s={TIMEOUT_S}",
+           "--training.train_iters=1000000", "--training.log_interval=1000000", f"--parallel.timeout_s={timeout_s}",
            *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     # Its own session, so that the test can kill the launcher alone.
@@ -142,6 +142,22 @@ def test_killed_worker_ends_every_rank_naming_it(tmp_path):
     assert "/megagopher/" not in out, out[-3000:]  # no worker printed a traceback
 
 
+def test_hung_worker_is_named_after_the_threshold(tmp_path):
+    # A stopped process still exists: only its silent heartbeat gives it away, after threshold_for(10) = 10 s.
+    proc = _launch(tmp_path, 2, timeout_s=10)
+    workers = {}
+    try:
+        workers = _wait_for_a_step(proc, tmp_path, 2)
+        os.kill(workers[1], signal.SIGSTOP)
+        elapsed = _wait_gone([workers[0]], 10 + 30)
+    finally:
+        _kill_all(proc, workers.values())  # the stopped rank cannot act on torchrun's SIGTERM
+    out = _output(tmp_path)
+    assert 10 <= elapsed < 10 + 30, f"{elapsed:.1f} s:\n{out[-3000:]}"
+    assert re.search(r"megagopher: rank 1 stopped responding for \d+ s \(its process is hung or its node is "
+                     r"unreachable\); ending rank 0", out), out[-3000:]
+
+
 def test_killed_launcher_ends_its_workers(tmp_path):
     proc = _launch(tmp_path, 2)
     workers = {}
@@ -185,6 +201,32 @@ def test_watchdog_names_a_silent_rank_and_spares_a_finished_one():
     assert not verdicts[1] and not verdicts[3]
     for dog in (dogs[0], dogs[1], dogs[2]):
         dog.stop()
+
+
+class _DeadStore:
+    """A store whose server has gone: every call fails as c10d's client does."""
+
+    def __getattr__(self, name):
+        def fail(*args):
+            raise dist.DistNetworkError("Broken pipe")
+        return fail
+
+
+def test_watchdog_ends_a_rank_whose_store_is_gone():
+    verdicts = []
+
+    def refuse():
+        raise ConnectionError("[Errno 111] Connection refused")
+
+    dog = wd.Watchdog(dist.HashStore(), 0, 2, 5.0, interval_s=0.05, on_verdict=verdicts.append, connect=refuse,
+                      where="127.0.0.1:1")
+    dog.start().store = _DeadStore()
+    deadline = time.monotonic() + 5
+    while not verdicts and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert verdicts == ["megagopher: the rendezvous store at 127.0.0.1:1 is unreachable ([Errno 111] Connection "
+                        "refused): the launcher or the rank that hosts it is gone; ending rank 0"]
+    dog.stop()
 
 
 def test_process_identity_and_error_kinds():

@@ -80,7 +80,9 @@ def framework(cfg, steps, run_dir):
     from megagopher.training.loop import Trainer
     cfg.stages[0].train_iters = steps
     cfg.run.dir = run_dir
-    Trainer(cfg).run()
+    trainer = Trainer(cfg)
+    trainer.run()
+    trainer.close()  # ends the process groups in order, as megagopher.train does
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line)["step_time_s"] for line in f if line.strip()]
 

@@ -2,7 +2,8 @@
 (config/validate.py, invariant 6), so every rank arrives here with a config that works for this world size.
 
 A multi-rank run that this module starts also gets a watchdog (training/watchdog.py): a lost rank, launcher
-or store ends every other rank within seconds, with one line naming what was lost. The run ends through
+or store ends every other rank with one line naming what was lost, within seconds when a process is gone
+and within the watchdog's threshold (parallel.timeout_s, kept within 10 to 60 s) when it hangs. The run ends through
 ``end_distributed``, which stops the watchdog before any process group is destroyed, so it never fires
 during a clean exit."""
 import datetime
@@ -12,10 +13,10 @@ import sys
 import torch
 import torch.distributed as dist
 
-from megagopher.common import pick_device
+from megagopher.common import EXIT_PEER_LOST, pick_device
 from megagopher.training import watchdog as wd
 
-_watchdog = None  # this process's watchdog, while it runs
+_watchdog = None  # this process's watchdog once started; it stays after a clean stop (exit_if_peer_lost)
 
 
 def setup_distributed(cfg):
@@ -44,17 +45,16 @@ def setup_distributed(cfg):
 
 def stop_watchdog():
     """Ends this rank's watch cleanly (its watcher will not call it lost); no collective. For a run that
-    every rank ends at the same point without communicating again (an input error they all raise)."""
-    global _watchdog
+    every rank ends at the same point without communicating again (an input error they all raise).
+    The watchdog object stays, so a collective that fails afterwards still ends with one line."""
     if _watchdog is not None:
         _watchdog.stop()
-        _watchdog = None
 
 
 def end_distributed(close):
     """The clean end of a run on every rank: a barrier while the watchdog still watches (a rank lost now
     is still named), then the watchdog stops, then ``close`` (Trainer.close) destroys the groups."""
-    if _watchdog is not None:
+    if _watchdog is not None and _watchdog.running:
         dist.barrier()
     stop_watchdog()
     close()
@@ -62,15 +62,15 @@ def end_distributed(close):
 
 def exit_if_peer_lost(error):
     """Called with an exception that reached the entry point. When it is a failed collective of a run
-    this module watches, a peer or the launcher is gone: give the watchdog its threshold to name it (its
-    verdict ends the process), else print one line, and exit without the collective shutdown, which
-    would hang. Any other error returns, for the caller to raise."""
+    this module watches, a peer or the launcher is gone: give the watchdog (while it runs) its threshold to
+    name it (its verdict ends the process), else print one line, and exit without the collective shutdown,
+    which would hang. Any other error returns, for the caller to raise."""
     if _watchdog is None or not wd.is_communication_error(error):
         return
-    if _watchdog.wait_for_verdict() is None:
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        rank = _watchdog.rank
-        os.write(2, (f"megagopher: a collective failed on rank {rank} ({first}) and the watchdog named no lost "
-                     f"rank within {_watchdog.threshold_s:.0f} s; ending rank {rank}\n").encode())
+    _watchdog.wait_for_verdict()  # a verdict ends this process from the watchdog's thread
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    rank = _watchdog.rank
     sys.stdout.flush()
-    os._exit(wd.EXIT_PEER_LOST)
+    os.write(2, (f"megagopher: a collective failed on rank {rank} ({first}) and no lost rank was named; "
+                 f"ending rank {rank}\n").encode())
+    os._exit(EXIT_PEER_LOST)

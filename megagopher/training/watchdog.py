@@ -34,10 +34,14 @@ import socket
 import threading
 import time
 
-EXIT_PEER_LOST = 5  # after common.py's EXIT_INPUT_ERROR, EXIT_NON_FINITE, EXIT_SAVE_FAILED (2, 3, 4)
+import torch.distributed as dist
+
+from megagopher.common import EXIT_PEER_LOST
+
 INTERVAL_S = 1.0
-# Below 10 s a healthy rank can miss its beats: 8 ranks on 2 busy cores get a time slice every few hundred
-# ms and a long C call can hold the GIL for seconds. Above 60 s a hung rank holds the job for minutes.
+# A healthy rank must never look silent: with 8 ranks and a busy process on 2 cores the longest gap between
+# two beats measured 1.2 s, and a long C call that holds the GIL can add seconds, hence at least 10 s.
+# More than 60 s would let a hung rank hold the whole job for minutes.
 MIN_THRESHOLD_S, MAX_THRESHOLD_S = 10.0, 60.0
 # The signatures of a failed collective: c10d's own errors are DistError; gloo's transport raises a
 # RuntimeError that names its source file or the peer's closed socket.
@@ -50,7 +54,6 @@ def threshold_for(timeout_s):
 
 
 def is_communication_error(error):
-    import torch.distributed as dist
     return isinstance(error, dist.DistError) or bool(_COMM_ERROR.search(str(error)))
 
 
@@ -129,8 +132,15 @@ class Watchdog:
         self._thread.start()
         return self
 
+    @property
+    def running(self):
+        return self._thread.is_alive()
+
     def stop(self):
-        """The clean end of this rank: stop the thread, then tell the watchers this rank left on purpose."""
+        """The clean end of this rank: stop the thread, then tell the watchers this rank left on purpose.
+        Calling it again does nothing."""
+        if self.store is None:
+            return
         self._halt.set()
         self._thread.join(timeout=self.threshold_s)
         self._publish_stopped()
@@ -251,7 +261,6 @@ def start_from_env(rank, world_size, threshold_s, finished):
     """The watchdog of a process started with the env:// variables (torchrun or by hand): its own client
     connection to MASTER_ADDR:MASTER_PORT, keys under the run id and restart count so that a restarted
     job never reads an old verdict."""
-    import torch.distributed as dist
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     timeout = datetime.timedelta(seconds=threshold_s)
 

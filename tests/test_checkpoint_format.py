@@ -151,3 +151,26 @@ def _flip(path, offset, mask):
 def _truncate(path, size):
     with open(path, "r+b") as f:
         f.truncate(size)
+
+
+def test_files_and_their_directories_are_fsynced(tmp_path, monkeypatch):
+    """A shard is fsynced once written; a durable text file (metadata.json, latest) before its rename, and
+    its directory after, so the published name cannot point at data a power loss took."""
+    from megagopher.training import ckpt_files
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    shard = str(tmp_path / "rank_00000.safetensors")
+    record = ckpt_files.write_shard({"param/w/0/0": torch.arange(10.0)}, shard)
+    assert os.stat(shard).st_ino in synced and record["bytes"] == os.path.getsize(shard)
+    assert os.stat(shard).st_mode & 0o777 == 0o666 & ~ckpt_files._UMASK  # the umask's, not owner-only
+    synced.clear()
+    latest = str(tmp_path / "latest")
+    ckpt_files.write_text_durably(latest, "7\n")
+    assert synced == [os.stat(latest).st_ino, os.stat(str(tmp_path)).st_ino]
+    assert open(latest).read() == "7\n" and not os.path.exists(latest + ".tmp")

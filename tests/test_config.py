@@ -30,6 +30,8 @@ RULES = [
     ("choice", TINY, ["--parallel.schedule=zigzag"], "parallel.schedule = 'zigzag'; valid: 'gpipe', '1f1b'"),
     ("stage steps", STAGED, ["--stages.deep.training.train_iters=9"],
      "stages[1].training.train_iters: a stage's number of steps is stages[1].train_iters"),
+    ("load path", TINY, ["--checkpoint.load=/nonexistent/ckpt"], "checkpoint.load = '/nonexistent/ckpt': no "
+     "checkpoint there"),
     ("save error policy", TINY, ["--checkpoint.on_save_error=retry"],
      "checkpoint.on_save_error = 'retry'; valid: 'stop', 'continue'"),
     ("type", TINY, ["--training.micro_batch_size=two"], "training.micro_batch_size = 'two' must be an integer"),

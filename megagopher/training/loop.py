@@ -37,7 +37,7 @@ from megagopher.tensor_parallel import model_parallel_seed
 from megagopher.training import checkpoint as ckpt
 from megagopher.training import data as data_lib
 from megagopher.common import PRECISION_DTYPES, InputError
-from megagopher.config import to_toml, validate
+from megagopher.config import ConfigError, to_toml, validate
 from megagopher.training.distributed import setup_distributed
 from megagopher.training.metrics import MetricsLogger, model_flops_per_token
 from megagopher.training.resume import CheckpointedRun
@@ -59,6 +59,10 @@ class Trainer(CheckpointedRun):
             signal.signal(sig, self._on_signal)
         # Invariant 6: every check that can fail runs here, identically on every rank, before any collective.
         self.dp = validate(cfg, self.world_size)
+        load = cfg.checkpoint.load
+        if load not in ("", "auto") and not ckpt.find_checkpoints(load):  # read from disk, so not in validate
+            raise ConfigError(f"checkpoint.load = {load!r}: no checkpoint there (an iter_NNNNNNN directory, or a "
+                              "checkpoint root holding one); \"auto\" resumes from checkpoint.dir if it has one")
         self.vocab_size = data_lib.vocab_size_of(cfg)
         self.device = setup_distributed(cfg)
         p = cfg.parallel

@@ -21,20 +21,10 @@ all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_
 reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-class InputError(ValueError):
-    """Bad input the user must fix: a config key, a dataset, tokenizer or config file. The message is one
-    line naming the file or key and what is wrong; the training command prints it and exits with status 2
-    on every rank (every rank reads the same input, so every rank raises it)."""
-
-
-class SaveFailed(RuntimeError):
-    """A checkpoint could not be written (disk full, read-only file system) and checkpoint.on_save_error
-    is "stop": every rank agreed on it; the training command exits with status 4."""
-
-
-# Exit statuses of megagopher.train besides 0: bad input, an agreed non-finite loss, a failed save under
-# checkpoint.on_save_error = "stop", and a lost rank, launcher or rendezvous store (training/watchdog.py).
-EXIT_INPUT_ERROR, EXIT_NON_FINITE, EXIT_SAVE_FAILED, EXIT_PEER_LOST = 2, 3, 4, 5
+# The error types and exit statuses live in megagopher/errors.py, which imports nothing (the data and
+# config packages use them without torch); they are re-exported here.
+from megagopher.errors import (EXIT_INPUT_ERROR, EXIT_NON_FINITE, EXIT_PEER_LOST, EXIT_SAVE_FAILED,  # noqa: E402,F401
+                               InputError, SaveFailed)
 
 
 def element_bytes(precision):

@@ -16,25 +16,27 @@ what must happen:
   error|proceed  the config: a value changed into another valid value is a config like any other.
 
 In-process cases run what the trainer does with its inputs before the first step; a subset runs
-``python -m megagopher.train`` itself, two of them under torchrun with 2 ranks. A new file type joins by
-adding one ARTIFACTS entry (where it lies and its oracle), a new damage by adding one DAMAGES entry.
+``python -m megagopher.train`` itself, at least one per input file, two of them as 2 ranks (with
+torchrun's environment) to show that every rank exits 2 with its one line. Every case also checks that
+no input file was written. A new file type joins by adding one ARTIFACTS entry (where it lies and its
+oracle), a new damage by adding one DAMAGES entry; both then join the table and the seeded draw.
 """
 import builtins
 import glob
 import os
 import random
-import re
 import shutil
 import subprocess
 import sys
 import time
+import tomllib
 import warnings
 
 import numpy as np
 import pytest
 
 from megagopher.common import InputError
-from megagopher.config import load_config, validate
+from megagopher.config import load_config, parse_overrides, validate
 from megagopher.data.bpe_trainer import count_words, train_bpe, write_tokenizer_files
 from megagopher.data.indexed_dataset import IndexedDatasetBuilder, token_dtype_for
 from megagopher.data.tokenizer import load_tokenizer
@@ -169,12 +171,17 @@ def overrides(root):
 
 def open_inputs(root):
     """What the trainer does with its input files before its first step: ("error", message) for an
-    InputError, else ("ok", (vocab size, every train sample)). Any other exception fails the test."""
-    from megagopher.config import parse_overrides
+    InputError, else ("ok", (vocab size, every train sample)), or ("ok", None) for a config that is valid
+    but not the prepared one (its data is not built: a truncated [training] asks for millions of samples).
+    Any other exception fails the test."""
     try:
-        cfg = load_config(os.path.join(root, "config.toml"), parse_overrides(overrides(root)))
+        path = os.path.join(root, "config.toml")
+        cfg = load_config(path, parse_overrides(overrides(root)))
         validate(cfg, 1)
         vocab = vocab_size_of(cfg)
+        with open(path, "rb") as f:
+            if tomllib.load(f) != tomllib.loads(CONFIG):
+                return "ok", None
         scfg = cfg.stage(0)
         train, _ = build_datasets(scfg, vocab, scfg.training.train_iters)
         return "ok", (vocab, np.stack([train[i] for i in range(len(train))]))
@@ -237,6 +244,9 @@ def check_outcome(outcome, verdict, path, artifact, baseline):
         assert "\n" not in value and names_the_file(value, path, artifact), value
         return "error"
     assert verdict != "error", f"expected an error naming {path}; the inputs opened"
+    if value is None:
+        assert verdict == "error|proceed", "only a damaged config may load as another config"
+        return "proceeds (another valid config)"
     vocab, samples = value
     same = vocab == baseline[0] and np.array_equal(samples, baseline[1])
     if verdict in ("same", "error|same"):
@@ -258,13 +268,15 @@ def test_damaged_input_in_process(prepared, tmp_path, artifact, damage, k):
     root, path, what, verdict = damaged_copy(prepared, tmp_path, artifact, damage, k)
     before = snapshot(root)
     damaged = open(path, "rb").read() if os.path.isfile(path) and os.access(path, os.R_OK) else None
-    with warnings.catch_warnings(record=True):   # a rebuilt cache warns; that is not under test here
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         outcome = open_inputs(root)
     result = check_outcome(outcome, verdict, path, artifact, prepared[1])
-    detail = outcome[1] if outcome[0] == "error" else f"vocab {outcome[1][0]}, {len(outcome[1][1])} samples"
+    detail = outcome[1] if outcome[0] == "error" or outcome[1] is None else f"vocab {outcome[1][0]}"
     print(f"\n{artifact:19} {damage:9} {what:32} {verdict:13} -> {result}: {detail}")
     assert snapshot(root) == before, "an input file was written"
+    if ARTIFACTS[artifact][1] and damage != "no_read":   # a damaged cache file is named as it is rebuilt
+        assert damage == "delete" or any(os.path.basename(path) in str(w.message) for w in caught), caught
     if ARTIFACTS[artifact][1] and damage not in ("directory", "no_read"):
         # The damaged cache file was rebuilt to exactly what it was.
         assert open(path, "rb").read() == open(locate(prepared[0], artifact), "rb").read()
@@ -291,22 +303,25 @@ def test_unreadable_input_is_named(prepared, tmp_path, monkeypatch, artifact):
 # -- the real command: one line, exit status 2, on every rank ---------------------------------------------
 
 def _launch(root, run_dir, nproc):
-    """``python -m megagopher.train`` on the inputs; (exit statuses, [stderr lines per rank], torchrun's rc).
-    Under torchrun each rank's stderr goes to its own log file, so each rank's output is checked alone."""
+    """``python -m megagopher.train`` on the inputs as ``nproc`` ranks; ([exit status], [stderr lines]) per
+    rank. The ranks get torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...) but are started here,
+    so each one's own exit status is seen: torchrun would terminate the others once one has exited."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    args = ["-m", "megagopher.train", "--config", os.path.join(root, "config.toml"), f"--run.dir={run_dir}",
-            *overrides(root)]
-    if nproc == 1:
-        proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
-        return [proc.returncode], [proc.stderr.splitlines()], proc.returncode
-    logs = os.path.join(run_dir + "-logs")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
-           f"--log-dir={logs}", "--redirects=2", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
-    files = sorted(glob.glob(os.path.join(logs, "**", "stderr.log"), recursive=True))
-    assert len(files) == nproc, (files, proc.stderr[-3000:])
-    statuses = [int(s) for s in re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr)]
-    return statuses, [open(f).read().splitlines() for f in files], proc.returncode
+    cmd = [sys.executable, "-m", "megagopher.train", "--config", os.path.join(root, "config.toml"),
+           f"--run.dir={run_dir}", *overrides(root)]
+    if nproc > 1:
+        env.update(WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(free_port()))
+    procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)) if nproc > 1 else env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(nproc)]
+    try:
+        errs = [p.communicate(timeout=180)[1] for p in procs]
+    finally:
+        for p in procs:   # only after a timeout is any still running
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [p.returncode for p in procs], [e.splitlines() for e in errs]
 
 
 def _first_k(artifact, damage, verdict, tmp_path, prepared):
@@ -334,17 +349,44 @@ def test_damaged_input_through_the_command(prepared, tmp_path, artifact, damage,
     root, path, what, verdict = damaged_copy(prepared, tmp_path, artifact, damage, k)
     before = snapshot(root)
     start = time.time()
-    statuses, lines, rc = _launch(root, str(tmp_path / "run"), nproc)
+    statuses, lines = _launch(root, str(tmp_path / "run"), nproc)
     elapsed = time.time() - start
     print(f"{artifact} {damage} ({what}) x{nproc}: {verdict}, exit {statuses}, {elapsed:.1f}s: {lines}")
     assert snapshot(root) == before, "an input file was written"
     if verdict.startswith("error"):
-        assert rc != 0 and statuses == [2] * nproc, (statuses, lines)
+        assert statuses == [2] * nproc, (statuses, lines)
         for rank_lines in lines:
             assert len(rank_lines) == 1, rank_lines
             assert rank_lines[0].startswith("megagopher.train: ") and path in rank_lines[0], rank_lines
         assert elapsed < 90   # seconds on a loaded 2-core machine, most of it starting Python and torch
     else:
-        assert rc == 0 and statuses == [0], (statuses, lines)
+        assert statuses == [0], (statuses, lines)
         assert not any("Traceback" in line for line in lines[0]), lines
         assert [r["iteration"] for r in read_metrics(str(tmp_path / "run"))] == [1]
+        if ARTIFACTS[artifact][1]:   # the damaged cache file was rebuilt to exactly what it was
+            assert open(path, "rb").read() == open(locate(prepared[0], artifact), "rb").read()
+
+
+def test_damages_a_random_draw_may_miss(prepared, tmp_path):
+    """Three damages set directly: bytes appended to the .bin, a dtype code turned into another of the same
+    width (uint16 -> int16: the ids read the same, so the run proceeds on the same data), a repeated token."""
+    root = str(tmp_path / "inputs")
+    shutil.copytree(prepared[0], root, copy_function=shutil.copy2)
+    bin_path, idx_path, vocab_path = (os.path.join(root, rel) for rel in INPUTS[:3])
+    with open(bin_path, "ab") as f:
+        f.write(b"\x01\x00")
+    kind, message = open_inputs(root)
+    assert kind == "error" and message.startswith(bin_path) and "do not belong together" in message, message
+    os.truncate(bin_path, os.path.getsize(bin_path) - 2)
+    with open(idx_path, "r+b") as f:
+        f.seek(17)   # the dtype code, after the 9-byte magic and the 8-byte version
+        assert f.read(1) == bytes([8])
+        f.seek(17)
+        f.write(bytes([3]))
+    kind, (vocab, samples) = open_inputs(root)
+    assert kind == "ok" and vocab == VOCAB and np.array_equal(samples, prepared[1][1])
+    text = open(vocab_path, encoding="utf-8").read()
+    with open(vocab_path, "w", encoding="utf-8") as f:
+        f.write(text.replace('"<|endoftext|>"', '"!"'))   # the byte token "!" twice, no end-of-document token
+    kind, message = open_inputs(root)
+    assert kind == "error" and message.startswith(vocab_path) and "'!' appears twice" in message, message

@@ -9,7 +9,7 @@ bucket_size_mb=)``, ``DynamicLossScaler(hysteresis=)``) all reach it: one rule, 
 """
 import dataclasses
 
-from megagopher.common import InputError
+from megagopher.errors import InputError
 
 
 class ConfigError(InputError):

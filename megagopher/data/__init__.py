@@ -5,8 +5,10 @@
 """
 from .blended_dataset import BlendedDataset
 from .builder import build_gpt_datasets, global_batch, parse_split, split_document_ranges
+from .errors import DataError, MissingDataFile, MissingTokenizerFile, TokenizerError
 from .gpt_dataset import GPTDataset
 from .indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
-__all__ = ["BlendedDataset", "GPTDataset", "IndexedDataset", "IndexedDatasetBuilder", "build_gpt_datasets",
-           "global_batch", "parse_split", "split_document_ranges"]
+__all__ = ["BlendedDataset", "DataError", "GPTDataset", "IndexedDataset", "IndexedDatasetBuilder", "MissingDataFile",
+           "MissingTokenizerFile", "TokenizerError", "build_gpt_datasets", "global_batch", "parse_split",
+           "split_document_ranges"]

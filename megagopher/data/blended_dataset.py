@@ -11,7 +11,7 @@ its own seeded index.
 """
 import numpy as np
 
-from megagopher.common import InputError
+from megagopher.errors import InputError
 
 
 def normalize_weights(weights, what="blend"):

@@ -10,7 +10,7 @@ import warnings
 
 import numpy as np
 
-from megagopher.common import InputError
+from megagopher.errors import InputError
 
 from .blended_dataset import BlendedDataset, normalize_weights, samples_per_dataset
 from .errors import DataError
@@ -71,6 +71,14 @@ def _writable(cache_dir):
         return False
 
 
+def _open_indexed(prefixes, vocab_size, cache_dir):
+    """The blend's indexed datasets, each one's token ids checked against ``vocab_size`` when it is given."""
+    indexed = [IndexedDataset(p) for p in prefixes]
+    for ds in indexed if vocab_size is not None else ():
+        check_token_ids(ds, vocab_size, cache_dir)
+    return indexed
+
+
 def build_gpt_datasets(blend, seq_length, seed, split, num_samples, cache_dir=None, vocab_size=None):
     """Return (train, valid, test) datasets of shuffled GPT samples.
 
@@ -90,10 +98,9 @@ def build_gpt_datasets(blend, seq_length, seed, split, num_samples, cache_dir=No
 
     Each returned dataset has ``len() >= `` its requested count and ``ds[i]`` -> int64 numpy array of
     seq_length + 1 ids, identical for identical (blend, seq_length, seed, split). With several datasets the
-    result is a BlendedDataset of exactly the requested size. Raises FileNotFoundError / ValueError
-    naming the path or argument at fault (e.g. a split with no documents asked for samples): for the
-    blend, the split and the dataset files these are InputErrors (DataError, MissingDataFile), which
-    the training command reports in one line with exit status 2.
+    result is a BlendedDataset of exactly the requested size. Raises a ValueError naming the path or
+    argument at fault; for the blend, the split and the files an InputError (DataError; MissingDataFile,
+    also a FileNotFoundError), which the training command reports in one line with exit status 2.
     """
     weights, prefixes = _parse_blend(blend)
     split_weights = parse_split(split)
@@ -106,10 +113,7 @@ def build_gpt_datasets(blend, seq_length, seed, split, num_samples, cache_dir=No
         if not _writable(cache_dir):
             warnings.warn(f"cannot write the index cache {cache_dir}; indices will be rebuilt every run")
             cache_dir = None
-    indexed = [IndexedDataset(p) for p in prefixes]
-    if vocab_size is not None:
-        for ds in indexed:
-            check_token_ids(ds, vocab_size, cache_dir)
+    indexed = _open_indexed(prefixes, vocab_size, cache_dir)
     ranges = [split_document_ranges(len(ds), split_weights) for ds in indexed]
 
     results = []
@@ -127,7 +131,7 @@ def build_gpt_datasets(blend, seq_length, seed, split, num_samples, cache_dir=No
                 continue
             if count == 0:
                 raise DataError(f"the {name} split of {prefixes[d]} is empty (split {split!r} over "
-                                 f"{len(ds)} documents) but {n} {name} samples were requested")
+                                f"{len(ds)} documents) but {n} {name} samples were requested")
             parts.append(GPTDataset(ds, first, count, seq_length, seed, int(per_dataset[d]), name, cache_dir))
         results.append(parts[0] if len(parts) == 1 else BlendedDataset(parts, weights, n))
     return tuple(results)

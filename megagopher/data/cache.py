@@ -87,7 +87,7 @@ def _load_arrays(manifest, paths, description):
                 raise ValueError(f"{os.path.basename(path)} does not match its digest")
         return {name: np.load(path, mmap_mode="r") for name, path in paths.items()}
     except (OSError, ValueError, KeyError, TypeError) as e:
-        why = reason(e) if isinstance(e, OSError) else str(e)
+        why = f"{os.path.basename(e.filename or '')}: {reason(e)}" if isinstance(e, OSError) else str(e)
         _warn(f"index cache {manifest} cannot be used ({why}); rebuilding it")
         return None
 

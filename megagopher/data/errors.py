@@ -7,7 +7,7 @@ ValueError; the "missing file" ones are FileNotFoundErrors too, as the readers r
 """
 import os
 
-from megagopher.common import InputError
+from megagopher.errors import InputError
 
 
 class DataError(InputError):

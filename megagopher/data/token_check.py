@@ -17,7 +17,7 @@ from .cache import read_record, write_record
 from .errors import DataError
 from .indexed_dataset import data_file_path, index_file_path
 
-_seen = {}   # identity of a .bin -> its extremes, for the stages and blends of one process
+_seen = {}   # (path, identity) of a .bin -> its extremes: stages and blends of one process reuse them
 
 
 def _identity(bin_path):
@@ -68,6 +68,6 @@ def check_token_ids(indexed, vocab_size, cache_dir=None):
                         f"zero-filled (damaged), not a tokenised corpus")
     for value, at in ((lo, lo_at), (hi, hi_at)):
         if not 0 <= value < vocab_size:
-            raise DataError(f"{bin_path}: token id {value} (token {at}, in sequence {indexed.sequence_at(at)}) "
-                            f"is outside the vocabulary of {vocab_size} ids: the file is damaged or was "
-                            f"made with another tokenizer")
+            raise DataError(f"{bin_path}: token id {value} at position {at} (sequence {indexed.sequence_at(at)}) "
+                            f"is outside the model's vocabulary of {vocab_size} ids: the file is damaged or "
+                            f"was made with another tokenizer")

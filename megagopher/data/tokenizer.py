@@ -89,7 +89,7 @@ def _read_vocab(vocab_path):
 
 
 def _read_merges(merges_path):
-    merges = []
+    merges, line = [], ""
     try:
         with open(merges_path, encoding="utf-8") as f:
             for line_no, line in enumerate(f, 1):
@@ -100,13 +100,21 @@ def _read_merges(merges_path):
                 if not parts:
                     continue
                 if len(parts) != 2:
+                    shown = repr(line) if len(line) <= 80 else repr(line[:80]) + "..."
                     raise TokenizerError(f"{merges_path} line {line_no}: expected two space-separated tokens, "
-                                         f"got {line!r}")
+                                         f"got {shown}")
                 merges.append((parts[0], parts[1]))
     except OSError as e:
         raise unreadable(TokenizerError, merges_path, e) from None
     except UnicodeDecodeError as e:
         raise TokenizerError(f"{merges_path} is not UTF-8 text: {e}") from None
+    # Every writer (GPT-2's, Hugging Face's, train_tokenizer) starts with a "#version" line and ends every
+    # line with a newline; GPT-2's reader even drops a last line without one. So a file that lacks either
+    # was cut short (a cut just after a newline stays undetectable: the format records no merge count).
+    if not line:
+        raise TokenizerError(f"{merges_path} is empty (expected a '#version' line, then one merge per line)")
+    if not line.endswith("\n"):
+        raise TokenizerError(f"{merges_path} does not end with a newline: the file is truncated")
     return merges
 
 

@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 
-from megagopher.common import InputError
+from megagopher.errors import InputError
 
 PEAK_TFLOPS_BF16 = {  # dense, no sparsity
     "H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L4": 121.0,

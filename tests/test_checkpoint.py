@@ -95,7 +95,7 @@ def test_sigterm_saves_and_resume_continues(tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     stopped_at = read_metrics(run_dir)[-1]["iteration"]
-    assert "saving a checkpoint" in out
+    assert "got SIGTERM; stopping after this step" in out and "saved checkpoint" in out
     with open(os.path.join(ckpt_dir, "latest")) as f:
         assert int(f.read()) == stopped_at
     run_train(cfg, run_dir, f"--checkpoint.dir={ckpt_dir}", "--checkpoint.load=auto")

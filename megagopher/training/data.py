@@ -9,6 +9,7 @@ The synthetic source is a learnable, deterministic token stream: a random succes
 "grammar") fixed by the seed, followed with probability 0.85 and replaced by a uniform token otherwise.
 A model that learns the table reaches a loss near 0.15 * ln(V) + H(0.85) from ln(V) at the start.
 """
+import concurrent.futures
 import os
 
 import numpy as np
@@ -49,11 +50,42 @@ def global_batch_indices(consumed_samples, global_batch_size, dp_rank, dp_size):
 def microbatches(dataset, indices, micro_batch_size, device):
     """Splits this rank's slice into micro-batches: dicts of tokens and labels [mbs, s] on ``device``."""
     samples = np.stack([np.asarray(dataset[i], dtype=np.int64) for i in indices])
-    data = torch.from_numpy(samples)
+    return _split(torch.from_numpy(samples), micro_batch_size, device)
+
+
+class Prefetcher:
+    """Micro-batches of one dataset, the next step's prepared on a background thread while this step
+    computes: reading and collating samples leaves the critical path. On CUDA the collated batch sits in
+    pinned memory and goes over with one non-blocking copy. The batches are exactly ``microbatches``'s."""
+
+    def __init__(self, dataset, micro_batch_size, device):
+        self.dataset, self.micro_batch_size, self.device = dataset, micro_batch_size, device
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="megagopher-data")
+        self._next = None  # (range of indices, future of the collated host tensor)
+
+    def get(self, indices, next_indices=None):
+        """This step's micro-batches (``indices``); starts preparing ``next_indices``'s."""
+        if self._next is not None and self._next[0] == indices:
+            data = self._next[1].result()  # re-raises a data error in the training thread
+        else:
+            data = self._collate(indices)
+        self._next = (next_indices, self._pool.submit(self._collate, next_indices)) if next_indices else None
+        return _split(data, self.micro_batch_size, self.device)
+
+    def _collate(self, indices):
+        data = torch.from_numpy(np.stack([np.asarray(self.dataset[i], dtype=np.int64) for i in indices]))
+        return data.pin_memory() if self.device.type == "cuda" else data
+
+    def close(self):
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _split(data, micro_batch_size, device):
+    data = data.to(device, non_blocking=True)
     out = []
-    for start in range(0, len(indices), micro_batch_size):
+    for start in range(0, data.shape[0], micro_batch_size):
         chunk = data[start:start + micro_batch_size]
-        out.append({"tokens": chunk[:, :-1].contiguous().to(device), "labels": chunk[:, 1:].contiguous().to(device)})
+        out.append({"tokens": chunk[:, :-1].contiguous(), "labels": chunk[:, 1:].contiguous()})
     return out
 
 

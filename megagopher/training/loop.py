@@ -97,10 +97,13 @@ class Trainer(CheckpointedRun):
         return wrap_data_parallel(chunks, self.cfg.parallel, distributed_optimizer=self.cfg.optimizer.distributed)
 
     # -- one step ---------------------------------------------------------------------------------------
-    def train_step(self, dataset, scfg, consumed_samples, gbs):
-        mbs, seq = scfg.training.micro_batch_size, scfg.model.seq_length
+    def train_step(self, batches, scfg, consumed_samples, gbs, next_batch=None):
+        """One step on global batch [consumed_samples, + gbs); ``batches`` (a data.Prefetcher) starts
+        preparing ``next_batch`` ((consumed samples, size) of the next step) while this one computes."""
+        seq = scfg.model.seq_length
         indices = data_lib.global_batch_indices(consumed_samples, gbs, ps.get_dp_rank(), self.dp)
-        mbatches = data_lib.microbatches(dataset, indices, mbs, self.device)
+        following = data_lib.global_batch_indices(*next_batch, ps.get_dp_rank(), self.dp) if next_batch else None
+        mbatches = batches.get(indices, following)
         global_tokens = gbs * seq
         optimizer = self.optimizer
 
@@ -259,17 +262,31 @@ class Trainer(CheckpointedRun):
                       f"{self.iteration}; nothing new to save", flush=True)
             return False
         t = scfg.training
+        batches = data_lib.Prefetcher(train_ds, t.micro_batch_size, self.device)
+        try:
+            return self._stage_steps(stage, scfg, schedule, batches, valid_ds, logger, clock)
+        finally:
+            batches.close()
+
+    def _stage_steps(self, stage, scfg, schedule, batches, valid_ds, logger, clock):
+        """The step loop of ``_run_stage``: steps, logging, evaluation, interval and stop saves."""
+        t = scfg.training
         flops_per_token = model_flops_per_token(self.model_cfg, scfg.model.seq_length, t.recompute)
         exit_after, interval = self.cfg.training.exit_after_iters, self.cfg.checkpoint.save_interval
+
+        def batch_size(consumed):
+            return global_batch_size_at(consumed, t.global_batch_size, t.rampup_batch_size, t.micro_batch_size,
+                                        self.dp)
         while self.stage_iteration < t.train_iters:
             self.stage_iteration += 1
             self.iteration += 1
             lr = schedule(self.stage_iteration)
             self.optimizer.set_lr(lr)
             start = time.perf_counter()
-            gbs = global_batch_size_at(self.stage_samples, t.global_batch_size, t.rampup_batch_size,
-                                       t.micro_batch_size, self.dp)
-            loss, updated, grad_norm = self.train_step(train_ds, scfg, self.stage_samples, gbs)
+            gbs = batch_size(self.stage_samples)
+            following = self.stage_samples + gbs
+            next_batch = (following, batch_size(following)) if self.stage_iteration < t.train_iters else None
+            loss, updated, grad_norm = self.train_step(batches, scfg, self.stage_samples, gbs, next_batch)
             self.stage_samples += gbs
             clock["steps"] += 1
             row = self._metrics_row(stage, scfg, lr, gbs, (loss, updated, grad_norm), start, flops_per_token)

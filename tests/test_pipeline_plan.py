@@ -205,6 +205,35 @@ def test_chrome_trace_and_bubble_fraction(tmp_path):
     assert disabled.events == []
 
 
+def test_cuda_clock_places_device_events_at_the_step_anchor():
+    """On CUDA a span is timed by events on the stream: its seconds are the anchor's wall time plus the
+    device time elapsed since the anchor, whatever the host was doing meanwhile (fake events here)."""
+    from megagopher.pipeline_parallel.trace import CudaClock
+    device_ms = iter([0.0, 5.0, 12.5, 100.0, 101.0, 104.0])  # each record() takes the device's next time
+
+    class FakeEvent:
+        def record(self):
+            self.t = next(device_ms)
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return other.t - self.t
+
+    clock = CudaClock(event_factory=FakeEvent, synchronize=lambda: None)
+    clock.begin_step()
+    wall = clock._anchor[1]
+    start, end = clock.mark(), clock.mark()
+    assert clock.resolve(start) == pytest.approx(wall + 0.005) and clock.resolve(end) == pytest.approx(wall + 0.0125)
+    clock.begin_step()  # a new step, a new anchor: device time 100 ms is its zero
+    wall = clock._anchor[1]
+    start, end = clock.mark(), clock.mark()
+    # Wall times near 1.7e9 s carry about 2e-7 s of float64 rounding, hence abs=1e-6 on differences.
+    assert clock.resolve(end) - clock.resolve(start) == pytest.approx(0.003, abs=1e-6)
+    assert clock.resolve(start) == pytest.approx(wall + 0.001)
+
+
 def _png_size(path):
     data = open(path, "rb").read()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"

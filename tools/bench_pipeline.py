@@ -76,7 +76,7 @@ def _bench_rank(rank, world, args):
             torch.distributed.barrier()  # steps apart, as an optimizer step would keep them
         elapsed = (time.perf_counter() - start) / (args.steps - 1)
         gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, tracer.events)
+        torch.distributed.all_gather_object(gathered, tracer.resolved_events())
         results.append((schedule, vpp, gathered, elapsed))
         ps.destroy_model_parallel()
     return results if rank == 0 else None

@@ -4,7 +4,10 @@ Each rank records (op, microbatch, chunk, step, start, end) for its F, B and W p
 a span around each pass; waiting for a message happens outside spans, so it counts as idle).
 ``Tracer.save`` gathers every rank's events to rank 0, which writes one trace-event JSON file (Perfetto,
 chrome://tracing) with one row per rank. Times are wall-clock seconds measured with perf_counter's
-resolution, so ranks of one machine share a time base.
+resolution, so ranks of one machine share a time base. On CUDA a pass is timed with CUDA events on the
+current stream (host clocks would time kernel launches, not kernels): each step opens with an anchor
+event recorded on an idle device at a known wall time, and every pass's events are placed relative to
+it when the trace is saved, so the bubbles a GPU trace shows are the device's.
 
 ``bubble_fractions(trace)`` measures, per rank, the idle share of each training step: the step's window
 runs from the first pass that any rank starts to the last pass that any rank ends, and a rank's bubble is
@@ -18,40 +21,96 @@ import time
 import torch.distributed as dist
 
 
+class HostClock:
+    """Wall-clock seconds with perf_counter's resolution: marks are times already."""
+
+    def __init__(self):
+        self._offset = time.time() - time.perf_counter()
+
+    def now(self):
+        return self._offset + time.perf_counter()
+
+    def begin_step(self):
+        pass
+
+    def mark(self):
+        return self.now()
+
+    def resolve(self, mark):
+        return mark
+
+
+class CudaClock(HostClock):
+    """Device time: a mark is a CUDA event recorded on the current stream; ``resolve`` places it at the
+    step's anchor (an event recorded on an idle device, at a wall time read right after synchronising)
+    plus the device time elapsed between them."""
+
+    def __init__(self, event_factory=None, synchronize=None):
+        super().__init__()
+        import torch
+        self._event = event_factory or (lambda: torch.cuda.Event(enable_timing=True))
+        self._synchronize = synchronize or torch.cuda.synchronize
+        self._anchor = None
+
+    def begin_step(self):
+        self._synchronize()
+        event = self._event()
+        event.record()
+        self._anchor = (event, self.now())
+
+    def mark(self):
+        if self._anchor is None:
+            self.begin_step()
+        event = self._event()
+        event.record()
+        return self._anchor, event
+
+    def resolve(self, mark):
+        (anchor, wall), event = mark
+        event.synchronize()
+        return wall + anchor.elapsed_time(event) / 1e3  # elapsed_time is in milliseconds
+
+
 class Tracer:
-    def __init__(self, enabled=False):
+    def __init__(self, enabled=False, device=None):
         self.enabled = enabled
         self.events = []
         self.step = 0
-        self._offset = time.time() - time.perf_counter()  # wall clock with perf_counter's resolution
-
-    def _now(self):
-        return self._offset + time.perf_counter()
+        on_cuda = enabled and device is not None and getattr(device, "type", device) == "cuda"
+        self.clock = CudaClock() if on_cuda else HostClock()
 
     def begin_step(self):
         """Called by forward_backward: the events that follow belong to the next training step."""
         self.step += 1
+        if self.enabled:
+            self.clock.begin_step()
 
     @contextlib.contextmanager
     def span(self, op, microbatch, chunk=0):
         if not self.enabled:
             yield
             return
-        start = self._now()
+        start = self.clock.mark()
         try:
             yield
         finally:
             self.events.append({"op": op, "microbatch": microbatch, "chunk": chunk, "step": self.step,
-                                "start": start, "end": self._now()})
+                                "start": start, "end": self.clock.mark()})
+
+    def resolved_events(self):
+        """The events with their marks turned into seconds (on CUDA, waits for the events)."""
+        return [{**e, "start": self.clock.resolve(e["start"]), "end": self.clock.resolve(e["end"])}
+                for e in self.events]
 
     def save(self, path):
         """Collective: gathers all ranks' events; rank 0 writes ``path`` (temp name, then rename)."""
         if not self.enabled:
             return
-        gathered = [self.events]
+        events = self.resolved_events()
+        gathered = [events]
         if dist.is_initialized():
             gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, self.events)
+            dist.all_gather_object(gathered, events)
             if dist.get_rank() != 0:
                 return
         write_chrome_trace(gathered, path)

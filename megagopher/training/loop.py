@@ -69,7 +69,7 @@ class Trainer(CheckpointedRun):
         ps.initialize_model_parallel(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp)
         self.rank = dist.get_rank()
         model_parallel_seed(cfg.training.seed, ps.get_tp_rank(), ps.get_pp_rank(), self.device)
-        self.tracer = Tracer(enabled=p.trace)
+        self.tracer = Tracer(enabled=p.trace, device=self.device)
         self.iteration, self.consumed_tokens, self.stage_index, self.stage_iteration = 0, 0, 0, 0
         self.stage_samples = 0  # samples consumed in the current stage: the data position (ramp-up aware)
         self.skipped_total = 0

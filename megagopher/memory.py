@@ -22,12 +22,16 @@ first stage of 1F1B and ZB-H1 holds min(pp, m), GPipe all m, the interleaved sch
 (vpp - 1) * (pp + m % pp) + 2 (pp - 1) + 1 micro-batch-chunks (Narayanan et al. 2021, with the leftover
 micro-batches in the first group): the count comes from the pipeline plan's own bookkeeping. Not counted: the pipeline's
 communication buffers, ZB-H1's deferred weight-gradient inputs, temporary buffers of the backward pass,
-allocator fragmentation.
+allocator fragmentation. Nor the stage outputs: the pipeline runtime frees each one once it is sent
+(pipeline_parallel/schedules.py, Megatron's deallocate_output_tensor), so a stage holds only what autograd
+saved; before it did, every micro-batch in flight also held its [s, b, h] output (docs/memory.md).
 
 ``saved_activation_bytes(fn)`` measures the same thing: the bytes of the distinct storages autograd saves
-while ``fn`` runs (torch.autograd.graph.saved_tensors_hooks), parameters excluded.
+while ``fn`` runs (torch.autograd.graph.saved_tensors_hooks), parameters excluded. ``ActivationMeter``
+measures a whole schedule: the peak over its passes of what a rank holds for backward passes to come.
 """
 import math
+import weakref
 
 import torch
 
@@ -54,7 +58,7 @@ def layer_params(cfg, tp=1):
     n += qkv * h + (qkv if cfg.bias else 0)                         # fused QKV, column-parallel
     n += h * a * d // tp + (h if cfg.bias else 0)                   # output projection, row-parallel
     up = 2 if cfg.activation == "swiglu" else 1
-    n += up * (f // tp * h + (f // tp if cfg.bias else 0))          # fc1 (and fc_up)
+    n += up * (f // tp * h + (f // tp if cfg.bias else 0))          # fc1 (gate and up under SwiGLU)
     n += h * f // tp + (h if cfg.bias else 0)                       # fc2
     return n
 
@@ -92,10 +96,11 @@ def layer_activations(cfg, s, b, tp=1, sp=False, recompute="none", e=2, mask_byt
     out = {"input norm (input, statistics)": norm}
     if not cfg.parallel_residual:
         out["post-attention norm (residual sum, statistics)"] = norm
-    # The column-parallel linears' inputs: each norm's output, or under SP one gathered copy per linear.
-    column_linears = 1 + (2 if swiglu else 1)
+    # The column-parallel linears' inputs: each norm's output, under SP gathered, kept once per norm (the
+    # linears reading one norm's output, SwiGLU's gate and up, a parallel residual's QKV and fc1, are one
+    # autograd function: tensor_parallel/layers.py).
     norms_feeding = 1 if cfg.parallel_residual else 2
-    out["column-parallel inputs"] = (column_linears if sp else norms_feeding) * n * h * e
+    out["column-parallel inputs"] = norms_feeding * n * h * e
     rope, grouped = cfg.position_embedding == "rope", a != g
     repeat_kv = cfg.core_attention == "unfused" and grouped and recompute != "selective"
     if not repeat_kv:  # v (and k) are views of the projection's output, which therefore stays alive
@@ -114,9 +119,11 @@ def layer_activations(cfg, s, b, tp=1, sp=False, recompute="none", e=2, mask_byt
             out["softmax output"] = b * heads * s * s * e
             if cfg.attention_dropout > 0:
                 out["attention dropout (mask, output)"] = b * heads * s * s * (mask_bytes + e)
-    # The projection's input is a copy of the attention output laid out [s, b, heads * d], except that with
-    # one sequence per micro-batch the flash output already has that layout (a view, counted above).
-    if not (cfg.core_attention == "flash" and b == 1 and recompute != "selective"):
+    # The projection's input is the attention output viewed as [s, b, heads * d]: the flash output's layout
+    # makes that a view (counted above; the row-parallel linear keeps the view and flattens it only in its
+    # backward), the unfused matmul's needs a copy, and under selective recompute the flash output is not
+    # kept by the kernel, only as this input.
+    if not (cfg.core_attention == "flash" and recompute != "selective"):
         out["output projection input"] = n * a * d // tp * e
     out["MLP (activation input(s), fc2 input)"] = (3 if swiglu else 2) * n * f // tp * e
     if cfg.dropout > 0:
@@ -262,3 +269,53 @@ def saved_activation_bytes(fn, exclude=()):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         result = fn()
     return result, sum(v[0] for v in seen.values()), seen
+
+
+class ActivationMeter:
+    """The activation bytes a rank holds for backward passes to come, at its peak over a schedule.
+
+        with ActivationMeter(exclude=parameters) as meter:
+            forward_backward(chunks, microbatches, loss_fn, schedule, meter=meter)
+        meter.peak, meter.peak_by_kind   # bytes; {"saved": autograd's, "held": the runtime's own}
+
+    While active, every tensor autograd saves is remembered by a weak reference (so the meter keeps
+    nothing alive). ``sample(held)``, which the schedules call after every pass, counts the distinct
+    storages of the saved tensors still alive and of ``held`` (the stage inputs and outputs the pipeline
+    runtime keeps; a freed output points at a one-element placeholder). Storages of ``exclude`` are skipped."""
+
+    def __init__(self, exclude=()):
+        self.excluded = {t.untyped_storage().data_ptr() for t in exclude}
+        self.saved, self.samples = [], []
+        self.peak, self.peak_by_kind = 0, {"saved": 0, "held": 0}
+        self._hooks = None
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+    def _pack(self, tensor):
+        self.saved.append(weakref.ref(tensor))
+        return tensor
+
+    def sample(self, held=()):
+        """Counts what is held now; returns the bytes and keeps the peak."""
+        self.saved = [ref for ref in self.saved if ref() is not None]
+        storages = {}  # data_ptr -> (kind, bytes); a storage seen as saved is not counted again as held
+        for kind, tensors in (("saved", [ref() for ref in self.saved]), ("held", held)):
+            for tensor in tensors:
+                storage = tensor.untyped_storage() if tensor is not None else None
+                if storage is None or not storage.nbytes():
+                    continue
+                ptr = storage.data_ptr()
+                if ptr not in self.excluded and ptr not in storages:
+                    storages[ptr] = (kind, storage.nbytes())
+        by_kind = {kind: sum(n for k, n in storages.values() if k == kind) for kind in ("saved", "held")}
+        total = sum(by_kind.values())
+        self.samples.append(total)
+        if total > self.peak:
+            self.peak, self.peak_by_kind = total, by_kind
+        return total

@@ -32,6 +32,10 @@ RULES = [
      "stages[1].training.train_iters: a stage's number of steps is stages[1].train_iters"),
     ("load path", TINY, ["--checkpoint.load=/nonexistent/ckpt"], "checkpoint.load = '/nonexistent/ckpt': no "
      "checkpoint there"),
+    ("compile and recompute", TINY, ["--training.compile=true", "--training.recompute=full"],
+     "training.compile = true needs training.recompute = 'none' (got 'full')"),
+    ("compile and zb-h1", TINY, ["--training.compile=true", "--parallel.pp=2", "--parallel.schedule=zb-h1"],
+     "training.compile = true does not compose with parallel.schedule = 'zb-h1'"),
     ("save error policy", TINY, ["--checkpoint.on_save_error=retry"],
      "checkpoint.on_save_error = 'retry'; valid: 'stop', 'continue'"),
     ("type", TINY, ["--training.micro_batch_size=two"], "training.micro_batch_size = 'two' must be an integer"),

@@ -7,6 +7,8 @@ reduced gradients, every step's loss and gradient norm, and the final parameters
 and never start before the last micro-batch, and that an inf in one rank's fp16 gradient makes every rank
 skip the step and lower the loss scale. A spawn of 8 ranks covers tp2 x dp4 and tp2 x pp2 x dp2 (1F1B and
 ZB-H1, whose deferred weight gradients reach the buckets through ``param.accumulate_main_grad``).
+ZeRO-1 runs with its parameter all-gathers overlapped with the next forward pass (the default; see
+tests/test_overlap.py), so the final parameters are read after ``optimizer.finish_param_gather()``.
 """
 import math
 
@@ -84,18 +86,18 @@ def reduced_grads(chunks):
 
 
 def train(cfg, tp=None, pp=1, schedule="1f1b", distributed=False, steps=STEPS, precision="fp32", parallel=None,
-          sp=False, recompute="none", on_microbatch=None, before_step=None):
+          sp=False, recompute="none", on_microbatch=None, before_step=None, vpp=1, overlap_param_gather=True):
     """K steps of the training loop's contract (zero_grad, accumulate, finalize, step). tp None: the serial
     run, without parallel_state. Returns per-step (loss, updated, grad_norm, loss_scale), the full
     parameters by global name, and the first step's reduced gradients."""
     if tp is not None:
-        ps.initialize_model_parallel(tp=tp, pp=pp)
+        ps.initialize_model_parallel(tp=tp, pp=pp, vpp=vpp)
     model_parallel_seed(SEED, ps.get_tp_rank(), ps.get_pp_rank())
     chunks = build_model_chunks(cfg, sequence_parallel=sp, recompute=recompute, seed=SEED)
     for chunk in chunks:
         chunk.to(PRECISION_DTYPES[precision])
     chunks = wrap_data_parallel(chunks, parallel or {"bucket_size_mb": 0.004, "overlap_grad_reduce": True},
-                                distributed_optimizer=distributed)
+                                distributed_optimizer=distributed, overlap_param_gather=overlap_param_gather)
     optimizer = build_optimizer(chunks, {**OPT, "distributed": distributed},
                                 {"precision": precision, "initial_loss_scale": 1024.0, "hysteresis": 1})
     data = SyntheticDataset(cfg.vocab_size, cfg.seq_length, seed=5)
@@ -136,6 +138,7 @@ def train(cfg, tp=None, pp=1, schedule="1f1b", distributed=False, steps=STEPS, p
             before_step(step, chunks, optimizer)
         updated, grad_norm = optimizer.step()
         history.append((float(loss_sum) / global_tokens, updated, grad_norm, optimizer.loss_scale))
+    optimizer.finish_param_gather()  # the last step's ZeRO-1 all-gathers: no forward pass waits for them
     params = {_global_name(n, p): _gather_full(p, p.detach().float())
               for ddp in chunks for n, p in ddp.module.named_parameters()}
     ps.destroy_model_parallel()

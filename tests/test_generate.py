@@ -3,6 +3,7 @@ greedy decode computed here from GPTModel's own logits, the KV cache against ful
 (seeded, top-p, never a padding id, the same on every TP rank), stopping at eod, and score(). generate()
 drives GPTModel.forward itself (a forward hook sees every step), with the model's KVCache, on rope + GQA and
 learned-position models, flash and unfused attention."""
+import copy
 import os
 import subprocess
 import sys
@@ -121,16 +122,18 @@ def test_kv_cache_equals_full_recompute_and_model_forward(ckpt):
     lm = gen.load_model(ckpt)
     model = reference_model(ckpt)
     ids = PROMPT + [11, 12, 13]
+    # In float64, so that the comparison sees the cache's logic and not fp32 rounding (logits near 10).
+    cached_model, full_model = copy.deepcopy(lm.model).double(), copy.deepcopy(model).double()
     with torch.no_grad():
-        full = model(torch.tensor([ids]))[0, :, :model.cfg.vocab_size]
-    first, *steps = cached_logits(lm.model, ids, 4)
-    torch.testing.assert_close(first, full[3], rtol=1e-5, atol=1e-5)
+        full = full_model(torch.tensor([ids]))[0, :, :model.cfg.vocab_size]
+    first, *steps = cached_logits(cached_model, ids, 4)
+    torch.testing.assert_close(first, full[3], rtol=1e-10, atol=1e-10)
     for pos, logits in enumerate(steps, start=4):
-        torch.testing.assert_close(logits, full[pos], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits, full[pos], rtol=1e-10, atol=1e-10)
     assert first.shape == (model.cfg.vocab_size,) and model.padded_vocab_size > model.cfg.vocab_size
-    check_generate_steps(lm.model, PROMPT, NEW)
-    check_generate_steps(lm.model, PROMPT, NEW, use_cache=False)
-    check_generate_steps(lm.model, PROMPT, NEW, greedy=False, temperature=0.9, top_p=0.95, seed=3)
+    check_generate_steps(cached_model, PROMPT, NEW)
+    check_generate_steps(cached_model, PROMPT, NEW, use_cache=False)
+    check_generate_steps(cached_model, PROMPT, NEW, greedy=False, temperature=0.9, top_p=0.95, seed=3)
     assert "core_attention" not in vars(lm.model.layers["0"].attention)  # nothing is patched into the model
     greedy = gen.generate(lm, PROMPT, NEW)
     assert greedy == gen.generate(lm, PROMPT, NEW, use_cache=False) == reference_greedy(model, PROMPT, NEW)

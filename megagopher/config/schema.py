@@ -78,6 +78,8 @@ class TrainingConfig:
     hysteresis: int = option(2, "fp16: overflowing steps tolerated before the scale backs off", check=_POSITIVE)
     device: str = option("auto", "device (auto: CUDA when available)", choices=DEVICES)
     kernel_backend: str = option("auto", "megagopher.kernels backend", choices=("auto", "triton", "torch"))
+    compile: bool = option(False, "wrap each transformer layer in torch.compile (needs recompute 'none', a "
+                                  "schedule other than zb-h1, and the torch kernels on CUDA)")
     nan_policy: str = option("stop", "a non-finite loss: stop the run or skip the step", choices=("stop", "skip"))
     exit_after_iters: int = option(0, "stop (with a checkpoint) after N steps of this invocation (0 = never)",
                                    check=_NON_NEGATIVE)

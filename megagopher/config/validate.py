@@ -177,8 +177,27 @@ def validate(cfg, world_size):
     return dp
 
 
+def _check_compile(cfg):
+    """training.compile: the combinations torch.compile of a transformer layer is known to compose with."""
+    t, p = cfg.training, cfg.parallel
+    if not t.compile:
+        return
+    if t.recompute != "none" or any(st.overrides.get(("training", "recompute"), "none") != "none" for st in cfg.stages):
+        raise ConfigError(f"training.compile = true needs training.recompute = 'none' (got {t.recompute!r}): "
+                          "activation recomputation replays RNG states around the layer, outside what is compiled")
+    if p.schedule == "zb-h1":
+        raise ConfigError("training.compile = true does not compose with parallel.schedule = 'zb-h1' (its deferred "
+                          "weight gradients live outside the compiled graph); valid: 'gpipe', '1f1b', 'interleaved'")
+    import torch
+    cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+    if cuda and t.kernel_backend != "torch":
+        raise ConfigError(f"training.compile = true on CUDA needs training.kernel_backend = 'torch' (got "
+                          f"{t.kernel_backend!r}): inductor fuses the layer itself")
+
+
 def _check_run_wide(cfg):
     p, d = cfg.parallel, cfg.data
+    _check_compile(cfg)
     if p.cp != 1:
         raise ConfigError(f"parallel.cp = {p.cp}: context parallelism is not implemented; valid: 1")
     if cfg.training.device == "cuda":

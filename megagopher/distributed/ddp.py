@@ -14,6 +14,15 @@ The wrapper moves the chunk's parameters into a ParamAndGradBuffer (contiguous p
 waits for everything. ``param.accumulate_main_grad(grad)`` is the same entry point for gradients computed
 outside autograd's accumulation (the zero-bubble schedule's deferred weight-gradient GEMMs), so bucket
 readiness does not rely on autograd hooks alone.
+
+With the distributed optimizer the updated parameters come back by an all-gather per bucket, which the
+optimizer launches through ``start_param_gather()`` after its step. With ``overlap_param_gather`` (the
+default) it is not waited on there: a forward pre-hook on every module that owns parameters waits for the
+buckets of that module's own parameters, so bucket k's all-gather is waited on at the first use of one of
+its parameters in the next forward pass and the later buckets keep arriving while the first layers
+compute (Megatron-Core's overlap_param_gather). Code that reads or writes the parameters outside a forward
+pass (checkpoint saving, weight copies, the end of training) calls ``finish_param_gather()`` first;
+``state_dict`` and ``load_state_dict`` do it themselves.
 """
 import contextlib
 import functools
@@ -31,12 +40,13 @@ class DistributedDataParallel(nn.Module):
     prefix, so checkpoints do not depend on the wrapping); other attributes fall through to the chunk."""
 
     def __init__(self, module, bucket_size_mb=25.0, overlap_grad_reduce=True, use_distributed_optimizer=False,
-                 data_parallel_group=None, isolate_params=()):
+                 data_parallel_group=None, isolate_params=(), overlap_param_gather=True):
         super().__init__()
         bucket_size_mb = check_value("parallel", "bucket_size_mb", bucket_size_mb)
         self.module = module
         self.overlap_grad_reduce = overlap_grad_reduce
         self.use_distributed_optimizer = use_distributed_optimizer
+        self.overlap_param_gather = overlap_param_gather
         # The buffer sizes buckets in elements of the fp32 gradient.
         bucket_numel = max(1, int(bucket_size_mb * 2 ** 20) // 4) if bucket_size_mb > 0 else None
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
@@ -51,6 +61,8 @@ class DistributedDataParallel(nn.Module):
         for _, p in named:
             self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_hook))
             p.accumulate_main_grad = functools.partial(self._accumulate_main_grad, p)
+        if self.buffer.shard and self.buffer.dp_size > 1:
+            self._register_param_gather_hooks()
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -68,8 +80,8 @@ class DistributedDataParallel(nn.Module):
 
     def _grad_hook(self, param):
         """Autograd has accumulated ``param.grad``: move it into the fp32 buffer. (The hook also fires with
-        no gradient when a backward deferred this weight's gradient: zero-bubble's B pass; that gradient
-        arrives later through accumulate_main_grad.)"""
+        no gradient for every weight whose layer fuses its gradient into main_grad, and for zero-bubble's
+        deferred B pass; those arrive through accumulate_main_grad, tensor_parallel/weight_grad.py.)"""
         grad, param.grad = param.grad, None
         if grad is not None:
             self._accumulate_main_grad(param, grad)
@@ -79,7 +91,8 @@ class DistributedDataParallel(nn.Module):
         if bucket.launched:
             raise RuntimeError(f"gradient of {self.buffer.name(param)} arrived after bucket {bucket.index}'s "
                                "reduction started: a parameter used again after its gradient was final?")
-        param.main_grad.add_(grad.detach())  # no autograd history into the buffer
+        if grad is not None:  # None: a fused layer wrote main_grad itself (weight_grad.py); only mark it ready
+            param.main_grad.add_(grad.detach())  # no autograd history into the buffer
         if not self.sync_enabled:
             return
         bucket.ready.add(id(param))
@@ -88,6 +101,35 @@ class DistributedDataParallel(nn.Module):
 
     def _start_bucket_sync(self, bucket):
         self.buffer.start_bucket_sync(bucket)
+
+    # -- parameter all-gather (distributed optimizer) -----------------------------------------------
+
+    def _register_param_gather_hooks(self):
+        """A forward pre-hook on each module that owns parameters: it waits for the buckets holding that
+        module's own parameters (not its children's, whose hooks wait for theirs when they run)."""
+        bucket_of = self.buffer.bucket_of
+        for module in self.module.modules():
+            buckets = {id(bucket_of[id(p)]): bucket_of[id(p)] for p in module.parameters(recurse=False)
+                       if id(p) in bucket_of}
+            if buckets:
+                hook = functools.partial(self._wait_for_params, sorted(buckets.values(), key=lambda b: -b.index))
+                self._hooks.append(module.register_forward_pre_hook(hook))
+
+    def _wait_for_params(self, buckets, module, args):
+        for bucket in buckets:
+            self.buffer.finish_bucket_param_sync(bucket)
+
+    def start_param_gather(self):
+        """After the optimizer updated this rank's shards: all-gathers every bucket's parameters,
+        asynchronously under overlap_param_gather (waited on at first use), else before returning."""
+        self.buffer.start_param_sync()
+        if not self.overlap_param_gather:
+            self.buffer.finish_param_sync()
+
+    def finish_param_gather(self):
+        """Waits for every parameter all-gather in flight; call before reading or writing the parameters
+        outside a forward pass."""
+        self.buffer.finish_param_sync()
 
     # -- the step's protocol -----------------------------------------------------------------------
 
@@ -119,19 +161,24 @@ class DistributedDataParallel(nn.Module):
         self.buffer.reset()
 
     def state_dict(self, *args, **kwargs):
+        self.finish_param_gather()  # the tensors returned are the parameters themselves
         return self.module.state_dict(*args, **kwargs)
 
     def load_state_dict(self, state_dict, strict=True, **kwargs):
+        self.finish_param_gather()  # a gather still in flight would overwrite what is loaded
         return self.module.load_state_dict(state_dict, strict=strict, **kwargs)
 
 
-def wrap_data_parallel(model_chunks, parallel_cfg=None, distributed_optimizer=False):
+def wrap_data_parallel(model_chunks, parallel_cfg=None, distributed_optimizer=False, overlap_param_gather=True):
     """Wraps each chunk in DistributedDataParallel over the data-parallel (x context-parallel) group.
 
     ``parallel_cfg``: the ``[parallel]`` section (a ParallelConfig, or a dict of some of its keys); uses
-    ``bucket_size_mb`` (0 = one bucket) and ``overlap_grad_reduce``. Without an initialised parallel_state
-    there is no group and nothing is communicated (a serial run). Call it after casting the chunks to
-    their training dtype: it moves the parameters into a contiguous buffer of that dtype."""
+    ``bucket_size_mb`` (0 = one bucket) and ``overlap_grad_reduce``. ``overlap_param_gather``: with the
+    distributed optimizer, wait for each bucket's parameter all-gather at its first use (see the module
+    docstring) rather than in the optimizer step; the values are the same either way. Without an
+    initialised parallel_state there is no group and nothing is communicated (a serial run). Call it after
+    casting the chunks to their training dtype: it moves the parameters into a contiguous buffer of that
+    dtype."""
     cfg = coerce("parallel", parallel_cfg)
     group = ps.get_dp_cp_group() if ps.is_initialized() else None
     wrapped = []
@@ -141,5 +188,6 @@ def wrap_data_parallel(model_chunks, parallel_cfg=None, distributed_optimizer=Fa
         # Only a pipelined model sums a tied embedding across stages (distributed/finalize.py).
         isolate = tied_embedding_params(chunk) if ps.get_pp_size() > 1 else []
         wrapped.append(DistributedDataParallel(chunk, cfg.bucket_size_mb, cfg.overlap_grad_reduce,
-                                               distributed_optimizer, group, isolate_params=isolate))
+                                               distributed_optimizer, group, isolate_params=isolate,
+                                               overlap_param_gather=overlap_param_gather))
     return wrapped

@@ -18,6 +18,16 @@ owns only, and after the optimizer has updated its shards the parameters are all
 bucket by bucket (rather than cutting the whole buffer into dp ranges) is what lets each bucket's
 reduce-scatter start as soon as that bucket is ready; with a single bucket the two coincide.
 
+The parameter all-gather is asynchronous too (Megatron's overlap_param_gather): ``start_param_sync``
+launches every bucket's all-gather right after the optimizer step, and each bucket is waited on
+(``finish_bucket_param_sync``) only where the next forward pass first uses one of its parameters (the
+data-parallel wrapper's forward pre-hooks, distributed/ddp.py). The launch order is the order of first
+use, i.e. the *reverse* of the layout: the last bucket holds the embedding and the first layers. NCCL runs
+one communicator's collectives on one stream, gloo from a FIFO work queue, so the bucket the forward pass
+needs first is also the first to arrive, and the later ones keep transferring while the earlier layers
+compute. Anything that reads or writes the parameters outside a forward pass calls ``finish_param_sync``
+first.
+
 Parameters in ``isolate`` get a bucket of their own, starting at offset 0 of that bucket. The tied
 embedding of a pipelined model needs this: its gradient is summed between the first and the last stage
 after the DP reduction, and with sharding both stages must own the *same* elements of it, which holds when
@@ -45,6 +55,7 @@ class Bucket:
         self.ready = set()        # parameters whose last-micro-batch gradient has arrived
         self.launched = False     # the reduction of this step has been started
         self.work = None          # the asynchronous collective's handle, until waited on
+        self.param_gather = None  # ZeRO-1: the pending all-gather of the updated parameters, until waited on
 
     @property
     def numel(self):
@@ -176,14 +187,35 @@ class ParamAndGradBuffer:
             out.append((b.start + lo, b.start + hi))
         return out
 
-    def all_gather_params(self):
-        """After the optimizer updated this rank's shards: every rank gets every bucket's parameters."""
+    def start_bucket_param_sync(self, bucket):
+        """Launches the all-gather of the bucket's parameters from every rank's updated shard."""
+        if bucket.param_gather is not None:
+            raise RuntimeError(f"bucket {bucket.index}: its parameter all-gather is already in flight")
+        lo, hi = bucket.shard_range(self.dp_rank, self.dp_size)
+        # In place: this rank's shard is the input and stays where it is in the output.
+        bucket.param_gather = all_gather_single(bucket.param_data, bucket.param_data[lo:hi], group=self.group,
+                                                async_op=True)
+
+    def finish_bucket_param_sync(self, bucket):
+        """Waits for the bucket's parameter all-gather, if one is in flight."""
+        if bucket.param_gather is not None:
+            bucket.param_gather.wait()
+            bucket.param_gather = None
+
+    def start_param_sync(self):
+        """After the optimizer updated this rank's shards: launches every bucket's all-gather, in the order
+        the forward pass first uses them (the reverse of the layout, see the module docstring)."""
         if not self.shard or self.dp_size == 1:
             return
-        works = []
-        for b in self.buckets:
-            lo, hi = b.shard_range(self.dp_rank, self.dp_size)
-            works.append(all_gather_single(b.param_data, b.param_data[lo:hi], group=self.group,
-                                            async_op=True))
-        for w in works:
-            w.wait()
+        for b in reversed(self.buckets):
+            self.start_bucket_param_sync(b)
+
+    def finish_param_sync(self):
+        """Waits for every parameter all-gather in flight: ``param_data`` is then complete on every rank."""
+        for b in reversed(self.buckets):
+            self.finish_bucket_param_sync(b)
+
+    def all_gather_params(self):
+        """The synchronous form: every rank has every bucket's updated parameters when it returns."""
+        self.start_param_sync()
+        self.finish_param_sync()

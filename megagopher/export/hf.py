@@ -18,6 +18,9 @@ Weight mapping, from our names (model/gpt.py) to theirs:
     GPT-2's c_attn is [q; k; v] concatenated, stored transposed (Conv1D is x @ W).
   - RoPE: ours is the rotate-half convention on the first rotary_dim channels of each head, as Llama's and
     NeoX's, so q and k rows need no permutation (the tests compare logits).
+  - Our SwiGLU fc1 is the gate and up projections in one matrix, rows interleaved channel by channel
+    [gate_0, up_0, gate_1, up_1, ...] (model/gpt.py MLP): Llama's gate_proj is its even rows, up_proj its
+    odd rows.
   - Parallel residual uses one input norm for both branches (GPT-J); NeoX has one per branch, so the norm
     is written twice (input_layernorm and post_attention_layernorm).
   - GeLU is the tanh approximation, "gelu_pytorch_tanh" (the same formula as GPT-2's "gelu_new").
@@ -125,6 +128,11 @@ class _Source:
         v = grouped[:, hpg + 1].reshape(g * d, *full.shape[1:])
         return full, q, k, v
 
+    def gate_up(self, layer, part="weight"):
+        """gate and up rows of layer ``layer``'s SwiGLU fc1 (interleaved: gate even, up odd), each [ffn, ...]."""
+        full = self(f"layers.{layer}.mlp.fc1.{part}")
+        return full[0::2].contiguous(), full[1::2].contiguous()
+
     def output(self):
         return None if self.cfg.tie_embeddings else self("output_layer")
 
@@ -142,9 +150,8 @@ def _assemble(src, before, layer_prefix, layer, after, head):
     return out
 
 
-# Llama's linears besides q/k/v, by their name and ours.
-_LLAMA_LINEARS = (("self_attn.o_proj", "attention.proj"), ("mlp.gate_proj", "mlp.fc1"), ("mlp.up_proj", "mlp.fc_up"),
-                  ("mlp.down_proj", "mlp.fc2"))
+# Llama's linears besides q/k/v and gate/up, by their name and ours.
+_LLAMA_LINEARS = (("self_attn.o_proj", "attention.proj"), ("mlp.down_proj", "mlp.fc2"))
 
 
 def _llama_layer(src, i, p, o):
@@ -153,6 +160,7 @@ def _llama_layer(src, i, p, o):
     for part in ("weight", "bias") if src.cfg.bias else ("weight",):
         _, q, k, v = src.qkv(i, part)
         out.update({f"{o}self_attn.{name}_proj.{part}": t for name, t in zip("qkv", (q, k, v))})
+        out.update({f"{o}mlp.{name}_proj.{part}": t for name, t in zip(("gate", "up"), src.gate_up(i, part))})
         out.update({f"{o}{theirs}.{part}": src(f"{p}{ours}.{part}") for theirs, ours in _LLAMA_LINEARS})
     return out
 

@@ -24,11 +24,9 @@ from megagopher import kernels
 from megagopher import parallel_state as ps
 from megagopher.config.schema import check_value
 from megagopher.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                        checkpoint, gather_from_sp_region, gather_from_tp_region,
-                                        get_rng_tracker, init_parameters, set_init,
-                                        vocab_parallel_cross_entropy)
-from megagopher.tensor_parallel.weight_grad import linear
-from megagopher.tensor_parallel.mappings import copy_to_tp_region
+                                        checkpoint, column_parallel_linears, gather_from_sp_region,
+                                        gather_from_tp_region, get_rng_tracker, init_parameters, parallel_linear,
+                                        set_init, vocab_parallel_cross_entropy)
 
 
 def _dropout(x, p, training, sharded):
@@ -152,9 +150,12 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, kv=None):
         """``kv``: this layer's KVSlot, which the new keys and values join before attention."""
-        b = x.shape[1]
-        qkv = self.qkv(x)  # [s, b, local_groups * (hpg + 2) * d] (full s: the layer gathered an SP input)
-        s = qkv.shape[0]
+        return self.attend(self.qkv(x), rope, kv)
+
+    def attend(self, qkv, rope, kv=None):
+        """Attention from the QKV projection's output [s, b, local_groups * (hpg + 2) * d] (full s: the
+        projection gathered an SP input) to the output projection's."""
+        s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.local_groups, self.heads_per_group + 2, self.cfg.head_dim)
         q = qkv[:, :, :, :self.heads_per_group].reshape(s, b, -1, self.cfg.head_dim)
         k, v = qkv[:, :, :, self.heads_per_group], qkv[:, :, :, self.heads_per_group + 1]
@@ -174,22 +175,30 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """fc1, the activation, fc2. Under SwiGLU fc1 is the gate and up projections in one column-parallel GEMM
+    (one gathered input, one input-gradient collective): its 2 * ffn output rows interleave them channel by
+    channel, [gate_0, up_0, gate_1, up_1, ...], so every contiguous TP shard holds the gate and up rows of
+    the same channels, and the checkpoint's full tensor is the same under every TP size."""
+
     def __init__(self, cfg, num_layers_total, sequence_parallel):
         super().__init__()
         self.swiglu = cfg.activation == "swiglu"
         ffn = cfg.ffn_hidden_size
-        self.fc1 = ColumnParallelLinear(cfg.hidden_size, ffn, bias=cfg.bias, sequence_parallel=sequence_parallel,
-                                        init_std=cfg.init_std)
-        if self.swiglu:  # a separate up projection keeps the TP split of gate and up aligned
-            self.fc_up = ColumnParallelLinear(cfg.hidden_size, ffn, bias=cfg.bias,
-                                              sequence_parallel=sequence_parallel, init_std=cfg.init_std)
+        self.fc1 = ColumnParallelLinear(cfg.hidden_size, 2 * ffn if self.swiglu else ffn, bias=cfg.bias,
+                                        sequence_parallel=sequence_parallel, init_std=cfg.init_std)
+        if self.swiglu:  # the initial values of the separate gate (fc1) and up (fc_up) projections
+            self.fc1.weight.init_parts = ("fc1.weight", "fc_up.weight")
         self.fc2 = RowParallelLinear(ffn, cfg.hidden_size, bias=cfg.bias, sequence_parallel=sequence_parallel,
                                      init_std=cfg.init_std / math.sqrt(2 * num_layers_total))
 
     def forward(self, x):
+        return self.project(self.fc1(x))
+
+    def project(self, y):
+        """The activation and fc2, from fc1's output."""
         if self.swiglu:
-            return self.fc2(kernels.swiglu(self.fc1(x), self.fc_up(x)))
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+            return self.fc2(kernels.swiglu(y[..., 0::2], y[..., 1::2]))
+        return self.fc2(F.gelu(y, approximate="tanh"))
 
 
 class TransformerLayer(nn.Module):
@@ -206,8 +215,9 @@ class TransformerLayer(nn.Module):
         rope = (cos, sin) if cos is not None else None
         p, training, sharded = self.cfg.dropout, self.training, self.sp
         h = self.input_norm(x)
-        if self.cfg.parallel_residual:
-            branch = self.attention(h, rope, kv) + self.mlp(h)
+        if self.cfg.parallel_residual:  # one gather of h (one gradient all-reduce) for both branches
+            qkv, fc1 = column_parallel_linears(h, self.attention.qkv, self.mlp.fc1)
+            branch = self.attention.attend(qkv, rope, kv) + self.mlp.project(fc1)
             return x + _dropout(branch, p, training, sharded)
         x = x + _dropout(self.attention(h, rope, kv), p, training, sharded)
         return x + _dropout(self.mlp(self.post_attention_norm(x)), p, training, sharded)
@@ -327,11 +337,13 @@ class GPTModel(nn.Module):
         if last_only and not self.sp:
             x = x[-1:]  # the next token's logits only: prefill skips the head for every other position
         x = self.final_norm(x)
-        if self.tp_size > 1:
-            x = gather_from_sp_region(x) if self.sp else copy_to_tp_region(x)
+        comm = None if self.tp_size == 1 else "sp" if self.sp else "f"
         if last_only and self.sp:
-            x = x[-1:]  # under SP the last position is on the last TP rank until gathered
-        logits = linear(x, self.output_weight())  # [s, b, padded_vocab / tp]; W deferrable under zb-h1
+            x, comm = gather_from_sp_region(x)[-1:], None  # the last position is on the last TP rank until gathered
+        # [s, b, padded_vocab / tp]. A tied head's weight is the embedding's, whose autograd use later in this
+        # backward is the one that completes (and reports) its gradient: no fusion into main_grad here.
+        logits = parallel_linear(x, [(self.output_weight(), None)], comm, ps.get_tp_group() if comm else None,
+                                 fuse=not (self.cfg.tie_embeddings and self.pre_process))
         if labels is None:
             return logits.transpose(0, 1)
         loss = vocab_parallel_cross_entropy(logits, labels.t(), vocab_size=self.cfg.vocab_size,

@@ -6,7 +6,10 @@ The trainer talks to it through a small interface, whatever the precision or sha
     scale_loss(loss)   the loss to backpropagate (the fp16 loss scaler multiplies here)
     step()             -> (updated, grad_norm): unscales, checks for inf/NaN on every rank (fp16), computes
                        the global gradient norm (invariant 4), clips, runs AdamW, writes the parameters
-                       back (all-gathering them under ZeRO-1). A skipped step returns (False, None).
+                       back (under ZeRO-1 by launching each bucket's all-gather, waited on at the bucket's
+                       first use in the next forward pass). A skipped step returns (False, None).
+    finish_param_gather()  waits for those all-gathers: call it before reading or writing the parameters
+                       outside a forward pass (checkpoint saving, copying weights, the end of training).
     zero_grad(), set_lr(lr), loss_scale (None unless fp16), params_norm(), state_dict(), load_state_dict()
 
 How it works. The data-parallel wrapper keeps each chunk's parameters and fp32 gradients in flat buffers
@@ -135,6 +138,7 @@ class Optimizer:
 
     @torch.no_grad()
     def step(self):
+        self.finish_param_gather()  # a bucket no forward pass used: its gather must not land on the update
         self._collect_unwrapped_grads()
         grads = [s.grad for s in self.shards]
         if self.scaler is not None:
@@ -151,13 +155,28 @@ class Optimizer:
             self._adamw(shard)
             if shard.has_master_copy:
                 shard.model_params.copy_(shard.master)
-        for buffer in self.buffers:
-            buffer.all_gather_params()
+        for chunk, buffer in zip(self.chunks, self.buffers):  # chunk 0 first: its forward runs first
+            if isinstance(chunk, DistributedDataParallel):
+                chunk.start_param_gather()
+            else:
+                buffer.all_gather_params()
         return True, float(norm)
+
+    def finish_param_gather(self):
+        """Waits for the ZeRO-1 parameter all-gathers still in flight (none without ZeRO-1)."""
+        for buffer in self.buffers:
+            buffer.finish_param_sync()
+
+    def _finish_gather_if_master_is_model(self):
+        """fp32 master weights *are* the parameter buffer that the all-gather writes: wait before touching
+        them. 16-bit models keep separate masters, which the gather never writes, so the overlap is kept."""
+        if any(not s.has_master_copy for s in self.shards):
+            self.finish_param_gather()
 
     @torch.no_grad()
     def params_norm(self):
         """The global L2 norm of the (master) parameters, each counted once. Collective."""
+        self._finish_gather_if_master_is_model()
         return float(global_norm([s.master[lo:hi] for s in self.shards for lo, hi in s.norm_ranges],
                                  self._norm_groups))
 
@@ -219,6 +238,7 @@ class Optimizer:
         def shard_state(s):
             return {"master": s.master if s.has_master_copy else s.master.clone(), "exp_avg": s.exp_avg,
                     "exp_avg_sq": s.exp_avg_sq}
+        self._finish_gather_if_master_is_model()
         return {**self.scalar_state(), "layout": self._layout(), "dp_rank": ps.get_dp_rank(),
                 "shards": [shard_state(s) for s in self.shards]}
 
@@ -228,6 +248,7 @@ class Optimizer:
             raise ValueError(f"optimizer state was saved with layout {state['layout']}, this run has "
                              f"{self._layout()}: state_dict() needs the same layout (dp, optimizer.distributed, "
                              "model); training/checkpoint.py reshards")
+        self._finish_gather_if_master_is_model()
         for shard, saved in zip(self.shards, state["shards"]):
             for key in STATE_KEYS:
                 getattr(shard, key).copy_(saved[key])

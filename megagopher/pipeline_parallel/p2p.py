@@ -42,7 +42,12 @@ class Exchange:
         self._keep_alive = keep_alive  # send buffers must live until the sends complete
 
     def is_completed(self):
-        return all(w.is_completed() for w in self.works)
+        if all(w.is_completed() for w in self.works):
+            # Done: let the send buffers go now rather than at wait(). A stage's freed output lives on only
+            # in its send buffer (schedules.py), and an exchange holding a receive may wait for a while.
+            self.works, self._keep_alive = [], None
+            return True
+        return False
 
     def wait(self):
         for w in self.works:

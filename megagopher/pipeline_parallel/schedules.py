@@ -16,6 +16,16 @@ send and receive is paired identically on both sides.
 
 Data parallelism: every backward (and ZB-H1 W pass) runs under the data-parallel wrapper's ``no_sync()``
 except the last one of each chunk, so gradients are reduced once, after the last micro-batch.
+
+Stage outputs are freed once sent (Megatron's deallocate_output_tensor): the backward pass of a stage
+needs its output's autograd node and the gradient the next stage sends back, never the output's values
+(the last op of a stage, the residual add, saves nothing). So as soon as the output has been handed to the
+send, its storage is swapped for a one-element placeholder expanded to the same shape; the send keeps the
+original storage alive until it completes. What a stage then holds for its micro-batches in flight is
+exactly what autograd saved (megagopher/memory.py's count), not one more [s, b, h] activation per
+micro-batch. The placeholder keeps the output's shape, so ``torch.autograd.backward``'s check of the
+gradient's shape still holds (Megatron instead shrinks the output to one element and calls the autograd
+engine directly to skip that check).
 """
 import contextlib
 
@@ -28,8 +38,8 @@ from megagopher.pipeline_parallel.plan import (ScheduleError, build_plan, forwar
                                                validate_schedule)
 from megagopher.tensor_parallel.weight_grad import store as weight_grad_store
 
-__all__ = ["forward_backward", "forward_only", "forward_backward_no_pipelining", "validate_schedule",
-           "ScheduleError", "memory_bookkeeping"]
+__all__ = ["forward_backward", "forward_only", "forward_backward_no_pipelining", "deallocate_output_tensor",
+           "validate_schedule", "ScheduleError", "memory_bookkeeping"]
 
 
 def _no_sync(chunk, sync):
@@ -43,7 +53,17 @@ def _span(tracer, op, microbatch, chunk):
     return tracer.span(op, microbatch, chunk) if tracer is not None else contextlib.nullcontext()
 
 
-def forward_backward_no_pipelining(model_chunks, microbatches, loss_fn, tracer=None, stats=None):
+def deallocate_output_tensor(out, placeholder):
+    """Releases ``out``'s storage, keeping its autograd node for the backward pass: its data becomes
+    ``placeholder`` (one element of out's dtype) expanded to out's shape. A view is left alone: its bytes
+    belong to its base. Were ``out`` saved by the op that made it, autograd would hold its own reference to
+    the bytes: the gradients stay right, only nothing is freed."""
+    if out is None or out._base is not None:
+        return
+    out.data = placeholder.view((1,) * out.ndim).expand(out.shape)
+
+
+def forward_backward_no_pipelining(model_chunks, microbatches, loss_fn, tracer=None, stats=None, meter=None):
     """pp = 1: plain gradient accumulation over the micro-batches."""
     if len(model_chunks) != 1:
         raise ValueError(f"without pipelining there is one model chunk, got {len(model_chunks)}")
@@ -55,6 +75,8 @@ def forward_backward_no_pipelining(model_chunks, microbatches, loss_fn, tracer=N
             with _span(tracer, "F", i, 0):
                 per_token = chunk(input_ids=mb["tokens"], labels=mb["labels"])
                 loss = loss_fn(per_token)
+            if meter is not None:
+                meter.sample([])  # the micro-batch's saved tensors are all that is held
             with _span(tracer, "B", i, 0):
                 loss.backward()
         total += per_token.detach().float().sum()  # on the device: no synchronisation per micro-batch
@@ -65,13 +87,17 @@ def forward_backward_no_pipelining(model_chunks, microbatches, loss_fn, tracer=N
 
 
 def forward_backward(model_chunks, microbatches, loss_fn, schedule="1f1b", tracer=None, tensor_shape=None,
-                     dtype=None, stats=None):
+                     dtype=None, stats=None, meter=None, deallocate_outputs=True):
     """Runs the forward and backward passes of every micro-batch on this rank's model chunks.
 
     tensor_shape: shape of the activations between stages (default: from the model's config and the
                   micro-batch, [s(/tp), b, h]); dtype: their dtype (default: the model's parameters').
     stats: a dict to fill with this rank's order of passes and the peak number of micro-batches alive
            ("activations": forward done, backward not; "deferred_w": ZB-H1 W passes pending).
+    meter: an object whose ``sample(held)`` is called after every pass with the tensors the runtime keeps
+           for later backward passes (stage inputs and outputs); memory.ActivationMeter measures with it.
+    deallocate_outputs: free each stage output's storage once it is sent (the module docstring); False
+           keeps them, only to measure what that costs.
     """
     if tracer is not None and hasattr(tracer, "begin_step"):
         tracer.begin_step()
@@ -80,9 +106,10 @@ def forward_backward(model_chunks, microbatches, loss_fn, schedule="1f1b", trace
         raise ValueError(f"forward_backward got {vpp} model chunks but parallel.vpp = {ps.get_vpp_size()}")
     _, table = build_plan(schedule, pp, vpp, m)  # validated and built once per (schedule, pp, vpp, m)
     if pp == 1:
-        return forward_backward_no_pipelining(model_chunks, microbatches, loss_fn, tracer, stats)
+        return forward_backward_no_pipelining(model_chunks, microbatches, loss_fn, tracer, stats, meter)
     runtime = _PipelineRuntime(model_chunks, microbatches, loss_fn, table, tracer, tensor_shape, dtype,
-                               split_backward=schedule == "zb-h1")
+                               split_backward=schedule == "zb-h1", meter=meter,
+                               deallocate_outputs=deallocate_outputs)
     total = runtime.run()
     if stats is not None:
         stats.update(order=runtime.order, peak=runtime.peak, steps=len(table[0]))
@@ -110,9 +137,12 @@ def forward_only(model_chunks, microbatches, tensor_shape=None, dtype=None):
 class _PipelineRuntime:
     """One rank's execution of a plan's time-step table."""
 
-    def __init__(self, chunks, microbatches, loss_fn, table, tracer, tensor_shape, dtype, split_backward):
+    def __init__(self, chunks, microbatches, loss_fn, table, tracer, tensor_shape, dtype, split_backward,
+                 meter=None, deallocate_outputs=True):
         self.chunks, self.microbatches, self.loss_fn, self.tracer = chunks, microbatches, loss_fn, tracer
-        self.table, self.split_backward = table, split_backward
+        self.table, self.split_backward, self.meter = table, split_backward, meter
+        self.deallocate_outputs = deallocate_outputs
+        self.placeholders = {}  # dtype -> the one element every freed output of that dtype points at
         self.pp, self.rank, self.vpp = ps.get_pp_size(), ps.get_pp_rank(), len(chunks)
         self.num_virtual = self.pp * self.vpp
         module = unwrap_model(chunks[0])
@@ -217,7 +247,12 @@ class _PipelineRuntime:
         if tuple(out.shape) != self.shape:
             raise ValueError(f"pipeline stage output has shape {tuple(out.shape)}, expected {self.shape} "
                              "(activation shape between stages)")
-        return out.detach().to(self.dtype)
+        send = out.detach().to(self.dtype)  # shares out's storage (same dtype), which the send keeps alive
+        if self.deallocate_outputs and torch.is_grad_enabled():
+            if out.dtype not in self.placeholders:
+                self.placeholders[out.dtype] = torch.empty(1, dtype=out.dtype, device=out.device)
+            deallocate_output_tensor(out, self.placeholders[out.dtype])
+        return send
 
     def backward(self, mb, chunk):
         v = self.virtual_stage(chunk)
@@ -243,3 +278,5 @@ class _PipelineRuntime:
         alive, deferred = len(self.outputs), weight_grad_store.pending()
         for key, value in (("activations", alive), ("deferred_w", deferred), ("total", alive + deferred)):
             self.peak[key] = max(self.peak[key], value)
+        if self.meter is not None:
+            self.meter.sample([t for t in (*self.inputs.values(), *self.outputs.values()) if t is not None])

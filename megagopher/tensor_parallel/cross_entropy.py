@@ -2,9 +2,16 @@
 
 Each TP rank holds logits for a contiguous slice of the (padded) vocabulary. The loss
     loss = logsumexp(z) - z[label]
-needs three reductions over TP of per-token scalars: the max (for stability), the sum of exp(z - max),
-and the target logit (which lives on exactly one rank). Columns at or past the real vocabulary size are
-padding: they are excluded (set to -inf), so they receive neither probability mass nor gradient.
+needs, per token, the logsumexp over every rank's slice and the target logit (which lives on exactly one
+rank). Megatron reduces the max, the sum of exp(z - max) and the target logit in three all-reduces, one
+after the other (the sum needs the global max). Here each rank computes its slice's own statistics, the
+max m_r, s_r = sum of exp(z - m_r) and its share of the target logit (and, with label smoothing, of the
+sum of the logits), and one all-gather of these few floats per token replaces the all-reduces: every rank
+then combines them in the same order,
+    M = max_r m_r,   logsumexp = M + log sum_r s_r exp(m_r - M),   target = sum_r target_r,
+which is the serial value to rounding (tp = 1 runs the same formula). Columns at or past the real
+vocabulary size are padding: they are excluded (set to -inf), so they receive neither probability mass nor
+gradient; a slice that is all padding has m_r = -inf and s_r = 0 and adds nothing.
 
 Label smoothing (Szegedy et al. 2016) mixes in the uniform distribution over the real vocabulary:
     loss = (1 - eps) * (lse - z[label]) + eps * (lse - mean_j z_j)
@@ -13,12 +20,35 @@ import torch
 import torch.distributed as dist
 
 from megagopher import parallel_state as ps
+from megagopher.common import all_gather_single
 
 
-def _all_reduce(x, op, group):
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(x, op=op, group=group)
-    return x
+def _combine(local, group):
+    """The global logsumexp [N] and the summed remaining rows [k - 2, N] from this rank's statistics
+    ``local`` [k, N] (max, sum of exp(z - max), then rows that add up over ranks): one all-gather."""
+    n = dist.get_world_size(group) if group is not None else 1
+    local = local.contiguous()
+    if n > 1:
+        gathered = torch.empty((n * local.shape[0], local.shape[1]), dtype=local.dtype, device=local.device)
+        all_gather_single(gathered, local, group=group)  # gloo wants the [n * k, N] shape
+        gathered = gathered.view(n, *local.shape)
+    else:
+        gathered = local.unsqueeze(0)
+    m, s = gathered[:, 0], gathered[:, 1]
+    gmax = m.max(dim=0).values
+    lse = gmax + (s * torch.exp(m - gmax)).sum(dim=0).log()
+    return lse, gathered[:, 2:].sum(dim=0)
+
+
+def _global_loss(zmax, sum_exp, target, sum_z, vocab_size, label_smoothing, group):
+    """(loss, lse) of every token from this rank's per-token statistics (``sum_z`` None without smoothing)."""
+    rows = [zmax, sum_exp, target] + ([sum_z] if sum_z is not None else [])
+    lse, sums = _combine(torch.stack([r.reshape(-1) for r in rows]), group)
+    lse = lse.view(zmax.shape)
+    loss = lse - sums[0].view(zmax.shape)
+    if sum_z is not None:
+        loss = (1 - label_smoothing) * loss + label_smoothing * (lse - sums[1].view(zmax.shape) / vocab_size)
+    return loss, lse
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -32,27 +62,18 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         if start + local_v > vocab_size:  # this shard holds padding columns
             z = z.masked_fill(~real_cols, float("-inf"))
         zmax = z.max(dim=-1).values
-        _all_reduce(zmax, dist.ReduceOp.MAX, group)
-        z = z - zmax.unsqueeze(-1)
+        shift = zmax.masked_fill(zmax == float("-inf"), 0.0)  # an all-padding shard: exp(-inf - 0) = 0, no NaN
+        exp_z = (z - shift.unsqueeze(-1)).exp()
 
         ignored = labels == ignore_index
         in_shard = (labels >= start) & (labels < start + local_v) & ~ignored
         local_labels = (labels - start).masked_fill(~in_shard, 0)
         target = torch.gather(z, -1, local_labels.unsqueeze(-1)).squeeze(-1).masked_fill(~in_shard, 0.0)
-        _all_reduce(target, dist.ReduceOp.SUM, group)
-
-        exp_z = z.exp()
-        sum_exp = exp_z.sum(dim=-1)
-        _all_reduce(sum_exp, dist.ReduceOp.SUM, group)
-        lse = sum_exp.log()
-        loss = lse - target
-        if label_smoothing > 0:
-            sum_z = z.masked_fill(~real_cols, 0.0).sum(dim=-1)
-            _all_reduce(sum_z, dist.ReduceOp.SUM, group)
-            loss = (1 - label_smoothing) * loss + label_smoothing * (lse - sum_z / vocab_size)
+        sum_z = z.masked_fill(~real_cols, 0.0).sum(dim=-1) if label_smoothing > 0 else None
+        loss, lse = _global_loss(zmax, exp_z.sum(dim=-1), target, sum_z, vocab_size, label_smoothing, group)
         loss = loss.masked_fill(ignored, 0.0)
 
-        softmax = exp_z / sum_exp.unsqueeze(-1)  # padding columns are exp(-inf) = 0
+        softmax = exp_z.mul_(torch.exp(shift - lse).unsqueeze(-1))  # exp(z - lse); padding columns stay 0
         ctx.save_for_backward(softmax, local_labels, in_shard, ignored, real_cols)
         ctx.label_smoothing, ctx.vocab_size, ctx.in_dtype = label_smoothing, vocab_size, logits.dtype
         return loss
@@ -83,13 +104,8 @@ class _FusedVocabParallelCrossEntropy(torch.autograd.Function):
         start = tp_rank * local_v
         n_real = max(0, min(local_v, vocab_size - start))
         st = vocab_parallel_local_stats(logits, labels, start, n_real, ignore_index=ignore_index)
-        gmax = _all_reduce(st.max.clone(), dist.ReduceOp.MAX, group)
-        sum_exp = _all_reduce(st.sum_exp * torch.exp(st.max - gmax), dist.ReduceOp.SUM, group)
-        lse = gmax + sum_exp.log()
-        loss = lse - _all_reduce(st.target.clone(), dist.ReduceOp.SUM, group)
-        if label_smoothing > 0:
-            sum_z = _all_reduce(st.sum_logits.clone(), dist.ReduceOp.SUM, group)
-            loss = (1 - label_smoothing) * loss + label_smoothing * (lse - sum_z / vocab_size)
+        sum_z = st.sum_logits if label_smoothing > 0 else None
+        loss, lse = _global_loss(st.max, st.sum_exp, st.target, sum_z, vocab_size, label_smoothing, group)
         loss = loss.masked_fill(labels == ignore_index, 0.0)
         ctx.save_for_backward(logits, labels, lse)
         ctx.args = (start, n_real, ignore_index, label_smoothing, vocab_size)

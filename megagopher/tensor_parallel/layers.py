@@ -11,17 +11,40 @@ Parameter attributes used by the rest of megagopher:
     partition_dim          the split dimension, or None
     sequence_parallel      a replicated parameter that sees only this rank's sequence chunk: its gradient
                            must be summed over TP after the backward (distributed/finalize.py)
+
+Every linear here runs one autograd function, ``LinearWithGradAccumulationAndAsyncCommunication``
+(Megatron's name), for one weight or for several that read the same input (``column_parallel_linears``:
+the attention and MLP of a parallel-residual layer). It owns the input's TP communication, so that input is
+communicated once whatever the number of its consumers:
+
+- forward: under sequence parallelism the input is all-gathered along the sequence and the gathered copy
+  is kept for the weight gradients (no second all-gather in the backward); without it the input is used
+  as it is (*f*'s identity);
+- backward: dX = sum_i dY_i W_i is computed first and its all-reduce (reduce-scatter under sequence
+  parallelism) launched with ``async_op=True``; the weight gradients dW_i = dY_i^T X run while it is in
+  flight (accumulated straight into the fp32 ``main_grad`` under the data-parallel wrapper, or queued for
+  ZB-H1's W pass: tensor_parallel/weight_grad.py); the handle is waited on last.
+
+On CUDA the overlap needs ``CUDA_DEVICE_MAX_CONNECTIONS=1`` in the environment before the CUDA context is
+created (Megatron's requirement): with one hardware work queue the GPU schedules the kernels of every
+stream in the order they were issued, so the collective (on the communicator's stream), issued first,
+gets its SMs before the weight-gradient GEMM fills the device, instead of waiting behind it. The layers
+warn once when it is not set.
 """
+import functools
 import hashlib
 import math
+import os
+import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from megagopher import parallel_state as ps
-from megagopher.tensor_parallel.weight_grad import linear  # F.linear, W-deferrable under ZB-H1
 from megagopher.tensor_parallel import mappings
+from megagopher.tensor_parallel.weight_grad import backward_weight_grad, store
 
 
 def _tp(group):
@@ -32,14 +55,18 @@ def _tp(group):
     return group, dist.get_world_size(group), dist.get_rank(group)
 
 
-def set_init(param, full_shape, partition_dim=None, std=0.02, fill=None, init_name=None):
+def set_init(param, full_shape, partition_dim=None, std=0.02, fill=None, init_name=None, init_parts=None):
     """Records how ``param`` is initialised: normal(0, std) over ``full_shape`` (or constant ``fill``),
     split along ``partition_dim``. ``init_name`` makes a copy start from another parameter's values
-    (the output head of a tied embedding on the last pipeline stage)."""
+    (the output head of a tied embedding on the last pipeline stage). ``init_parts`` (names such as
+    "fc_up.weight", relative to the parameter's module's parent): the rows interleave that many parts,
+    row i of part j at row i * len(init_parts) + j, each drawn as a parameter of that name would be (the
+    fused SwiGLU projection starts from the values of the separate gate and up projections)."""
     param.full_shape = tuple(full_shape)
     param.partition_dim = partition_dim
     param.tensor_model_parallel = partition_dim is not None
     param.init_std, param.init_fill, param.init_name = std, fill, init_name
+    param.init_parts = tuple(init_parts) if init_parts else None
     return param
 
 
@@ -53,8 +80,18 @@ def full_init_tensor(param, name, seed):
     """The full, unsharded initial value of ``param`` (fp32, CPU)."""
     if param.init_fill is not None:
         return torch.full(param.full_shape, float(param.init_fill))
-    gen = torch.Generator().manual_seed(seed_for(seed, param.init_name or name))
-    return torch.empty(param.full_shape).normal_(0.0, param.init_std, generator=gen)
+    parts = getattr(param, "init_parts", None)
+    if parts:
+        k, shape = len(parts), param.full_shape
+        base = name.split(".")
+        drawn = [_normal((shape[0] // k,) + shape[1:], param.init_std,
+                         seed_for(seed, ".".join(base[:len(base) - len(p.split("."))] + [p]))) for p in parts]
+        return torch.stack(drawn, dim=1).reshape(shape)
+    return _normal(param.full_shape, param.init_std, seed_for(seed, param.init_name or name))
+
+
+def _normal(shape, std, generator_seed):
+    return torch.empty(shape).normal_(0.0, std, generator=torch.Generator().manual_seed(generator_seed))
 
 
 @torch.no_grad()
@@ -87,6 +124,81 @@ def pad_vocab_size(vocab_size, tp_size, divisible_by=128):
     """Megatron's padding: a multiple of divisible_by * tp, so every TP shard has the same whole rows."""
     multiple = divisible_by * tp_size
     return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+class Comm(NamedTuple):
+    """How a linear's input crosses the TP group. ``kind``: None (no communication: a row-parallel input,
+    or one rank), "f" (identity forward, all-reduce of dX backward) or "sp" (all-gather along the sequence
+    forward, reduce-scatter of dX backward). ``fuse``: gradient-accumulation fusion into main_grad."""
+    kind: object
+    group: object
+    fuse: bool = True
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_multiple_connections():
+    warnings.warn("CUDA_DEVICE_MAX_CONNECTIONS is not 1: the tensor-parallel input-gradient collective may "
+                  "queue behind the weight-gradient GEMM instead of overlapping it; set "
+                  "CUDA_DEVICE_MAX_CONNECTIONS=1 before CUDA is initialised", RuntimeWarning)
+
+
+def _start_input_grad(grads, weights, shape, comm):
+    """dX = sum_i dY_i W_i (one accumulating GEMM per weight) and the asynchronous launch of its reduction
+    over TP: (dX or this rank's chunk of it, handle or None)."""
+    grad_x = None
+    for g, w in zip(grads, weights):
+        g2 = g.reshape(-1, g.shape[-1])
+        grad_x = g2.mm(w) if grad_x is None else grad_x.addmm_(g2, w)
+    grad_x = grad_x.view(shape)
+    if comm.kind is None:
+        return grad_x, None
+    if grad_x.is_cuda and os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") != "1":
+        _warn_multiple_connections()
+    if comm.kind == "sp":
+        return mappings.start_reduce_scatter_sequence(grad_x, comm.group)
+    return mappings.start_all_reduce(grad_x, comm.group)
+
+
+class LinearWithGradAccumulationAndAsyncCommunication(torch.autograd.Function):
+    """Y_i = X W_i^T + b_i for the weights ``params = (W_0, b_0, W_1, b_1, ...)`` (b_i may be None), all
+    reading X, whose TP communication (``comm``) runs once. See the module docstring for the order of the
+    backward: dX, its collective launched, the weight gradients, the wait."""
+
+    @staticmethod
+    def forward(ctx, x, comm, *params):
+        weights, biases = params[0::2], params[1::2]
+        total = mappings.gather_sequence(x, comm.group) if comm.kind == "sp" else x
+        ctx.save_for_backward(total, *weights)
+        ctx.comm, ctx.params = comm, weights  # the Parameters themselves: main_grad and the wrapper's entry
+        ctx.has_bias = [b is not None for b in biases]
+        ctx.deferrable = store.capturing
+        out = tuple(F.linear(total, w, b) for w, b in zip(weights, biases))
+        return out if len(out) > 1 else out[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        total, *weights = ctx.saved_tensors
+        grad_x, handle = None, None
+        if ctx.needs_input_grad[0]:
+            grad_x, handle = _start_input_grad(grads, weights, total.shape, ctx.comm)
+        param_grads = []
+        for i, (g, param) in enumerate(zip(grads, ctx.params)):
+            dw = db = None
+            if ctx.needs_input_grad[2 + 2 * i]:
+                dw = backward_weight_grad(param, total, g, ctx.deferrable, ctx.comm.fuse)
+            if ctx.has_bias[i] and ctx.needs_input_grad[3 + 2 * i]:
+                db = g.reshape(-1, g.shape[-1]).sum(0)
+            param_grads += [dw, db]
+        if handle is not None:
+            handle.wait()  # only now: the weight-gradient GEMMs above ran while the collective was in flight
+        return (grad_x, None, *param_grads)
+
+
+def parallel_linear(x, params, kind=None, group=None, fuse=True):
+    """The outputs X W^T + b of every (W, b) in ``params`` (b may be None), their input communicated by
+    ``kind`` (see ``Comm``) once for all: a tensor for one pair, a tuple for several."""
+    flat = [t for pair in params for t in pair]
+    return LinearWithGradAccumulationAndAsyncCommunication.apply(x, Comm(kind, group, fuse), *flat)
 
 
 class _ParallelLinear(nn.Module):
@@ -129,13 +241,27 @@ class ColumnParallelLinear(_ParallelLinear):
         self.gather_output = gather_output
         self._make_parameters(in_features, out_features, bias, init_std, dtype, device)
 
-    def forward(self, x):
+    @property
+    def input_comm(self):
+        """How this linear's input crosses the TP group (``Comm.kind``)."""
         if self.tp_size == 1:
-            return linear(x, self.weight, self.bias)
-        x = mappings.gather_from_sp_region(x, self.group) if self.sequence_parallel \
-            else mappings.copy_to_tp_region(x, self.group)
-        y = linear(x, self.weight, self.bias)
-        return mappings.gather_from_tp_region(y, self.group) if self.gather_output else y
+            return None
+        return "sp" if self.sequence_parallel else "f"
+
+    def forward(self, x):
+        y = parallel_linear(x, [(self.weight, self.bias)], self.input_comm, self.group)
+        return mappings.gather_from_tp_region(y, self.group) if self.gather_output and self.tp_size > 1 else y
+
+
+def column_parallel_linears(x, *linears):
+    """The outputs of several ColumnParallelLinears that read the same input ``x`` (a parallel-residual
+    layer's attention and MLP), with ``x`` gathered (or its gradient all-reduced) once for all of them."""
+    first = linears[0]
+    for lin in linears:
+        if lin.group is not first.group or lin.sequence_parallel != first.sequence_parallel or lin.gather_output:
+            raise ValueError("column_parallel_linears: the linears must share their TP group and sequence "
+                             "parallelism, and none may gather its output")
+    return parallel_linear(x, [(lin.weight, lin.bias) for lin in linears], first.input_comm, first.group)
 
 
 class RowParallelLinear(_ParallelLinear):
@@ -156,10 +282,10 @@ class RowParallelLinear(_ParallelLinear):
 
     def forward(self, x):
         if self.tp_size == 1:
-            return linear(x, self.weight, self.bias)
+            return parallel_linear(x, [(self.weight, self.bias)])
         if not self.input_is_parallel:
             x = mappings.scatter_to_tp_region(x, self.group)
-        y = linear(x, self.weight)
+        y = parallel_linear(x, [(self.weight, None)], group=self.group)
         y = mappings.reduce_scatter_to_sp_region(y, self.group) if self.sequence_parallel \
             else mappings.reduce_from_tp_region(y, self.group)
         return y + self.bias if self.bias is not None else y

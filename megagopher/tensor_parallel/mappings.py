@@ -16,6 +16,12 @@ Names follow Megatron-LM (Shoeybi et al. 2019, section 3) and its sequence-paral
 
 Every function takes the group to work on (default: the TP group of parallel_state), so the operators
 are usable outside megagopher's own model.
+
+The column-parallel linears do not use *f* or the sequence-parallel all-gather as separate operators:
+their autograd function (tensor_parallel/layers.py) gathers its input with ``gather_sequence`` and
+launches the input gradient's all-reduce or reduce-scatter with ``start_all_reduce`` /
+``start_reduce_scatter_sequence`` (``async_op=True``), so one collective serves every linear that reads the
+same input and it is in flight while the weight gradients are computed.
 """
 import torch
 import torch.distributed as dist
@@ -80,15 +86,46 @@ def _gather_first(x, group):
 
 
 def _reduce_scatter_first(x, group):
+    out, handle = start_reduce_scatter_sequence(x, group)
+    handle.wait()
+    return out
+
+
+def gather_sequence(x, group):
+    """The all-gather along the sequence (dim 0) that a sequence-parallel column-parallel linear runs on
+    its input (tensor_parallel/layers.py runs it inside the linear's own autograd function)."""
+    return _gather_first(x, group)
+
+
+class _Done:
+    """The handle of a collective that did not run (one rank): nothing to wait for."""
+
+    @staticmethod
+    def wait():
+        return True
+
+
+def start_all_reduce(x, group):
+    """Launches the in-place all-reduce of ``x`` with ``async_op=True``: returns (x, handle); ``x`` holds
+    the sum once ``handle.wait()`` returns. Megatron's asynchronous input-gradient all-reduce: the caller
+    computes the weight gradient while it is in flight."""
+    if _size(group) == 1:
+        return x, _Done()
+    x = x.contiguous()
+    return x, dist.all_reduce(x, group=group, async_op=True)
+
+
+def start_reduce_scatter_sequence(x, group):
+    """Launches the reduce-scatter of ``x`` along the sequence (dim 0) with ``async_op=True``: returns
+    (this rank's chunk, handle); the chunk holds the sum once ``handle.wait()`` returns."""
     n = _size(group)
     if n == 1:
-        return x
+        return x, _Done()
     if x.shape[0] % n:
         raise ValueError(f"cannot reduce-scatter dimension {x.shape[0]} over {n} sequence-parallel ranks")
     x = x.contiguous()
     out = torch.empty((x.shape[0] // n,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    reduce_scatter_single(out, x, group=group)
-    return out
+    return out, reduce_scatter_single(out, x, group=group, async_op=True)
 
 
 class _CopyToTPRegion(torch.autograd.Function):

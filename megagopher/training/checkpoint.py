@@ -99,6 +99,9 @@ def begin_save(root, iteration, chunks, optimizer, progress, cfg, background=Fal
             error = e
     if not agree(error is None):
         raise CheckpointSaveError(f"cannot create {tmp_dir}: {error or 'failed on rank 0'}")
+    for chunk in chunks:  # ZeRO-1's parameter all-gathers may still be writing the buffers the pieces view
+        if hasattr(chunk, "finish_param_gather"):
+            chunk.finish_param_gather()
     tensors, index = plan_pieces(chunks, optimizer)
     tensors.update(rng_tensors())
     path = os.path.join(tmp_dir, f"rank_{rank:05d}.safetensors")

@@ -24,6 +24,9 @@ def setup_distributed(cfg):
     Without torchrun's environment it starts a one-process group, so ``python -m megagopher.train`` works.
     A group that the caller initialised is left to the caller, watchdog included."""
     global _watchdog
+    # One hardware queue per device, so a tensor-parallel layer's asynchronous gradient all-reduce is issued
+    # before the weight-gradient GEMM it overlaps (tensor_parallel/layers.py); read when CUDA starts.
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     device = pick_device(cfg.training.device)
     backend = cfg.parallel.backend
     if backend == "auto":

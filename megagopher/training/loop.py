@@ -91,6 +91,9 @@ class Trainer(CheckpointedRun):
         for chunk in chunks:
             chunk.initialize(t.seed)
             chunk.to(device=self.device, dtype=PRECISION_DTYPES[t.precision])
+            if t.compile:  # per layer, as torchtitan does: one compiled graph serves every layer
+                for layer in chunk.layers.values():
+                    layer.compile()
         return chunks
 
     def _wrap(self, chunks):
@@ -164,7 +167,11 @@ class Trainer(CheckpointedRun):
 
     # -- the run ----------------------------------------------------------------------------------------
     def close(self):
-        """Ends the run's communication in order on every rank (parallel_state.shutdown)."""
+        """Ends the run's communication in order on every rank (parallel_state.shutdown), after any ZeRO-1
+        parameter all-gather still in flight (destroying a communicator under one can hang)."""
+        for chunk in self.chunks or []:
+            if hasattr(chunk, "finish_param_gather"):
+                chunk.finish_param_gather()
         ps.shutdown()
 
     def _on_signal(self, signum, frame):

@@ -40,6 +40,7 @@ def _step(chunks, opt, seed):
 
 
 def _params(chunks):
+    chunks[0].finish_param_gather()  # ZeRO-1's parameter all-gathers overlap the next forward: wait first
     return [p.detach().clone() for p in chunks[0].module.parameters()]
 
 

@@ -3,12 +3,20 @@
 training the same model on the same batches.
 
     python tools/bench_train.py [--config FILE.toml] [--steps N] [--warmup N] [--section.key=value ...]
+    python tools/bench_train.py --mode tp2-sp [--compare REF]   # 2 CPU ranks, the quick start model
+    python tools/bench_train.py --mode cuda                     # MFU of gopher_1.4b on one GPU
 
 Both sides build the same GPTModel from the same config and seed and read the same synthetic batches; the
 plain loop is forward, backward, clip, AdamW, with nothing else. The framework adds its schedule entry
 point, the data-parallel wrapper's gradient buffer, the loss/flag all-reduce, the global-norm
 computation, metrics.jsonl and the console line. Steps after ``--warmup`` are timed; the medians are
 compared. Target: ratio >= 0.95.
+
+``--mode tp2-sp`` times ``megagopher.train`` under torchrun on 2 ranks with tensor and sequence
+parallelism, the quick start's model on synthetic data (tokens/s, the median step); ``--compare REF``
+times commit REF the same way (from a git worktree) and prints both rows. ``--mode cuda`` trains
+gopher_1.4b (examples/configs/gopher_1.4b.toml, bf16, ZeRO-1 off, one GPU, synthetic data) and reports
+the median TFLOP/s per device and MFU against the card's dense bf16 peak (training/metrics.py).
 """
 import argparse
 import json
@@ -87,14 +95,81 @@ def framework(cfg, steps, run_dir):
         return [json.loads(line)["step_time_s"] for line in f if line.strip()]
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TP2_SP = ("--parallel.tp=2", "--parallel.pp=1", "--parallel.sp=true", "--data.source=synthetic",
+          "--model.vocab_size=4096", "--training.eval_interval=0", "--run.tensorboard=false", "--checkpoint.dir=")
+CUDA_1_4B = ("--parallel.tp=1", "--parallel.pp=1", "--parallel.sp=false", "--data.source=synthetic",
+             "--model.vocab_size=32000", "--training.device=cuda", "--training.global_batch_size=16",
+             "--training.eval_interval=0", "--run.tensorboard=false", "--checkpoint.dir=")
+
+
+def _train_rows(repo, config, overrides, steps, nproc):
+    """metrics.jsonl rows of ``steps`` steps of megagopher.train from the checkout ``repo``."""
+    import subprocess
+    from megagopher.testing import free_port
+    with tempfile.TemporaryDirectory() as run_dir:
+        launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                  f"--master-port={free_port()}"] if nproc > 1 else [sys.executable]
+        cmd = [*launch, "-m", "megagopher.train", "--config", config, f"--run.dir={run_dir}",
+               f"--training.train_iters={steps}", *overrides]
+        env = dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            return [r for r in map(json.loads, f) if r.get("event", "train") == "train"]
+
+
+def tp2_sp(args):
+    """Tokens/s of the quick start model at tp2 + SP on 2 CPU ranks, here and (``--compare``) at REF."""
+    import subprocess
+    config = os.path.join(ROOT, "examples", "configs", "quickstart.toml")
+    rows = [("this checkout", _train_rows(ROOT, config, TP2_SP, args.steps, 2))]
+    if args.compare:
+        with tempfile.TemporaryDirectory() as tmp:
+            tree = os.path.join(tmp, "ref")
+            subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", tree, args.compare], check=True,
+                           capture_output=True)
+            try:
+                rows.append((args.compare, _train_rows(tree, os.path.join(tree, "examples", "configs", "quickstart.toml"),
+                                                       TP2_SP, args.steps, 2)))
+            finally:
+                subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", tree], capture_output=True)
+    print(f"{'tp2 + SP, 2 CPU ranks':<28}{'median step (ms)':>18}{'tokens/s':>12}")
+    for name, r in rows:
+        step = statistics.median(x["step_time_s"] for x in r[args.warmup:])
+        tokens_per_step = r[1]["tokens"] - r[0]["tokens"]
+        print(f"{name:<28}{1000 * step:>18.1f}{tokens_per_step / step:>12.0f}")
+
+
+def cuda_mfu(args):
+    """Median TFLOP/s per device and MFU of gopher_1.4b on one GPU."""
+    import torch
+    from megagopher.training.metrics import peak_tflops
+    if not torch.cuda.is_available():
+        sys.exit("--mode cuda needs a CUDA device")
+    config = os.path.join(ROOT, "examples", "configs", "gopher_1.4b.toml")
+    rows = _train_rows(ROOT, config, CUDA_1_4B, args.steps, 1)[args.warmup:]
+    name = torch.cuda.get_device_name(0)
+    tflops = statistics.median(r["tflops_per_device"] for r in rows)
+    peak = peak_tflops(name)
+    mfu = f"{100 * tflops / peak:.1f}%" if peak else "unknown peak"
+    print(f"gopher_1.4b on one {name}: {tflops:.1f} TFLOP/s per device, MFU {mfu} "
+          f"(median of {len(rows)} steps, {rows[0]['global_batch_size']} x 2048 tokens per step)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=("overhead", "tp2-sp", "cuda"), default="overhead")
+    parser.add_argument("--compare", help="--mode tp2-sp: also time this git commit")
     parser.add_argument("--config", help="TOML config (default: a 4-layer, 256-wide model on synthetic data)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--json", help="also write the result as JSON")
     args, rest = parser.parse_known_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.mode != "overhead":
+        return tp2_sp(args) if args.mode == "tp2-sp" else cuda_mfu(args)
     import torch
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     from megagopher.config import load_config, parse_overrides

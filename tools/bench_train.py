@@ -4,7 +4,7 @@ training the same model on the same batches.
 
     python tools/bench_train.py [--config FILE.toml] [--steps N] [--warmup N] [--section.key=value ...]
     python tools/bench_train.py --mode tp2-sp [--compare REF]   # 2 CPU ranks, the quick start model
-    python tools/bench_train.py --mode cuda                     # MFU of gopher_1.4b on one GPU
+    python tools/bench_train.py --device cuda                   # MFU of gopher_1.4b on one GPU (--mode cuda)
 
 Both sides build the same GPTModel from the same config and seed and read the same synthetic batches; the
 plain loop is forward, backward, clip, AdamW, with nothing else. The framework adds its schedule entry
@@ -162,12 +162,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=("overhead", "tp2-sp", "cuda"), default="overhead")
     parser.add_argument("--compare", help="--mode tp2-sp: also time this git commit")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: the same as --mode cuda")
     parser.add_argument("--config", help="TOML config (default: a 4-layer, 256-wide model on synthetic data)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--json", help="also write the result as JSON")
     args, rest = parser.parse_known_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.device == "cuda":
+        args.mode = "cuda"
     if args.mode != "overhead":
         return tp2_sp(args) if args.mode == "tp2-sp" else cuda_mfu(args)
     import torch

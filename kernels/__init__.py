@@ -2,15 +2,18 @@
 
 Every function is differentiable and takes an optional ``backend=`` ("auto" | "triton" | "torch") that
 overrides ``use_backend``. Under "auto", CUDA tensors run the Triton kernels and CPU tensors the PyTorch
-references; an input the Triton kernel does not support falls back to PyTorch under "auto" and raises a
-clear error under "triton". "apex" (optional, see dispatch.py) runs NVIDIA apex's fused norms and softmax
-where it can and behaves as "auto" elsewhere.
+references; an input the Triton kernel does not support falls back to PyTorch under "auto" (attention to
+torch's scaled_dot_product_attention, never the O(s^2) fp32 reference; a one-time warning names the op,
+shape and reason) and raises a clear error under "triton". "apex" (optional, see dispatch.py) runs NVIDIA
+apex's fused norms and softmax where it can and behaves as "auto" elsewhere.
 
 The Triton kernels live one op per module (attention, softmax, norms, rope, fused_swiglu,
 fused_cross_entropy), each with its autograd Function; triton_ops gathers them under the reference names.
 """
+import torch.nn.functional as F
+
 from . import reference
-from .dispatch import Unsupported, current_backend, resolve, use_backend
+from .dispatch import Unsupported, current_backend, resolve, use_backend, warn_fallback
 
 __all__ = ["flash_attention", "scaled_masked_softmax", "rms_norm", "layer_norm", "apply_rope", "swiglu",
            "cross_entropy", "use_backend", "current_backend"]
@@ -28,10 +31,30 @@ def _run(name, tensor, backend, args, kwargs):
         from . import triton_ops  # imported lazily: importing triton must not be needed for the torch path
         try:
             return getattr(triton_ops, name)(*args, **kwargs)
-        except Unsupported:
+        except Unsupported as e:
             if strict:
                 raise
+            fallback = _FALLBACKS.get(name)
+            warn_fallback(name, tensor.shape, str(e), "torch's SDPA" if fallback else "the PyTorch reference")
+            if fallback:
+                return fallback(*args, **kwargs)
     return getattr(reference, name)(*args, **kwargs)
+
+
+def _sdpa_attention(q, k, v, causal=True, softmax_scale=None):
+    """The CUDA fallback of flash_attention: torch's fused kernels (flash / memory-efficient) in the input's
+    dtype rather than the reference's fp32 s x s scores, which at training lengths is a cliff in time and
+    memory. Same layout and top-left causal alignment as the reference."""
+    if not q.dim() == k.dim() == v.dim() == 4:  # not attention's layout: the reference says so clearly
+        return reference.flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (b, heads, s, d)
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=bool(causal), scale=softmax_scale,
+                                       enable_gqa=q.shape[1] != k.shape[1])
+    return o.transpose(1, 2)
+
+
+# Where "auto" goes on a CUDA input the Triton kernel does not take; ops not named here use the reference.
+_FALLBACKS = {"flash_attention": _sdpa_attention}
 
 
 def flash_attention(q, k, v, causal=True, softmax_scale=None, backend=None):

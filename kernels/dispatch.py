@@ -11,6 +11,7 @@ kernels do not take) behaves as "auto". apex is never a dependency.
 import contextlib
 import importlib.util
 import os
+import warnings
 
 BACKENDS = ("auto", "triton", "torch", "apex")
 APEX_OPS = ("layer_norm", "rms_norm", "scaled_masked_softmax")
@@ -55,6 +56,19 @@ def apex_available():
 
 def interpreter_on():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_warned = set()  # (op, reason) pairs already warned about: a training loop repeats the same input
+
+
+def warn_fallback(op, shape, reason, fallback):
+    """Say once per op and reason that "auto" left Triton for ``fallback`` on a CUDA input of ``shape``:
+    a silent fallback is a silent slowdown."""
+    if (op, reason) in _warned:
+        return
+    _warned.add((op, reason))
+    warnings.warn(f"kernels.{op}: input of shape {tuple(shape)} runs {fallback}, not the Triton kernel: {reason}",
+                  RuntimeWarning, stacklevel=4)
 
 
 class Unsupported(ValueError):

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import types
+import warnings
 
 import pytest
 import torch
@@ -149,3 +150,66 @@ def test_apex_norm_wrappers_route_to_apex(monkeypatch):
     torch.testing.assert_close(apex_ops.rms_norm(x, w), reference.rms_norm(x, w))
     with pytest.raises(Unsupported, match="dtype"):
         apex_ops.rms_norm(x.half(), w)
+
+
+_REFERENCE_ATTENTION = reference.flash_attention  # before any test replaces it with a spy
+
+
+def _as_if_cuda(monkeypatch):
+    """Make "auto" take the CUDA branch (Triton first) on CPU tensors; returns the reference calls made."""
+    monkeypatch.setattr(kernels, "resolve", lambda tensor, backend=None, op=None: ("triton", False))
+    monkeypatch.setattr(dispatch, "_warned", set())
+    calls = []
+    monkeypatch.setattr(reference, "flash_attention",
+                        lambda *a, **k: calls.append(a[0].shape) or _REFERENCE_ATTENTION(*a, **k))
+    return calls
+
+
+def _qkv(h, h_kv, d, sq=9, sk=7):
+    q = torch.randn(2, sq, h, d, requires_grad=True)
+    k, v = (torch.randn(2, sk, h_kv, d, requires_grad=True) for _ in range(2))
+    return q, k, v
+
+
+@pytest.mark.parametrize("h,h_kv,causal", [(4, 2, True), (2, 2, False)])
+def test_auto_sends_unsupported_attention_to_sdpa_not_the_reference(monkeypatch, h, h_kv, causal):
+    calls = _as_if_cuda(monkeypatch)
+    q, k, v = _qkv(h, h_kv, 48)  # head dim 48 is not a power of two: the Triton kernel raises Unsupported
+    with pytest.warns(RuntimeWarning) as record:
+        out = kernels.flash_attention(q, k, v, causal=causal, softmax_scale=0.3)
+    out.backward(torch.ones_like(out))
+    assert calls == []  # never the O(s^2) fp32 reference
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    want = F.scaled_dot_product_attention(q2.transpose(1, 2), k2.transpose(1, 2), v2.transpose(1, 2),
+                                          is_causal=causal, scale=0.3, enable_gqa=h != h_kv).transpose(1, 2)
+    want.backward(torch.ones_like(want))
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    for got, expected in [(q.grad, q2.grad), (k.grad, k2.grad), (v.grad, v2.grad)]:
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    # and the semantics stay the reference's: top-left causal alignment, GQA by groups of query heads
+    torch.testing.assert_close(out, _REFERENCE_ATTENTION(q, k, v, causal, 0.3), atol=1e-5, rtol=1e-5)
+    message = str(record[0].message)
+    assert len(record) == 1 and "flash_attention" in message and str((2, 9, h, 48)) in message
+    assert "head dim 48" in message and "SDPA" in message
+
+
+def test_fallback_warning_is_issued_once_per_reason(monkeypatch):
+    _as_if_cuda(monkeypatch)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")  # count our warnings, not Python's once-per-location filter
+        for _ in range(3):
+            kernels.flash_attention(*_qkv(2, 2, 48))
+        kernels.flash_attention(*_qkv(2, 2, 24))
+    messages = [str(w.message) for w in record if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 2, messages
+    assert "head dim 48" in messages[0] and "head dim 24" in messages[1]
+
+
+def test_cpu_auto_attention_still_runs_the_reference(monkeypatch):
+    calls = []
+    monkeypatch.setattr(reference, "flash_attention",
+                        lambda *a, **k: calls.append(a[0].shape) or _REFERENCE_ATTENTION(*a, **k))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning: nothing fell back
+        kernels.flash_attention(*_qkv(2, 2, 48))
+    assert calls == [(2, 9, 2, 48)]

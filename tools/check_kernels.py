@@ -1,0 +1,215 @@
+"""Compile every megagopher Triton kernel for Hopper (sm_90a) and, where the installed Triton can,
+Blackwell (sm_100a), with no GPU, and check each autotune configuration's registers, spills and shared memory.
+
+    python tools/check_kernels.py            # the full sweep: bf16 and fp16, head dims 64, 128, 256, causal or not
+    python tools/check_kernels.py --quick    # bf16, head dim 128 and 256, causal, sm_90a only (the CI test)
+
+One line per compilation: kernel, arch, dtype, the shape constexprs, the launch config, registers, spill
+bytes, shared memory and the matrix instructions the PTX uses (wgmma on Hopper, tcgen05 on Blackwell, mma
+for the older warp-level ones). The autotuned kernels are compiled under every configuration in their
+``.configs``, so a configuration added to a list is checked without touching this tool; the other kernels
+under the launch parameters their wrappers pick on a GPU. Exit status 1 when any compilation fails, spills
+or needs more shared memory than a block may have (227 KB on H100/H200 and B200), since the autotuner may
+pick any of them; a fixed launch that spills is printed as WARN (its wrapper chose it, and the exit status
+gates what the autotuner may pick). Resource figures come from the cubin (cuobjdump) and, for spills, ptxas -v.
+"""
+import argparse
+import importlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 and sm_100
+MODULES = ("attention", "norms", "softmax", "rope", "fused_swiglu", "fused_cross_entropy")
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+# Kernel arguments named in upper case are pointers, except these sizes.
+_INT_NAMES = {"H", "H_KV", "GROUP", "SEQ_Q", "SEQ_K", "M", "N", "ROWS", "SEQ", "D", "HALF", "N_REAL"}
+_PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "i64": "*i64", "u8": "*u8"}
+
+
+def _kernel(module, name):
+    return getattr(importlib.import_module(f"megagopher.kernels.{module}"), name)
+
+
+# Per kernel: its module, the pointer arguments that are not in the data dtype ("fp32", "i64", "u8"; "i32" for
+# an upper-case scalar), the float scalars, and the constexpr sets to compile (the shape-dependent ones;
+# autotuned kernels add their configs). Every other argument is an int32. Sizes are those the wrappers pick on a GPU for training
+# shapes: 4096-wide norms (8192 for the largest models), 4096-logit blocks, head dim 128 RoPE.
+def _attention_sets(head_dims):
+    sets = []
+    for d in head_dims:
+        for causal in (True, False):
+            sets.append(dict(HEAD_DIM=d, CAUSAL=causal, DOT_FP32=False, PRECISION="tf32"))
+    return sets
+
+
+def specs(head_dims):
+    attn_ptr = {"LSE": "fp32", "DELTA": "fp32"}
+    norm_ptr = {"MEAN": "fp32", "RSTD": "fp32", "DW_PARTIAL": "fp32", "DB_PARTIAL": "fp32"}
+    ce_ptr = {n: "fp32" for n in ("LOSS", "LSE", "MAX", "SUMEXP", "TARGET", "SUMX", "DLOSS")}
+    ce_ptr.update(LABELS="i64", V="i32")  # V is the vocabulary size here, not a pointer
+    norm_sets = [dict(IS_RMS=rms, HAS_W=True, HAS_B=not rms, BLOCK_M=1, BLOCK_N=n, num_warps=w)
+                 for rms in (True, False) for n, w in ((4096, 8), (8192, 16))]
+    return [
+        ("attention", "_fwd_kernel", attn_ptr, ("sm_scale",), _attention_sets(head_dims)),
+        ("attention", "_bwd_dkdv_kernel", attn_ptr, ("sm_scale",), _attention_sets(head_dims)),
+        ("attention", "_bwd_dq_kernel", attn_ptr, ("sm_scale",), _attention_sets(head_dims)),
+        ("attention", "_bwd_delta_kernel", attn_ptr, (),
+         [dict(HEAD_DIM=d, BLOCK_M=min(128, 8192 // d)) for d in head_dims]),
+        ("norms", "_norm_fwd_kernel", norm_ptr, ("eps",), norm_sets),
+        ("norms", "_norm_bwd_kernel", norm_ptr, (), norm_sets),
+        ("softmax", "_softmax_fwd_kernel", {"MASK": "u8"}, ("scale",),
+         [dict(HAS_MASK=m, CAUSAL=not m, BLOCK=4096, SINGLE_BLOCK=s, num_warps=8)
+          for m in (True, False) for s in (True, False)]),
+        ("softmax", "_softmax_bwd_kernel", {}, ("scale",),
+         [dict(BLOCK=4096, SINGLE_BLOCK=s, num_warps=8) for s in (True, False)]),
+        ("rope", "_rope_kernel", {"COS": "fp32", "SIN": "fp32"}, (),
+         [dict(INVERSE=inv, COPY_REST=False, BLOCK_R=32, BLOCK_HALF=64, BLOCK_REST=1) for inv in (False, True)]),
+        ("fused_swiglu", "_swiglu_fwd_kernel", {}, (), [dict(BLOCK=_kernel("fused_swiglu", "BLOCK"))]),
+        ("fused_swiglu", "_swiglu_bwd_kernel", {}, (), [dict(BLOCK=_kernel("fused_swiglu", "BLOCK"))]),
+        ("fused_cross_entropy", "_ce_fwd_kernel", ce_ptr, (),
+         [dict(LOCAL_STATS=ls, BLOCK=4096, num_warps=8) for ls in (False, True)]),
+        ("fused_cross_entropy", "_ce_bwd_kernel", ce_ptr, ("target_weight", "uniform_weight"),
+         [dict(BLOCK=4096, num_warps=8)]),
+    ]
+
+
+def autotuned_kernels():
+    """(module, name) of every triton.autotune'd kernel in megagopher.kernels."""
+    found = []
+    for module in MODULES:
+        for name, obj in vars(importlib.import_module(f"megagopher.kernels.{module}")).items():
+            if isinstance(obj, triton.runtime.Autotuner):
+                found.append((module, name))
+    return found
+
+
+def archs():
+    """Hopper always; Blackwell when this Triton has the ptxas that targets it."""
+    return [90, 100] if os.path.exists(os.path.join(_BIN, "ptxas-blackwell")) else [90]
+
+
+def _resources(cubin, ptx, arch):
+    """(registers, spill bytes) of the one kernel in cubin. The stack frame is read from the cubin; only when
+    there is one (in Triton code it holds spills alone) ptxas -v is run again to count the spilled bytes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        usage = subprocess.run([os.path.join(_BIN, "cuobjdump"), "--dump-resource-usage", path],
+                               capture_output=True, text=True, check=True).stdout
+        regs = int(re.search(r"REG:(\d+)", usage).group(1))
+        stack = int(re.search(r"STACK:(\d+)", usage).group(1)) + int(re.search(r"LOCAL:(\d+)", usage).group(1))
+        if not stack:
+            return regs, 0
+        with open(os.path.join(tmp, "k.ptx"), "w") as f:
+            f.write(ptx)
+        ptxas = os.path.join(_BIN, "ptxas" if arch < 100 else "ptxas-blackwell")
+        log = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a", os.path.join(tmp, "k.ptx"),
+                              "-o", os.path.join(tmp, "v.cubin")], capture_output=True, text=True).stderr
+        spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", log))
+        return regs, spills or stack
+
+
+def _mma(ptx):
+    kinds = [k for k, pattern in (("wgmma", "wgmma."), ("tcgen05", "tcgen05.mma"), ("mma", "mma.sync"))
+             if pattern in ptx]
+    return "+".join(kinds) or "none"
+
+
+def compile_one(job):
+    """Compile one (kernel, arch, dtype, constexprs + config); returns the result row."""
+    module, name, ptr, floats, consts, config, arch, dtype = job
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+    kernel = _kernel(module, name)
+    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    values = dict(consts, **config)
+    options = {k: values.pop(k) for k in ("num_warps", "num_stages") if k in values}
+    signature, constexprs = {}, {}
+    for p in fn.params:
+        if p.is_constexpr:
+            signature[p.name], constexprs[p.name] = "constexpr", values[p.name]
+        elif ptr.get(p.name) == "i32":
+            signature[p.name] = "i32"
+        elif p.name in ptr or (p.name.isupper() and p.name not in _INT_NAMES):
+            signature[p.name] = _PTR[ptr.get(p.name, dtype)]
+        else:
+            signature[p.name] = "fp32" if p.name in floats else "i32"
+    shown = {k: v for k, v in values.items() if k not in ("DOT_FP32", "PRECISION")}
+    config_text = " ".join(f"{k}={v}" for k, v in shown.items()) + "".join(f" {k}={v}" for k, v in options.items())
+    row = dict(kernel=name, autotuned=isinstance(kernel, triton.runtime.Autotuner), arch=f"sm_{arch}a",
+               dtype=dtype, config=config_text)
+    try:
+        compiled = triton.compile(triton.compiler.ASTSource(fn, signature, constexprs),
+                                  target=GPUTarget("cuda", arch, 32), options=options)
+        regs, spills = _resources(compiled.asm["cubin"], compiled.asm["ptx"], arch)
+        row.update(regs=regs, spills=spills, smem=compiled.metadata.shared, mma=_mma(compiled.asm["ptx"]))
+    except Exception as e:  # a failed compilation is a finding: report it and go on
+        cause = e
+        while cause.__cause__ is not None:  # Triton wraps the failing line of each inlined call: show the innermost
+            cause = cause.__cause__
+        row.update(regs="-", spills="-", smem="-", mma="-", error=f"{type(cause).__name__}: {str(cause).strip()}")
+    return row
+
+
+def jobs(quick):
+    """Every compilation of the sweep; --quick keeps the largest attention tiles and one dtype and arch."""
+    head_dims, dtypes, targets = ((128, 256), ("bf16",), [90]) if quick else ((64, 128, 256), ("bf16", "fp16"), archs())
+    out = []
+    for module, name, ptr, floats, const_sets in specs(head_dims):
+        kernel = _kernel(module, name)
+        configs = ([dict(c.all_kwargs()) for c in kernel.configs]
+                   if isinstance(kernel, triton.runtime.Autotuner) else [{}])
+        for consts in const_sets:
+            if quick and consts.get("CAUSAL") is False:
+                continue
+            for config in configs:
+                for arch in targets:
+                    for dtype in dtypes:
+                        out.append((module, name, ptr, floats, consts, config, arch, dtype))
+    return out
+
+
+def verdict(row):
+    if "error" in row:
+        return "FAIL compile: " + row["error"].splitlines()[0]
+    if row["spills"]:  # a fixed launch is its wrapper's choice, not the autotuner's: reported, not gated
+        return f"{'FAIL' if row['autotuned'] else 'WARN'} spills {row['spills']} bytes"
+    if row["smem"] > SMEM_LIMIT:
+        return f"FAIL shared memory {row['smem']} > {SMEM_LIMIT}"
+    return "ok"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="bf16, head dims 128/256, causal, sm_90a only")
+    p.add_argument("--workers", type=int, default=os.cpu_count())
+    args = p.parse_args(argv)
+    covered = {name for _, name, *_ in specs((128,))}
+    missing = [f"{m}.{n}" for m, n in autotuned_kernels() if n not in covered]
+    if missing:  # an autotuned kernel this tool does not know how to compile must not pass unchecked
+        print(f"check_kernels: no spec for autotuned kernel(s) {', '.join(missing)}; add them to specs()")
+        return 1
+    todo = jobs(args.quick)
+    with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
+        rows = list(pool.map(compile_one, todo))
+    failed = 0
+    for row in rows:
+        result = verdict(row)
+        failed += result.startswith("FAIL")
+        print(f"{row['kernel']:<20} {row['arch']:<8} {row['dtype']:<5} {row['config']:<80} regs={row['regs']:<4} "
+              f"spills={row['spills']:<5} smem={row['smem']:<7} mma={row['mma']:<10} {result}", flush=True)
+    print(f"check_kernels: {len(rows)} compilations ({', '.join(sorted({r['arch'] for r in rows}))}), "
+          f"{failed} fail")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

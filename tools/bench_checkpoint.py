@@ -121,6 +121,7 @@ def _rank(rank, world, mode, a, root):
     else:
         _step(chunks, opt, a["vocab"])
     out["peak"] = _status("VmHWM")
+    chunks[0].finish_param_gather()  # ZeRO-1's last all-gathers: a group destroyed under them aborts
     ps.destroy_model_parallel()
     return out
 

@@ -128,7 +128,8 @@ class DistributedDataParallel(nn.Module):
 
     def finish_param_gather(self):
         """Waits for every parameter all-gather in flight; call before reading or writing the parameters
-        outside a forward pass."""
+        outside a forward pass, and before destroying the process groups (a gloo or NCCL group destroyed
+        under a pending all-gather aborts the process; Trainer.close does it)."""
         self.buffer.finish_param_sync()
 
     # -- the step's protocol -----------------------------------------------------------------------

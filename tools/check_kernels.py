@@ -197,9 +197,9 @@ def main(argv=None):
     if missing:  # an autotuned kernel this tool does not know how to compile must not pass unchecked
         print(f"check_kernels: no spec for autotuned kernel(s) {', '.join(missing)}; add them to specs()")
         return 1
-    todo = jobs(args.quick)
+    work = jobs(args.quick)
     with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
-        rows = list(pool.map(compile_one, todo))
+        rows = list(pool.map(compile_one, work))
     failed = 0
     for row in rows:
         result = verdict(row)

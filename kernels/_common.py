@@ -68,12 +68,35 @@ def dot_precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def autotuned(gpu_configs, interpreter_config, key):
+def autotuned(gpu_configs, interpreter_config, key, early_config_prune=None):
     """``triton.autotune`` with ``gpu_configs`` when compiling for a GPU, and the single small
     ``interpreter_config`` under TRITON_INTERPRET (one config: the autotuner then never benchmarks).
-    Decided at import, which under the interpreter happens after conftest/bench set the variable."""
+    Decided at import, which under the interpreter happens after conftest/bench set the variable.
+    ``early_config_prune`` (e.g. ``prune_by_head_dim``) narrows the list per launch before benchmarking;
+    tools/check_kernels.py calls it too, to compile each config where it can be picked."""
     configs = [interpreter_config] if interpreter_on() else gpu_configs
-    return lambda fn: triton.autotune(configs=configs, key=key)(fn)
+    prune = {"early_config_prune": early_config_prune} if early_config_prune else None
+    return lambda fn: triton.autotune(configs=configs, key=key, prune_configs_by=prune)(fn)
+
+
+def tile_configs(rows):
+    """triton.Config per (BLOCK_M, BLOCK_N, num_warps, num_stages, smallest head dim, largest head dim), the
+    head dims (the padded HEAD_DIM constexpr) recorded as ``min_head_dim`` / ``max_head_dim`` for
+    ``prune_by_head_dim``."""
+    configs = []
+    for block_m, block_n, warps, stages, min_head_dim, max_head_dim in rows:
+        config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+        config.min_head_dim, config.max_head_dim = min_head_dim, max_head_dim
+        configs.append(config)
+    return configs
+
+
+def prune_by_head_dim(configs, named_args, **kwargs):
+    """early_config_prune: the configs whose head-dim range admits this launch's HEAD_DIM constexpr. Large
+    tiles that spill at head dim 256 stay available below it, where they compile clean."""
+    head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+    return [c for c in configs
+            if getattr(c, "min_head_dim", head_dim) <= head_dim <= getattr(c, "max_head_dim", head_dim)]
 
 
 def rows_2d(x):

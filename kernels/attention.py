@@ -1,56 +1,31 @@
 """Fused attention, forward and backward: FlashAttention-2 (Dao 2023, "FlashAttention-2: Faster Attention
-with Better Parallelism and Work Partitioning").
+with Better Parallelism and Work Partitioning"), for any head dim that is a multiple of 8 up to 256, with
+packed documents (flash-attn's cu_seqlens) and sliding-window causal masks (window_size=(left, 0)).
 
-Forward: one program per (query block, batch x head) streams the key/value blocks through an online
+Forward (here): one program per (query block, batch x head) streams the key/value blocks through an online
 softmax (running max m and sum l, rescaling the accumulator), so the s x s score matrix never exists; it
-saves the logsumexp of each row for the backward. Backward: a dK/dV kernel (one program per key block and
-kv head, looping over the query heads of its group and the query blocks) and a dQ kernel (one program per
-query block and head), both recomputing P = exp(S - lse) blockwise; no atomics.
+saves the logsumexp of each row for the backward. Key blocks outside the rows' documents and windows are
+skipped; only the blocks on a boundary pay for the mask (attention_tiles.block_ranges). The backward
+(attention_bwd.py) recomputes P = exp(S - lse) blockwise in a dK/dV and a dQ kernel; no atomics.
+
+flash_attention_forward / flash_attention_backward expose the two halves with the logsumexp, for ring
+attention: the backward takes o and lse of a larger attention (the merged ring result), so the gradients of
+one key block use the global softmax normaliser.
 
 Grouped-query / multi-query attention reads kv head h // (h / h_kv) for query head h straight from K and V:
 nothing is copied per head. Causal masking is top-left aligned (query i sees keys 0..i), as in the reference.
-Scores are kept in base 2 (scaled by log2 e) so the exponentials are exp2.
+Scores are kept in base 2: sm_scale * log2 e is folded into Q once per program (not into every score tile),
+so the exponentials are exp2 of the raw dot products.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (DTYPE_NAMES, autotuned, check_device, check_float, check_nonempty, dot_in_fp32,
-                      dot_precision, new_empty, next_pow2)
-from .dispatch import Unsupported
-
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-HEAD_DIMS = (16, 32, 64, 128, 256)
-
-# Every configuration here compiles without register spills and within shared memory for head dims 64, 128
-# and 256, bf16 and fp16, sm_90a and sm_100a (tools/check_kernels.py checks it): the autotuner may pick any
-# of them at any head dim, so one that spills at d=256 (128x64 tiles do, by 272 bytes to 1.6 KB) is out.
-_FWD_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                for bm, bn, w, s in [(64, 32, 8, 2), (64, 32, 8, 3), (32, 32, 8, 2)]]
-_DKDV_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                 for bm, bn, w, s in [(32, 32, 8, 2), (64, 32, 8, 2)]]
-_DQ_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-               for bm, bn, w, s in [(32, 64, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)]]
-# Under the interpreter every program is a Python loop: few, mid-sized blocks keep the tests quick while
-# sequence lengths 17, 129, 257 still cross block boundaries.
-_INTERP_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)
-_KEY = ["HEAD_DIM", "CAUSAL", "seq_bucket"]
-
-
-@triton.jit
-def _load_tile(base, rows, stride, offs_d, n, UPCAST: tl.constexpr):
-    # The [rows, HEAD_DIM] tile at base + row * stride + d, zeros for rows past n; in fp32 if UPCAST.
-    t = tl.load(base + rows[:, None] * stride + offs_d[None, :], mask=rows[:, None] < n, other=0.0)
-    if UPCAST:
-        t = t.to(tl.float32)
-    return t
-
-
-@triton.jit
-def _store_tile(base, rows, stride, offs_d, n, value):
-    # value (fp32) into the [rows, HEAD_DIM] tile at base + row * stride + d, rows past n left alone.
-    tl.store(base + rows[:, None] * stride + offs_d[None, :], value.to(base.dtype.element_ty), mask=rows[:, None] < n)
+from ._common import autotuned, new_empty, prune_by_head_dim
+from .attention_bwd import backward
+from .attention_args import check_key_bounds
+from .attention_tiles import (FWD_TILES, INTERP_TILE, KEY, LOG2E, block_ranges, check_inputs, doc_bounds,
+                              key_bounds, launch_meta, load_tile, store_tile, strides, unit_last_stride)
 
 
 @triton.jit
@@ -63,252 +38,141 @@ def _query_program(H, GROUP, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d,
-               lo, hi, qk_scale, SEQ_K, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-               DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        k = _load_tile(k_base, cols, stride_ks, offs_d, SEQ_K, DOT_FP32)
-        v = _load_tile(v_base, cols, stride_vs, offs_d, SEQ_K, DOT_FP32)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        if MASKED:  # only the blocks on the diagonal or past the end pay for the mask
-            valid = cols[None, :] < SEQ_K
-            if CAUSAL:
-                valid = valid & (cols[None, :] <= offs_m[:, None])
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, k_lo, k_hi, offs_n, offs_d,
+               lo, hi, gap_at, gap, SEQ_K, D: tl.constexpr, MASKED: tl.constexpr, DOT_FP32: tl.constexpr,
+               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    for step in range(lo, hi, BLOCK_N):
+        cols = step + tl.where(step >= gap_at, gap, 0) + offs_n  # jumps the gap [gap_at, gap_at + gap)
+        k = load_tile(k_base, cols, stride_ks, offs_d, SEQ_K, D, DOT_FP32)
+        v = load_tile(v_base, cols, stride_vs, offs_d, SEQ_K, D, DOT_FP32)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # already scaled by sm_scale * log2 e
+        if MASKED:  # only the blocks on a document, window or causal boundary pay for the mask
+            valid = (cols[None, :] >= k_lo[:, None]) & (cols[None, :] < k_hi[:, None])
             qk = tl.where(valid, qk, float("-inf"))
-        # Every row sees key 0 in the first block it processes, so m_new is finite from the start.
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # A row that has seen no key yet (its document starts later in the block) keeps m = -inf:
+            # exponentiate against 0 there, or -inf - -inf would be NaN.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = m_new
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(qk - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
 
-@autotuned(_FWD_CONFIGS, _INTERP_CONFIG, _KEY)
+@autotuned(FWD_TILES, INTERP_TILE, KEY, prune_by_head_dim)
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, sm_scale,
+def _fwd_kernel(Q, K, V, O, LSE, DOC_START, DOC_END, stride_doc, qk_scale,
                 stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                 stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
-                H, GROUP, SEQ_Q, SEQ_K, seq_bucket,
-                HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m, off_bh, off_b, off_h, off_hk = _query_program(H, GROUP, BLOCK_M)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qs, offs_d, SEQ_Q, DOT_FP32)
-    k_base = K + off_b * stride_kb + off_hk * stride_kh
-    v_base = V + off_b * stride_vb + off_hk * stride_vh
-    qk_scale = sm_scale * 1.4426950408889634
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    # Key blocks wholly inside the sequence (and, if causal, wholly left of this block's first query)
-    # need no mask; the rest (the diagonal, the ragged end) do.
-    if CAUSAL:
-        hi = tl.minimum(SEQ_K, start_m + BLOCK_M)
-        full_end = (tl.minimum(start_m + 1, SEQ_K) // BLOCK_N) * BLOCK_N
-    else:
-        hi = SEQ_K
-        full_end = (SEQ_K // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d,
-                               0, full_end, qk_scale, SEQ_K, False, CAUSAL, DOT_FP32, PRECISION, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d,
-                               full_end, hi, qk_scale, SEQ_K, True, CAUSAL, DOT_FP32, PRECISION, BLOCK_N)
-    acc = acc / l_i[:, None]
-    _store_tile(O + off_b * stride_ob + off_h * stride_oh, offs_m, stride_os, offs_d, SEQ_Q, acc)
-    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # natural-log logsumexp of the scaled scores
-    tl.store(LSE + off_bh.to(tl.int64) * SEQ_Q + offs_m, lse, mask=offs_m < SEQ_Q)
-
-
-@triton.jit
-def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_os, stride_oh, stride_db, stride_ds, stride_dh,
-                      H, SEQ_Q, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    # delta_i = sum_d dO_id * O_id = sum_j P_ij dP_ij, the row term of the softmax backward
-    start_m, off_bh, off_b, off_h, _ = _query_program(H, 1, BLOCK_M)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    o = _load_tile(O + off_b * stride_ob + off_h * stride_oh, offs_m, stride_os, offs_d, SEQ_Q, True)
-    do = _load_tile(DO + off_b * stride_db + off_h * stride_dh, offs_m, stride_ds, offs_d, SEQ_Q, True)
-    tl.store(DELTA + off_bh.to(tl.int64) * SEQ_Q + offs_m, tl.sum(o * do, 1), mask=offs_m < SEQ_Q)
-
-
-@autotuned(_DKDV_CONFIGS, _INTERP_CONFIG, _KEY)
-@triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sm_scale,
-                     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
-                     stride_vb, stride_vs, stride_vh, stride_db, stride_ds, stride_dh,
-                     stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
-                     H, H_KV, GROUP, SEQ_Q, SEQ_K, seq_bucket,
-                     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
-                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_n = tl.program_id(0) * BLOCK_N
-    off_bk = tl.program_id(1)
-    off_b = (off_bk // H_KV).to(tl.int64)
-    off_hk = off_bk % H_KV
-    cols = start_n + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    k = _load_tile(K + off_b * stride_kb + off_hk * stride_kh, cols, stride_ks, offs_d, SEQ_K, DOT_FP32)
-    v = _load_tile(V + off_b * stride_vb + off_hk * stride_vh, cols, stride_vs, offs_d, SEQ_K, DOT_FP32)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
-    lo = (start_n // BLOCK_M) * BLOCK_M if CAUSAL else 0  # earlier queries never see these keys
-    # The kv head's gradient sums over every query head of its group: accumulated here, in registers.
-    for g in range(0, GROUP):
-        off_h = off_hk * GROUP + g
-        q_base = Q + off_b * stride_qb + off_h * stride_qh
-        do_base = DO + off_b * stride_db + off_h * stride_dh
-        row_base = (off_b * H + off_h) * SEQ_Q
-        for start_m in range(lo, SEQ_Q, BLOCK_M):
-            rows = start_m + offs_m
-            row_ok = rows < SEQ_Q
-            q = _load_tile(q_base, rows, stride_qs, offs_d, SEQ_Q, DOT_FP32)
-            do = _load_tile(do_base, rows, stride_ds, offs_d, SEQ_Q, DOT_FP32)
-            lse = tl.load(LSE + row_base + rows, mask=row_ok, other=0.0)
-            delta = tl.load(DELTA + row_base + rows, mask=row_ok, other=0.0)
-            qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (keys, queries)
-            valid = row_ok[None, :]
-            if CAUSAL:
-                valid = valid & (rows[None, :] >= cols[:, None])
-            p_t = tl.where(valid, tl.exp2(qk_t - lse[None, :] * 1.4426950408889634), 0.0)
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
-    dk = dk * sm_scale
-    _store_tile(DK + off_b * stride_dkb + off_hk * stride_dkh, cols, stride_dks, offs_d, SEQ_K, dk)
-    _store_tile(DV + off_b * stride_dvb + off_hk * stride_dvh, cols, stride_dvs, offs_d, SEQ_K, dv)
-
-
-@autotuned(_DQ_CONFIGS, _INTERP_CONFIG, _KEY)
-@triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sm_scale,
-                   stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
-                   stride_vb, stride_vs, stride_vh, stride_db, stride_ds, stride_dh,
-                   stride_dqb, stride_dqs, stride_dqh,
-                   H, GROUP, SEQ_Q, SEQ_K, seq_bucket,
-                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
-                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                H, GROUP, SEQ_Q, SEQ_K, window, seq_bucket,
+                HEAD_DIM: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+                DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m, off_bh, off_b, off_h, off_hk = _query_program(H, GROUP, BLOCK_M)
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = rows < SEQ_Q
-    q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh, rows, stride_qs, offs_d, SEQ_Q, DOT_FP32)
-    do = _load_tile(DO + off_b * stride_db + off_h * stride_dh, rows, stride_ds, offs_d, SEQ_Q, DOT_FP32)
-    lse = tl.load(LSE + off_bh.to(tl.int64) * SEQ_Q + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + off_bh.to(tl.int64) * SEQ_Q + rows, mask=row_ok, other=0.0)
+    q = load_tile(Q + off_b * stride_qb + off_h * stride_qh, rows, stride_qs, offs_d, SEQ_Q, D, DOT_FP32)
+    q = (q.to(tl.float32) * qk_scale).to(q.dtype)
     k_base = K + off_b * stride_kb + off_hk * stride_kh
     v_base = V + off_b * stride_vb + off_hk * stride_vh
-    qk_scale = sm_scale * 1.4426950408889634
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    hi = tl.minimum(SEQ_K, start_m + BLOCK_M) if CAUSAL else SEQ_K
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        k = _load_tile(k_base, cols, stride_ks, offs_d, SEQ_K, DOT_FP32)
-        v = _load_tile(v_base, cols, stride_vs, offs_d, SEQ_K, DOT_FP32)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        valid = cols[None, :] < SEQ_K
-        if CAUSAL:
-            valid = valid & (cols[None, :] <= rows[:, None])
-        p = tl.where(valid, tl.exp2(qk - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    dq = dq * sm_scale
-    _store_tile(DQ + off_b * stride_dqb + off_h * stride_dqh, rows, stride_dqs, offs_d, SEQ_Q, dq)
+    k_lo, k_hi = key_bounds(rows, DOC_START + off_b * stride_doc, DOC_END + off_b * stride_doc, SEQ_Q, SEQ_K,
+                            window, CAUSAL, VARLEN)
+    start, full_start, full_end, end = block_ranges(k_lo, k_hi, rows < SEQ_Q, SEQ_K, BLOCK_N)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # The unmasked blocks first, then one loop over the masked ones on either side of them (one loop rather
+    # than two: each loop is pipelined separately, and a third at d=256 costs spills).
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, k_lo, k_hi, offs_n,
+                               offs_d, full_start, full_end, full_end, 0, SEQ_K, D, False, DOT_FP32, PRECISION,
+                               BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, k_lo, k_hi, offs_n,
+                               offs_d, start, end - (full_end - full_start), full_start, full_end - full_start,
+                               SEQ_K, D, True, DOT_FP32, PRECISION, BLOCK_N)
+    # A row with no key at all (a window past the end of a shorter key sequence) outputs zeros, lse -inf.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    store_tile(O + off_b * stride_ob + off_h * stride_oh, rows, stride_os, offs_d, SEQ_Q, D, acc / l_safe[:, None])
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)  # natural log
+    tl.store(LSE + off_bh.to(tl.int64) * SEQ_Q + rows, lse, mask=rows < SEQ_Q)
 
 
-def _strides(t):
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
-def _check(q, k, v):
-    op = "flash_attention"
-    check_float(op, q, k, v)
-    check_device(op, q, k, v)
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise Unsupported(f"{op}: expected q, k, v of shape (b, s, h, d); got {tuple(q.shape)}, "
-                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise Unsupported(f"{op}: q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    b, sq, h, d = q.shape
-    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
-        raise Unsupported(f"{op}: k {tuple(k.shape)} and v {tuple(v.shape)} must be (b={b}, s_k, h_kv, d={d})")
-    if d not in HEAD_DIMS:
-        raise Unsupported(f"{op}: head dim {d} ({DTYPE_NAMES[q.dtype]}) is not supported by the Triton kernel; "
-                          f"supported: {', '.join(map(str, HEAD_DIMS))}")
-    if h % k.shape[2]:
-        raise Unsupported(f"{op}: {h} query heads are not a multiple of {k.shape[2]} key/value heads")
-    check_nonempty(op, q)
-    check_nonempty(op, k)
-
-
-def _unit_last_stride(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _meta(q, k):
-    """Constexprs shared by the launches, and the autotuning bucket of the sequence length."""
-    dot_fp32 = dot_in_fp32(q.dtype)
-    meta = dict(HEAD_DIM=q.shape[-1], DOT_FP32=dot_fp32, PRECISION="ieee" if dot_fp32 else dot_precision(q.dtype))
-    return meta, next_pow2(max(q.shape[1], k.shape[1]))
-
-
-def _forward(q, k, v, causal, scale):
+def _forward(q, k, v, causal, scale, cu_seqlens, left, docs, bounds=False):
+    """``docs``: per query the [start, end) of the keys its document spans, (s_q,) each for packed documents,
+    or (b, s_q) with ``bounds``: key_bounds, the whole mask."""
     (b, sq, h, d), (sk, h_kv) = q.shape, k.shape[1:3]
-    meta, bucket = _meta(q, k)
+    meta, window, bucket = launch_meta(q, k, causal, cu_seqlens, left)
+    meta["VARLEN"] = meta["VARLEN"] or bounds
     o = new_empty(q.shape, q.dtype, q.device)
     lse = new_empty((b, h, sq), torch.float32, q.device)
     grid = lambda cfg: (triton.cdiv(sq, cfg["BLOCK_M"]), b * h)
-    _fwd_kernel[grid](q, k, v, o, lse, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-                      h, h // h_kv, sq, sk, bucket, CAUSAL=causal, **meta)
+    _fwd_kernel[grid](q, k, v, o, lse, *docs, sq if bounds else 0, scale * LOG2E, *strides(q), *strides(k),
+                      *strides(v), *strides(o),
+                      h, h // h_kv, sq, sk, window, bucket, **meta)
     return o, lse
-
-
-def _backward(q, k, v, o, lse, do, causal, scale):
-    (b, sq, h, d), (sk, h_kv) = q.shape, k.shape[1:3]
-    meta, bucket = _meta(q, k)
-    delta = new_empty((b, h, sq), torch.float32, q.device)
-    block_m = min(128, 8192 // d)  # two (block_m, d) fp32 tiles in registers
-    _bwd_delta_kernel[(triton.cdiv(sq, block_m), b * h)](o, do, delta, *_strides(o), *_strides(do), h, sq,
-                                                        HEAD_DIM=d, BLOCK_M=block_m)
-    dq = new_empty(q.shape, q.dtype, q.device)
-    dk = new_empty(k.shape, k.dtype, k.device)
-    dv = new_empty(v.shape, v.dtype, v.device)
-    grid_kv = lambda cfg: (triton.cdiv(sk, cfg["BLOCK_N"]), b * h_kv)
-    _bwd_dkdv_kernel[grid_kv](q, k, v, do, lse, delta, dk, dv, scale, *_strides(q), *_strides(k), *_strides(v),
-                              *_strides(do), *_strides(dk), *_strides(dv), h, h_kv, h // h_kv, sq, sk, bucket,
-                              CAUSAL=causal, **meta)
-    grid_q = lambda cfg: (triton.cdiv(sq, cfg["BLOCK_M"]), b * h)
-    _bwd_dq_kernel[grid_q](q, k, v, do, lse, delta, dq, scale, *_strides(q), *_strides(k), *_strides(v),
-                           *_strides(do), *_strides(dq), h, h // h_kv, sq, sk, bucket, CAUSAL=causal, **meta)
-    return dq, dk, dv
 
 
 class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale):
-        o, lse = _forward(q, k, v, causal, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.scale = causal, scale
+    def forward(ctx, q, k, v, causal, scale, cu_seqlens, left):
+        docs = doc_bounds(cu_seqlens, q.shape[1], q.device)
+        o, lse = _forward(q, k, v, causal, scale, cu_seqlens, left, docs)
+        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, *docs)
+        ctx.causal, ctx.scale, ctx.left = causal, scale, left
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, o, lse, _unit_last_stride(do), ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None
+        q, k, v, o, lse, cu_seqlens, *docs = ctx.saved_tensors
+        dq, dk, dv = backward(q, k, v, o, lse, unit_last_stride(do), ctx.causal, ctx.scale, cu_seqlens, ctx.left,
+                              docs)
+        return dq, dk, dv, None, None, None, None
 
 
-def flash_attention(q, k, v, causal=True, softmax_scale=None):
-    """q (b, s_q, h, d); k, v (b, s_k, h_kv, d), h_kv dividing h; returns (b, s_q, h, d) in q's dtype.
-    Raises Unsupported for head dims other than 16..256 in powers of two, or other dtypes than fp32/16, bf16."""
-    _check(q, k, v)
+def _prepare(q, k, v, causal, softmax_scale, cu_seqlens, window_size):
+    left = check_inputs(q, k, v, causal, cu_seqlens, window_size)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
-    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    return FlashAttentionFunction.apply(q, k, v, bool(causal), scale)
+    return [unit_last_stride(t) for t in (q, k, v)], bool(causal), scale, left
+
+
+def flash_attention(q, k, v, causal=True, softmax_scale=None, cu_seqlens=None, window_size=None):
+    """q (b, s_q, h, d); k, v (b, s_k, h_kv, d), h_kv dividing h; returns (b, s_q, h, d) in q's dtype. With
+    cu_seqlens (int32 (n + 1,)), b = 1 and the n documents packed in s attend only within themselves;
+    window_size=(left, 0): query i sees keys i - left .. i. Raises Unsupported for head dims that are not
+    multiples of 8 up to 256, or dtypes other than fp32/16, bf16."""
+    (q, k, v), causal, scale, left = _prepare(q, k, v, causal, softmax_scale, cu_seqlens, window_size)
+    return FlashAttentionFunction.apply(q, k, v, causal, scale, cu_seqlens, left)
+
+
+def flash_attention_forward(q, k, v, causal=True, softmax_scale=None, cu_seqlens=None, window_size=None,
+                            key_bounds=None):
+    """(o, lse): the output and the fp32 (b, h, s_q) natural-log logsumexp of the scaled, masked scores."""
+    (q, k, v), causal, scale, left = _prepare(q, k, v, causal, softmax_scale, cu_seqlens, window_size)
+    check_key_bounds(q, k, causal, cu_seqlens, window_size, key_bounds)
+    if key_bounds is not None:
+        return _forward(q, k, v, False, scale, None, None, [t.contiguous() for t in key_bounds], bounds=True)
+    return _forward(q, k, v, causal, scale, cu_seqlens, left, doc_bounds(cu_seqlens, q.shape[1], q.device))
+
+
+def flash_attention_backward(q, k, v, o, lse, do, causal=True, softmax_scale=None, cu_seqlens=None,
+                             window_size=None, key_bounds=None, query_bounds=None):
+    """(dq, dk, dv) of attention(q, k, v) given the upstream do and the o and lse of the softmax these keys
+    belong to, which may span more keys than k holds (ring attention's merged o and lse)."""
+    (q, k, v), causal, scale, left = _prepare(q, k, v, causal, softmax_scale, cu_seqlens, window_size)
+    check_key_bounds(q, k, causal, cu_seqlens, window_size, key_bounds, query_bounds)
+    if key_bounds is not None and query_bounds is None:
+        raise ValueError("flash_attention_backward: key_bounds need their query_bounds (the dK/dV kernel "
+                         "visits keys, not queries)")
+    if o.shape != q.shape or lse.shape != (q.shape[0], q.shape[2], q.shape[1]) or do.shape != q.shape:
+        raise ValueError(f"flash_attention_backward: o and do must be {tuple(q.shape)} and lse "
+                         f"{(q.shape[0], q.shape[2], q.shape[1])}; got {tuple(o.shape)}, {tuple(do.shape)}, "
+                         f"{tuple(lse.shape)}")
+    o, lse, do = unit_last_stride(o), lse.float().contiguous(), unit_last_stride(do)
+    if key_bounds is not None:
+        return backward(q, k, v, o, lse, do, False, scale, None, None, [t.contiguous() for t in key_bounds],
+                        query_docs=[t.contiguous() for t in query_bounds])
+    return backward(q, k, v, o, lse, do, causal, scale, cu_seqlens, left, doc_bounds(cu_seqlens, q.shape[1], q.device))

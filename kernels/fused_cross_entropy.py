@@ -11,7 +11,10 @@ checked (a check would cost a device sync per step): their row gets loss = logsu
 The same two kernels serve the local part of a vocab-parallel cross entropy (Megatron, Shoeybi et al.
 2019): with ``vocab_start`` the shard's first id and ``n_real`` its count of non-padding columns, they
 return per-row max, sum of exp, the target logit (0 when the label lies in another shard) and the sum of
-logits (for label smoothing), and take back the global logsumexp for the gradient.
+logits (for label smoothing), and take back the global logsumexp for the gradient. There the gradient
+(with PaLM's z-loss term 2 z_loss lse softmax when asked) is written in the forward, over the logits
+themselves (Liger-Kernel's scheme: ``out=logits``), and ``_ce_scale_kernel`` applies each row's upstream
+gradient in place in the backward; tensor_parallel/cross_entropy.py explains why.
 """
 from typing import NamedTuple
 
@@ -62,9 +65,11 @@ def _ce_fwd_kernel(X, LABELS, LOSS, LSE, MAX, SUMEXP, TARGET, SUMX, stride_x, N_
 
 @triton.jit
 def _ce_bwd_kernel(X, LABELS, LSE, DLOSS, DX, stride_x, stride_dx, stride_dl, V, N_REAL, vocab_start,
-                   ignore_index, target_weight, uniform_weight, BLOCK: tl.constexpr):
-    # d logits = (softmax - target_weight * onehot - uniform_weight * [real column]) * d loss; with label
-    # smoothing eps, target_weight = 1 - eps and uniform_weight = eps / vocab size, else 1 and 0.
+                   ignore_index, target_weight, uniform_weight, z_coef, BLOCK: tl.constexpr):
+    # d logits = (softmax (1 + 2 z_coef lse) - target_weight * onehot - uniform_weight * [real column]) * d loss;
+    # with label smoothing eps, target_weight = 1 - eps and uniform_weight = eps / vocab size, else 1 and 0;
+    # the z-loss z_coef * lse^2 adds 2 z_coef lse softmax. DX may be X itself (the in-place scheme): each
+    # block is loaded before it is overwritten, and no other program touches the row.
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(LABELS + row).to(tl.int64)
     dl = tl.where(label == ignore_index, 0.0, tl.load(DLOSS + row * stride_dl).to(tl.float32))
@@ -75,8 +80,23 @@ def _ce_bwd_kernel(X, LABELS, LSE, DLOSS, DX, stride_x, stride_dx, stride_dl, V,
         cols = start + offs
         real = cols < N_REAL
         x = tl.load(X + row * stride_x + cols, mask=real, other=float("-inf")).to(tl.float32)
-        grad = tl.exp(x - lse) - tl.where(cols == local, target_weight, 0.0) - tl.where(real, uniform_weight, 0.0)
+        grad = tl.exp(x - lse) * (1.0 + 2.0 * z_coef * lse) - tl.where(cols == local, target_weight, 0.0) \
+            - tl.where(real, uniform_weight, 0.0)
         tl.store(DX + row * stride_dx + cols, (grad * dl).to(DX.dtype.element_ty), mask=cols < V)
+
+
+@triton.jit
+def _ce_scale_kernel(DX, DLOSS, stride_dx, stride_dl, V, BLOCK: tl.constexpr):
+    # The backward of the in-place scheme: the forward wrote the gradient for a unit upstream gradient; each
+    # row is scaled by its own upstream gradient in fp32, in place.
+    row = tl.program_id(0).to(tl.int64)
+    dl = tl.load(DLOSS + row * stride_dl).to(tl.float32)
+    offs = tl.arange(0, BLOCK)
+    for start in range(0, V, BLOCK):
+        cols = start + offs
+        ok = cols < V
+        g = tl.load(DX + row * stride_dx + cols, mask=ok, other=0.0).to(tl.float32)
+        tl.store(DX + row * stride_dx + cols, (g * dl).to(DX.dtype.element_ty), mask=ok)
 
 
 def _block(v):
@@ -90,13 +110,13 @@ def _warps(block):
 
 
 def _backward(x2, labels, lse, dloss, vocab_start, ignore_index, n_real=None, target_weight=1.0,
-              uniform_weight=0.0):
+              uniform_weight=0.0, z_coef=0.0, dx=None):
     m, v = x2.shape
-    dx = new_empty((m, v), x2.dtype, x2.device)
+    dx = new_empty((m, v), x2.dtype, x2.device) if dx is None else dx
     block = _block(v)
     _ce_bwd_kernel[(m,)](x2, labels, lse, dloss, dx, x2.stride(0), dx.stride(0), dloss.stride(0), v,
                          v if n_real is None else n_real, vocab_start, ignore_index, target_weight,
-                         uniform_weight, BLOCK=block, num_warps=_warps(block))
+                         uniform_weight, z_coef, BLOCK=block, num_warps=_warps(block))
     return dx
 
 
@@ -169,18 +189,51 @@ def vocab_parallel_local_stats(logits, labels, vocab_start, n_real=None, ignore_
     return LocalStats(*(t.view(labels.shape) for t in out))
 
 
-def vocab_parallel_local_grad(logits, labels, vocab_start, lse, grad_loss, n_real=None, ignore_index=-100,
-                              label_smoothing=0.0, vocab_size=None):
+def rows_view(op, t):
+    """t (..., V) as a (rows, V) view of its own storage with a unit last stride, for writing in place;
+    Unsupported when its layout has none (a transposed tensor)."""
+    try:
+        t2 = t.view(-1, t.shape[-1])
+    except RuntimeError:
+        t2 = None
+    if t2 is None or (t2.stride(-1) != 1 and t2.shape[-1] > 1):
+        raise Unsupported(f"{op}: a tensor of shape {tuple(t.shape)} and strides {t.stride()} is not one "
+                          "(rows, V) view with a unit last stride, so it cannot be written in place")
+    return t2
+
+
+def vocab_parallel_local_grad(logits, labels, vocab_start, lse, grad_loss=None, n_real=None, ignore_index=-100,
+                              label_smoothing=0.0, vocab_size=None, z_loss=0.0, out=None):
     """d loss / d logits for this shard, from the global logsumexp ``lse`` (fp32, shaped like labels):
-    (softmax - (1 - eps) onehot - eps / vocab_size on real columns) * grad_loss, 0 on padding columns and
-    on rows whose label is ignore_index. Recomputed blockwise; returns a tensor like ``logits``."""
+    (softmax (1 + 2 z_loss lse) - (1 - eps) onehot - eps / vocab_size on real columns) * grad_loss (1 when
+    None), 0 on padding columns and on rows whose label is ignore_index; ``z_loss`` is PaLM's z-loss
+    coefficient. Computed blockwise in fp32 and written into ``out`` (which may be ``logits`` itself: the
+    in-place scheme) or a new tensor like ``logits``, which is returned."""
     n_real = logits.shape[-1] if n_real is None else int(n_real)
     _shard_check("vocab_parallel_local_grad", logits, labels, vocab_start, n_real)
     eps = float(label_smoothing)
     if eps and not vocab_size:
         raise Unsupported("vocab_parallel_local_grad: label smoothing needs the real vocab_size")
-    x2 = rows_2d(logits.detach())
+    x2 = rows_view("vocab_parallel_local_grad", logits.detach()) if out is logits else rows_2d(logits.detach())
+    out2 = None if out is None else x2 if out is logits else rows_view("vocab_parallel_local_grad", out.detach())
+    if grad_loss is None:  # a unit upstream gradient, one float broadcast to every row (stride 0)
+        grad_loss = torch.ones((), dtype=torch.float32, device=x2.device).expand(x2.shape[0])
     dx = _backward(x2, labels.reshape(-1).contiguous(), lse.reshape(-1).float().contiguous(),
                    grad_loss.reshape(-1), int(vocab_start), int(ignore_index), n_real, 1.0 - eps,
-                   eps / vocab_size if eps else 0.0)
+                   eps / vocab_size if eps else 0.0, float(z_loss), out2)
     return dx.view(logits.shape)
+
+
+def scale_rows_(grad, grad_loss):
+    """grad (..., V) *= grad_loss (...) row by row, in place and in fp32 (the backward of the in-place
+    scheme); returns grad."""
+    check_float("scale_rows_", grad)
+    check_device("scale_rows_", grad, grad_loss)
+    g2 = rows_view("scale_rows_", grad)
+    dl = grad_loss.reshape(-1)
+    if dl.numel() != g2.shape[0]:
+        raise Unsupported(f"scale_rows_: {dl.numel()} upstream gradients for {g2.shape[0]} rows")
+    block = _block(g2.shape[1])
+    _ce_scale_kernel[(g2.shape[0],)](g2, dl, g2.stride(0), dl.stride(0), g2.shape[1], BLOCK=block,
+                                     num_warps=_warps(block))
+    return grad

@@ -7,12 +7,14 @@ The SwiGLU and cross-entropy modules are named fused_*.py: a submodule called ``
 ``cross_entropy`` would, once imported, replace the package attribute of the same name, i.e. the public
 ``kernels.swiglu`` / ``kernels.cross_entropy`` functions.
 """
-from .attention import flash_attention
+from .add_norm import add_layer_norm, add_rms_norm
+from .attention import flash_attention, flash_attention_backward, flash_attention_forward
 from .fused_cross_entropy import cross_entropy
 from .norms import layer_norm, rms_norm
 from .rope import apply_rope
 from .softmax import scaled_masked_softmax
 from .fused_swiglu import swiglu
 
-__all__ = ["flash_attention", "scaled_masked_softmax", "rms_norm", "layer_norm", "apply_rope", "swiglu",
-           "cross_entropy"]
+__all__ = ["flash_attention", "flash_attention_forward", "flash_attention_backward",
+           "scaled_masked_softmax", "rms_norm", "layer_norm", "apply_rope", "swiglu",
+           "cross_entropy", "add_rms_norm", "add_layer_norm"]

@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from megagopher import parallel_state as ps
 from megagopher.common import PRECISION_DTYPES, PRECISIONS, pick_device
-from megagopher.model.gpt import KVCache
+from megagopher.model.attention import KVCache
 
 
 @dataclass

@@ -133,8 +133,9 @@ def layer_activations(cfg, s, b, tp=1, sp=False, recompute="none", e=2, mask_byt
 
 def extra_activations(cfg, s, b, tp=1, sp=False, pre_process=True, post_process=True, e=2, mask_bytes=1):
     """Bytes saved outside the transformer layers, per micro-batch: token ids and the embedding's masks
-    (first stage); rotary tables; final norm, output-layer input and the cross entropy's fp32 softmax
-    (last stage)."""
+    (first stage); rotary tables; final norm, output-layer input and the logits (last stage), which hold
+    the cross entropy's gradient from its forward on (written in place in the logits' dtype: no second
+    logits-sized buffer, no fp32 softmax; tensor_parallel/cross_entropy.py)."""
     h = cfg.hidden_size
     sp = sp and tp > 1
     n = s * b
@@ -154,7 +155,7 @@ def extra_activations(cfg, s, b, tp=1, sp=False, pre_process=True, post_process=
         stats = 1 if cfg.normalization == "rmsnorm" else 2
         out["final norm"] = n_sp * h * e + stats * n_sp * 4
         out["output layer input"] = n * h * e
-        out["cross entropy (fp32 softmax, labels)"] = n * vocab_rows * 4 + 8 * n + 2 * n + vocab_rows
+        out["cross entropy (its gradient, in the logits)"] = n * vocab_rows * e
     return out
 
 
@@ -182,13 +183,14 @@ def _stage_layout(cfg, pp, vpp, pp_layers):
 def _chunk_activations(cfg, chunk, t, p, e, mask_bytes):
     """Activation bytes of one model chunk per micro-batch, itemised."""
     layers, pre, post = chunk
+    s = cfg.seq_length // p.cp  # context parallelism: each rank holds 1/cp of every sequence
     full = min(layers, t.recompute_num_layers or layers) if t.recompute == "full" else 0
     items = {}
     for count, mode in ((full, "full"), (layers - full, t.recompute if t.recompute != "full" else "none")):
-        for k, v in layer_activations(cfg, cfg.seq_length, t.micro_batch_size, p.tp, p.sp, mode, e,
+        for k, v in layer_activations(cfg, s, t.micro_batch_size, p.tp, p.sp, mode, e,
                                       mask_bytes).items():
             items[k] = items.get(k, 0) + count * v
-    for k, v in extra_activations(cfg, cfg.seq_length, t.micro_batch_size, p.tp, p.sp, pre, post, e,
+    for k, v in extra_activations(cfg, s, t.micro_batch_size, p.tp, p.sp, pre, post, e,
                                   mask_bytes).items():
         items[k] = items.get(k, 0) + v
     return items

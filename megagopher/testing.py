@@ -71,3 +71,15 @@ def spawn(fn, world_size, *args, timeout_s=120, join_timeout_s=900):
                 raise RuntimeError(f"rank {rank} failed:\n{out['error']}")
             results.append(out["value"])
         return results
+
+
+def gather_tensor_parallel(param, tensor):
+    """The full tensor of ``param`` (its value or gradient ``tensor``, this TP rank's shard) joined over the TP
+    group along the parameter's split dimension, vocabulary padding dropped; a replicated one as it is."""
+    from megagopher import parallel_state as ps
+    dim = getattr(param, "partition_dim", None)
+    if dim is None or ps.get_tp_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(ps.get_tp_size())]
+    dist.all_gather(parts, tensor.contiguous(), group=ps.get_tp_group())
+    return torch.cat(parts, dim=dim).narrow(dim, 0, param.full_shape[dim])

@@ -1,7 +1,8 @@
 """tools/check_kernels.py: every autotuned kernel, under every one of its configurations, compiles for sm_90a
 without spills and within shared memory (no GPU needed). The test runs the tool's --quick sweep (bf16, head
-dims 128 and 256, causal, sm_90a: the largest tiles, where spills appear first); the full sweep is the tool's
-default and CI's job."""
+dims 128 and 256, causal, sm_90a: the largest tiles, where spills appear first), each attention config at the
+head dims its early_config_prune lets the autotuner pick it for; the full sweep is the tool's default and CI's
+job."""
 import importlib.util
 import os
 import re
@@ -20,15 +21,19 @@ def _tool():
 
 
 def _gpu_configs():
-    """{kernel name: number of GPU autotune configs}, read in a process without the interpreter (which
-    replaces the configs by its single small one)."""
-    code = ("import triton\nfrom megagopher.kernels import attention, norms, softmax, rope, fused_swiglu, "
-            "fused_cross_entropy as ce\nfor m in (attention, norms, softmax, rope, fused_swiglu, ce):\n"
+    """{kernel name: [(min, max) head dim of each GPU autotune config]}, read in a process without the
+    interpreter (which replaces the configs by its single small one); (0, 999) for a config without limits."""
+    code = ("import triton\nfrom megagopher.kernels import attention, attention_bwd, norms, softmax, rope, "
+            "fused_swiglu, fused_cross_entropy as ce\n"
+            "for m in (attention, attention_bwd, norms, softmax, rope, fused_swiglu, ce):\n"
             "    for n, o in vars(m).items():\n"
-            "        if isinstance(o, triton.runtime.Autotuner): print(n, len(o.configs))\n")
+            "        if isinstance(o, triton.runtime.Autotuner):\n"
+            "            print(n, *(f\"{getattr(c, 'min_head_dim', 0)}-{getattr(c, 'max_head_dim', 999)}\" "
+            "for c in o.configs))\n")
     out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120,
                          check=True).stdout
-    return {name: int(n) for name, n in (line.split() for line in out.splitlines())}
+    return {name: [tuple(map(int, r.split("-"))) for r in ranges]
+            for name, *ranges in (line.split() for line in out.splitlines())}
 
 
 def _env():
@@ -42,10 +47,13 @@ def test_every_autotuned_config_compiles_clean_for_sm90():
     lines = [l for l in out.stdout.splitlines() if re.search(r" regs=\d+ ", l)]
     configs = _gpu_configs()
     assert set(configs) >= {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
-    for name, n in configs.items():
-        # --quick: head dims 128 and 256, causal only, one dtype and arch: 2 lines per config
+    for name, ranges in configs.items():
+        # --quick: head dims 128 and 256, causal (dense and packed documents), one dtype and arch. A config is
+        # compiled at each of those head dims inside its range, where the autotuner may pick it (a config for
+        # small head dims only is the full sweep's to check).
+        picked = sum(lo <= head_dim <= hi for lo, hi in ranges for head_dim in (128, 256))
         mine = [l for l in lines if l.split()[0] == name]
-        assert len(mine) == 2 * n, (name, n, mine)
+        assert picked and len(mine) == 2 * picked, (name, ranges, mine)
         assert all(l.endswith(" ok") and " spills=0 " in l for l in mine), mine
         assert all("mma=" in l and "mma=none" not in l for l in mine), mine  # attention uses tensor cores
     assert re.search(r"check_kernels: \d+ compilations \(sm_90a\), 0 fail", out.stdout), out.stdout[-2000:]

@@ -13,7 +13,7 @@ import torch
 
 from megagopher import generate as gen
 from megagopher.model import GPTConfig, GPTModel
-from megagopher.model.gpt import KVCache
+from megagopher.model.attention import KVCache
 from megagopher.testing import free_port, spawn
 from megagopher.training.checkpoint import CheckpointReader, load_weights
 from train_utils import ROOT, run_train, write_config

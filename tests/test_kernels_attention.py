@@ -1,6 +1,7 @@
 """FlashAttention-2 Triton kernel, forward and backward, under the interpreter on CPU, against the float64
 reference: awkward sequence lengths (1, 17, 129, 257, unequal q/k lengths), batch 3, GQA ratios 1, 2, 4,
-causal and not, head dims 16..256, fp32 / fp16 / bf16, strided inputs. Outputs and gradients are
+causal and not, head dims 8..256 (powers of two and not, padded inside the kernel), fp32 / fp16 / bf16,
+strided inputs. Outputs and gradients are
 allocated poisoned (NaN), so an element the kernels do not write fails.
 
 Tolerances (atol, rtol) per dtype, |got - want| <= atol + rtol |want| elementwise against float64:
@@ -33,6 +34,11 @@ CASES = [
     (1, 70, 33, 4, 2, 16, True, F16),    # more queries than keys
     (1, 17, 17, 1, 1, 128, False, F32),
     (1, 17, 17, 2, 1, 256, True, F16),
+    # head dims that are multiples of 8 but not powers of two run padded to the next power of two
+    (1, 40, 40, 2, 2, 80, True, BF16),   # CodeGen 2.7B's head dim
+    (2, 33, 33, 4, 2, 48, False, F32),
+    (1, 45, 45, 2, 1, 8, True, F16),     # padded to 16, tl.dot's smallest
+    (1, 17, 17, 2, 2, 200, False, F32),
 ]
 
 
@@ -65,7 +71,7 @@ def test_flash_attention_softmax_scale_and_strided_inputs():
     assert_ok(checks, "strided q/k/v, softmax_scale=0.3")
 
 
-@pytest.mark.parametrize("d", [8, 24, 512])
+@pytest.mark.parametrize("d", [12, 36, 264, 512])
 def test_unsupported_head_dim_raises_under_triton(d):
     q = torch.randn(1, 4, 2, d)
     with pytest.raises(Unsupported, match=f"head dim {d}"):

@@ -2,8 +2,8 @@
 blockwise from the saved logsumexp), under the interpreter on CPU, against the float64 reference:
 vocabularies spanning several blocks (the interpreter's block is 128 ids), ignore_index, large logits,
 fp32 / fp16 / bf16 logits, int32 labels, a sum-reduced loss (stride-0 upstream gradient); and the local
-part of a vocab-parallel cross entropy (shards with padding, label smoothing) combined as the TP ranks
-would. Outputs are allocated poisoned (NaN).
+part of a vocab-parallel cross entropy (shards with padding, label smoothing, z-loss, the gradient written
+over the logits) combined as the TP ranks would. Outputs are allocated poisoned (NaN).
 
 Tolerances (atol, rtol) per dtype of the logits, |got - want| <= atol + rtol |want| elementwise against
 float64; the loss is fp32 whatever the logits' dtype, the gradient is rounded to the logits' dtype.
@@ -61,10 +61,12 @@ def test_cross_entropy_sum_reduced_int32_labels_and_ignored_rows():
     assert torch.equal(loss[1], torch.zeros(6)) and torch.equal(x.grad[1], torch.zeros(6, 200))
 
 
-@pytest.mark.parametrize("label_smoothing,dtype", [(0.0, F32), (0.1, F16)])
-def test_vocab_parallel_local_part_matches_full_cross_entropy(label_smoothing, dtype):
+@pytest.mark.parametrize("label_smoothing,dtype,z_loss,inplace", [(0.0, F32, 0.0, False), (0.1, F16, 0.0, False),
+                                                                 (0.1, BF16, 1e-2, True)])
+def test_vocab_parallel_local_part_matches_full_cross_entropy(label_smoothing, dtype, z_loss, inplace):
     # Three "TP ranks" hold 84 columns each of a vocabulary of 250 padded to 252; combining their local
-    # stats as tensor_parallel/cross_entropy.py does must give the full cross entropy and its gradient.
+    # stats as tensor_parallel/cross_entropy.py does must give the full cross entropy and its gradient
+    # (with PaLM's z-loss, z_loss * logsumexp^2 per token, in the objective; written over the logits).
     vocab, tp, local = 250, 3, 84
     g = torch.Generator().manual_seed(21)
     logits = (3 * torch.randn(2, 7, tp * local, generator=g)).to(dtype)
@@ -80,13 +82,17 @@ def test_vocab_parallel_local_part_matches_full_cross_entropy(label_smoothing, d
         mean_z = sum(s.sum_logits for s in stats) / vocab
         loss = ((1 - label_smoothing) * (lse - target) + label_smoothing * (lse - mean_z)).masked_fill(labels == -100, 0)
         upstream = torch.randn(2, 7, generator=g)
+        shards = [z.clone() for z in shards] if inplace else shards
         grads = [vocab_parallel_local_grad(z, labels, r * local, lse, upstream, n, label_smoothing=label_smoothing,
-                                           vocab_size=vocab) for r, (z, n) in enumerate(zip(shards, n_real))]
+                                           vocab_size=vocab, z_loss=z_loss, out=z if inplace else None)
+                 for r, (z, n) in enumerate(zip(shards, n_real))]
+    assert not inplace or all(g.data_ptr() == z.data_ptr() for g, z in zip(grads, shards))
     grad = torch.cat(grads, -1)
     ref_x = logits[..., :vocab].double().requires_grad_()
     ref = torch.nn.functional.cross_entropy(ref_x.reshape(-1, vocab), labels.reshape(-1), reduction="none",
                                             label_smoothing=label_smoothing).view(2, 7)
-    (ref_grad,) = torch.autograd.grad(ref, ref_x, upstream.double())
+    z_term = z_loss * torch.logsumexp(ref_x, -1) ** 2 * (labels != -100)
+    (ref_grad,) = torch.autograd.grad(ref + z_term, ref_x, upstream.double())
     assert_ok([measure("loss", loss, ref, *TOL[F32]), measure("grad logits", grad[..., :vocab], ref_grad, *TOL[dtype])],
               f"vocab-parallel local part, smoothing {label_smoothing}")
     assert torch.equal(grad[..., vocab:], torch.zeros_like(grad[..., vocab:]))  # padding columns

@@ -73,8 +73,8 @@ def test_unsupported_raises_under_triton_and_falls_back_under_auto(monkeypatch):
             return "triton", False
         return real_resolve(tensor, backend, op)
     monkeypatch.setattr(kernels, "resolve", resolve_as_on_cuda)
-    q = torch.randn(1, 5, 2, 24)  # head dim 24: not a power of two
-    with pytest.raises(Unsupported, match="head dim 24"):
+    q = torch.randn(1, 5, 2, 20)  # head dim 20: not a multiple of 8
+    with pytest.raises(Unsupported, match="head dim 20"):
         kernels.flash_attention(q, q, q, backend="triton")
     torch.testing.assert_close(kernels.flash_attention(q, q, q), reference.flash_attention(q, q, q))
     assert calls == ["flash_attention", "flash_attention"]  # tried, refused, fell back
@@ -174,7 +174,7 @@ def _qkv(h, h_kv, d, sq=9, sk=7):
 @pytest.mark.parametrize("h,h_kv,causal", [(4, 2, True), (2, 2, False)])
 def test_auto_sends_unsupported_attention_to_sdpa_not_the_reference(monkeypatch, h, h_kv, causal):
     calls = _as_if_cuda(monkeypatch)
-    q, k, v = _qkv(h, h_kv, 48)  # head dim 48 is not a power of two: the Triton kernel raises Unsupported
+    q, k, v = _qkv(h, h_kv, 44)  # head dim 44 is not a multiple of 8: the Triton kernel raises Unsupported
     with pytest.warns(RuntimeWarning) as record:
         out = kernels.flash_attention(q, k, v, causal=causal, softmax_scale=0.3)
     out.backward(torch.ones_like(out))
@@ -189,8 +189,8 @@ def test_auto_sends_unsupported_attention_to_sdpa_not_the_reference(monkeypatch,
     # and the semantics stay the reference's: top-left causal alignment, GQA by groups of query heads
     torch.testing.assert_close(out, _REFERENCE_ATTENTION(q, k, v, causal, 0.3), atol=1e-5, rtol=1e-5)
     message = str(record[0].message)
-    assert len(record) == 1 and "flash_attention" in message and str((2, 9, h, 48)) in message
-    assert "head dim 48" in message and "SDPA" in message
+    assert len(record) == 1 and "flash_attention" in message and str((2, 9, h, 44)) in message
+    assert "head dim 44" in message and "SDPA" in message
 
 
 def test_fallback_warning_is_issued_once_per_reason(monkeypatch):
@@ -198,11 +198,11 @@ def test_fallback_warning_is_issued_once_per_reason(monkeypatch):
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")  # count our warnings, not Python's once-per-location filter
         for _ in range(3):
-            kernels.flash_attention(*_qkv(2, 2, 48))
-        kernels.flash_attention(*_qkv(2, 2, 24))
+            kernels.flash_attention(*_qkv(2, 2, 44))
+        kernels.flash_attention(*_qkv(2, 2, 20))
     messages = [str(w.message) for w in record if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 2, messages
-    assert "head dim 48" in messages[0] and "head dim 24" in messages[1]
+    assert "head dim 44" in messages[0] and "head dim 20" in messages[1]
 
 
 def test_cpu_auto_attention_still_runs_the_reference(monkeypatch):
@@ -211,5 +211,5 @@ def test_cpu_auto_attention_still_runs_the_reference(monkeypatch):
                         lambda *a, **k: calls.append(a[0].shape) or _REFERENCE_ATTENTION(*a, **k))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback warning: nothing fell back
-        kernels.flash_attention(*_qkv(2, 2, 48))
-    assert calls == [(2, 9, 2, 48)]
+        kernels.flash_attention(*_qkv(2, 2, 44))
+    assert calls == [(2, 9, 2, 44)]

@@ -6,10 +6,19 @@ are allocated poisoned (NaN).
 
 Tolerances (atol, rtol) per dtype of the input, |got - want| <= atol + rtol |want| elementwise against
 float64; weight gradients are sums over all rows, rounded once to the parameter dtype.
+
+Rows wider than one backward block take the split backward (row reductions first, then column blocks); it
+is tested at 5000 columns and, with a small block, at 200. Last, the wrappers' GPU launches cross-compile
+for sm_90a without spills (a subprocess, without the interpreter).
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
+from megagopher.kernels import norms
 from megagopher.kernels.testing import assert_ok, compare, stable_seed
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (5e-3, 5e-3), torch.bfloat16: (4e-2, 2e-2)}
@@ -62,3 +71,48 @@ def test_layer_norm_without_affine_parameters(with_weight, with_bias):
     checks = compare("layer_norm", (x, w, b), dict(eps=1e-6), grad_args=grad_args, names=("x", "weight", "bias"),
                      tol=TOL[F32], seed=3)
     assert_ok(checks, f"layer_norm weight={with_weight} bias={with_bias}")
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "layer_norm"])
+def test_split_backward_over_many_column_blocks(op, monkeypatch):
+    # rows wider than one backward block: c1, c2 reduced first, then dx, dw, db per column block (4, ragged)
+    monkeypatch.setattr(norms, "SINGLE_PASS_COLUMNS", 64)
+    x, w, b = _inputs((33, 200), F16, F32, seed=11)
+    args, names = ((x, w), ("x", "weight")) if op == "rms_norm" else ((x, w, b), ("x", "weight", "bias"))
+    checks = compare(op, args, dict(eps=1e-5), grad_args=tuple(range(len(args))), names=names, tol=TOL[F16],
+                     seed=11)
+    assert_ok(checks, f"{op} split backward")
+
+
+_CHECK = """
+import importlib.util
+spec = importlib.util.spec_from_file_location("check_kernels", "tools/check_kernels.py")
+tool = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tool)
+for job in tool.jobs(quick=True):
+    if job[0] == "norms":
+        row = tool.compile_one(job)
+        print(row["kernel"], row["config"].replace(" ", ","), row["spills"], tool.verdict(row))
+"""
+
+
+def test_norm_launches_compile_without_spills_for_sm90():
+    """Every launch the norm wrappers make for widths 4096, 8192 and 16384 (plain and fused with the residual
+    add, forward and backward), cross-compiled for sm_90a: no spills (check_kernels only warns on a fixed
+    launch that spills; here it fails)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real compilation
+    out = subprocess.run([sys.executable, "-c", _CHECK], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split() for line in out.stdout.splitlines()]
+    assert rows and all(r[2] == "0" and r[3] == "ok" for r in rows), out.stdout
+    compiled = [(r[0], set(r[1].split(","))) for r in rows]
+
+    def has(kernel, *settings):
+        return any(k == kernel and set(settings) <= c for k, c in compiled)
+    for rms in ("True", "False"):  # the widest fused forward, and both backward forms of the fused one
+        assert has("_norm_fwd_kernel", f"IS_RMS={rms}", "HAS_RESIDUAL=True", "BLOCK_N=16384"), out.stdout
+        assert has("_norm_bwd_kernel", f"IS_RMS={rms}", "HAS_DS=True", "SPLIT=True"), out.stdout
+        assert has("_norm_bwd_kernel", f"IS_RMS={rms}", "HAS_DS=True", "SPLIT=False", "BLOCK_N=4096"), out.stdout
+        assert has("_norm_bwd_rows_kernel", f"IS_RMS={rms}"), out.stdout

@@ -27,7 +27,7 @@ from megagopher.pipeline_parallel import p2p
 from megagopher.pipeline_parallel.plan import ScheduleError
 from megagopher.pipeline_parallel.schedules import forward_backward, forward_only
 from megagopher.pipeline_parallel.stages import build_model_chunks
-from megagopher.testing import spawn
+from megagopher.testing import gather_tensor_parallel, spawn
 
 RTOL, ATOL = 1e-5, 1e-6
 SEED = 1234
@@ -110,21 +110,12 @@ def _grad(p):
     return p.main_grad if getattr(p, "main_grad", None) is not None else p.grad
 
 
-def _gather_tp(param, tensor):
-    if getattr(param, "partition_dim", None) is None or ps.get_tp_size() == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(ps.get_tp_size())]
-    dist.all_gather(parts, tensor.contiguous(), group=ps.get_tp_group())
-    full = torch.cat(parts, dim=param.partition_dim)
-    return full.narrow(param.partition_dim, 0, param.full_shape[param.partition_dim])  # drop vocab padding
-
-
 def _check_grads(checks, chunks, serial_model, where):
     serial = dict(serial_model.named_parameters())
     checked = 0
     for chunk in chunks:
         for name, p in getattr(chunk, "module", chunk).named_parameters():
-            grad, ref = _gather_tp(p, _grad(p)), serial[_serial_name(name, serial)].grad
+            grad, ref = gather_tensor_parallel(p, _grad(p)), serial[_serial_name(name, serial)].grad
             if getattr(p, "partition_dim", None) is not None:  # vocabulary padding differs with tp
                 ref = ref.narrow(p.partition_dim, 0, p.full_shape[p.partition_dim])
                 grad = grad.narrow(p.partition_dim, 0, p.full_shape[p.partition_dim])

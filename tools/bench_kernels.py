@@ -1,17 +1,19 @@
 #!/usr/bin/env python
-"""Microbenchmarks of megagopher's Triton kernels against their PyTorch baselines.
+"""Microbenchmarks of megagopher's Triton kernels against their PyTorch (and other) baselines.
 
-On a CUDA GPU: times forward, backward and forward+backward of each kernel and of its baseline
-(F.scaled_dot_product_attention, torch.softmax, F.rms_norm / F.layer_norm, plain torch for RoPE and
-SwiGLU, F.cross_entropy) with triton.testing.do_bench (median), and prints one table with TFLOP/s for
-attention and GB/s for the memory-bound kernels.
+On a CUDA GPU: measures the card's copy bandwidth, then times forward, backward and forward+backward of
+each kernel and of each baseline (tools/bench_kernels_cases.py: SDPA with each backend pinned, eager
+PyTorch, torch.compile, Liger-Kernel and apex where importable) with triton.testing.do_bench (median), in
+priority order within --budget seconds, and prints one table: TFLOP/s for attention and GB/s for the
+memory-bound kernels, each with its fraction of the card's peak FLOP/s or of the measured copy bandwidth
+(tools/bench_kernels_timing.py). --json writes the rows as they come, so a run cut short keeps them.
 
 Without a GPU: says so, re-runs itself under the Triton interpreter (TRITON_INTERPRET=1 must be set before
 triton is imported) and instead checks every kernel's forward and backward on small shapes against the
 float64 reference, printing a pass/fail table. --compile-check then also compiles every kernel launch
 it saw (with each GPU autotune config) for sm_80 and sm_90, which needs no GPU.
 
-    python tools/bench_kernels.py [--kernel NAME] [--dtype bf16|fp16|fp32] [--json FILE]
+    python tools/bench_kernels.py [--kernel NAME] [--dtype bf16|fp16|fp32] [--json FILE] [--budget SECONDS]
                                   [--interpreter-check] [--compile-check]
 """
 import argparse
@@ -20,13 +22,20 @@ import os
 import sys
 import warnings
 
-KERNELS = ("attention", "softmax", "rms_norm", "layer_norm", "rope", "swiglu", "cross_entropy")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling bench_kernels_* modules
+
+# the keys of bench_kernels_cases.BUILDERS, here so that --help needs no torch import
+KERNELS = ("attention", "softmax", "rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm", "rope", "swiglu",
+           "cross_entropy")
 DTYPES = ("bf16", "fp16", "fp32")
 # Tolerances of the CPU check, as in the tests: |got - want| <= atol + rtol |want| against float64.
 TOL = {"fp32": (1e-5, 1e-5), "fp16": (5e-3, 5e-3), "bf16": (4e-2, 2e-2)}
 ARG_NAMES = {"flash_attention": ("q", "k", "v"), "scaled_masked_softmax": ("x",), "rms_norm": ("x", "weight"),
-             "layer_norm": ("x", "weight", "bias"), "apply_rope": ("x", "cos", "sin"), "swiglu": ("gate", "up"),
-             "cross_entropy": ("logits", "labels")}
+             "layer_norm": ("x", "weight", "bias"), "add_rms_norm": ("x", "residual", "weight"),
+             "add_layer_norm": ("x", "residual", "weight", "bias"), "apply_rope": ("x", "cos", "sin"),
+             "swiglu": ("gate", "up"), "cross_entropy": ("logits", "labels")}
+GPU_COLUMNS = ["kernel", "shape", "dtype", "impl", "direction", "ms", "TFLOP/s", "GB/s", "of_peak", "triton_speedup",
+               "note"]
 
 
 def parse_args(argv=None):
@@ -34,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--kernel", choices=KERNELS, help="only this kernel (default: all)")
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="input dtype (default bf16)")
     p.add_argument("--json", metavar="FILE", help="also write the table as a JSON list of rows")
+    p.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="on a GPU: start no new measurement after this many seconds (highest priority first)")
     p.add_argument("--interpreter-check", action="store_true",
                    help="run the CPU correctness check under the interpreter even where there is a GPU")
     p.add_argument("--compile-check", action="store_true",
@@ -51,166 +62,56 @@ def print_table(rows, columns):
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
-def _nbytes(*ts):
-    return sum(t.numel() * t.element_size() for t in ts)
-
-
-def _attention_cases(kernel, small, rnd, g, device):
-    import torch.nn.functional as F
-    shapes = [(1, 129, 4, 2, 32, True), (1, 70, 2, 2, 64, False)] if small else \
-        [(4, 2048, 16, 16, 128, True), (4, 2048, 16, 16, 128, False), (4, 2048, 32, 8, 128, True),
-         (2, 4096, 16, 16, 64, True)]
-    out = []
-    for b, s, h, hkv, d, causal in shapes:
-        q, k, v = rnd(b, s, h, d), rnd(b, s, hkv, d), rnd(b, s, hkv, d)
-        base = lambda q, k, v, causal=causal, gqa=h != hkv: F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
-            enable_gqa=gqa).transpose(1, 2)
-        flops = 4 * b * h * s * s * d // (2 if causal else 1)
-        out.append((f"b{b} s{s} h{h}/{hkv} d{d}{' causal' if causal else ''}", "flash_attention", (q, k, v),
-                    dict(causal=causal), (0, 1, 2), base, ("flops", flops)))
-    return out
-
-
-def _softmax_cases(kernel, small, rnd, g, device):
-    import torch
-    shapes = [((1, 2, 5, 257), True), ((2, 2, 33, 33), False)] if small else \
-        [((4, 16, 2048, 2048), True), ((4, 16, 2048, 2048), False), ((2, 8, 1024, 8192), False)]
-    out = []
-    for shape, causal in shapes:
-        x = rnd(*shape, scale=3.0)
-        mask = None if causal else (torch.rand(shape[0], 1, *shape[2:], generator=g) < 0.2).to(device)
-        tri = torch.ones(shape[-2:], dtype=torch.bool, device=device).triu(1)
-        base = lambda x, mask=mask, causal=causal, tri=tri: torch.softmax(
-            (x * 0.125).masked_fill(tri if causal else mask, float("-inf")), -1, dtype=torch.float32).to(x.dtype)
-        byt = _nbytes(x) * 2 + (0 if mask is None else mask.numel())
-        out.append((f"{shape}{' causal' if causal else ' mask'}", "scaled_masked_softmax", (x,),
-                    dict(mask=mask, scale=0.125, causal=causal), (0,), base, ("bytes", byt, _nbytes(x) * 3)))
-    return out
-
-
-def _norm_cases(kernel, small, rnd, g, device):
-    import torch.nn.functional as F
-    out = []
-    for m, n in ([(51, 96), (3, 1000)] if small else [(8192, 4096), (16384, 8192), (4096, 16384)]):
-        x, w, bias = rnd(m, n), rnd(n, scale=0.1) + 1, rnd(n)
-        if kernel == "rms_norm":
-            args, base = (x, w), lambda x, w: F.rms_norm(x, (x.shape[-1],), w, 1e-5)
-        else:
-            args, base = (x, w, bias), lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)
-        fwd = _nbytes(x) * 2 + _nbytes(*args[1:])
-        out.append((f"{m}x{n}", kernel, args, dict(eps=1e-5), tuple(range(len(args))), base,
-                    ("bytes", fwd, _nbytes(x) * 3 + 2 * _nbytes(*args[1:]))))
-    return out
-
-
-def _rope_cases(kernel, small, rnd, g, device):
-    import torch
-    from megagopher.kernels import reference
-    out = []
-    for b, s, h, d, half in ([(2, 17, 4, 64, 16)] if small else [(4, 2048, 32, 128, 64), (4, 2048, 32, 128, 16)]):
-        x = rnd(b, s, h, d)
-        ang = torch.rand(s, half, generator=g).to(device) * s
-        out.append((f"b{b} s{s} h{h} d{d} rot{2 * half}", "apply_rope", (x, ang.cos(), ang.sin()), {}, (0,),
-                    reference.apply_rope, ("bytes", _nbytes(x) * 2, _nbytes(x) * 2)))
-    return out
-
-
-def _swiglu_cases(kernel, small, rnd, g, device):
-    import torch.nn.functional as F
-    out = []
-    for shape in ([(3, 17, 100)] if small else [(8192, 11008), (16384, 14336)]):
-        gate, up = rnd(*shape, scale=3.0), rnd(*shape)
-        out.append(("x".join(map(str, shape)), "swiglu", (gate, up), {}, (0, 1), lambda a, b: F.silu(a) * b,
-                    ("bytes", _nbytes(gate) * 3, _nbytes(gate) * 5)))
-    return out
-
-
-def _cross_entropy_cases(kernel, small, rnd, g, device):
-    import torch
-    import torch.nn.functional as F
-    out = []
-    for m, v in ([(17, 300), (3, 1000)] if small else [(8192, 50304), (4096, 128256)]):
-        logits = rnd(m, v, scale=3.0)
-        labels = torch.randint(0, v, (m,), generator=g).to(device)
-        base = lambda x, y: F.cross_entropy(x.float(), y, reduction="none")
-        out.append((f"{m}x{v}", "cross_entropy", (logits, labels), {}, (0,), base,
-                    ("bytes", _nbytes(logits), _nbytes(logits) * 2)))
-    return out
-
-
-_CASES = {"attention": _attention_cases, "softmax": _softmax_cases, "rms_norm": _norm_cases,
-          "layer_norm": _norm_cases, "rope": _rope_cases, "swiglu": _swiglu_cases,
-          "cross_entropy": _cross_entropy_cases}
-
-
-def cases(kernel, dtype, device, small):
-    """(label, op, args, kwargs, grad arg indices, baseline fn or None, work) for one kernel; work is
-    ("flops", forward FLOPs) or ("bytes", forward bytes, backward bytes). Inputs are drawn from one
-    generator seeded 0 per kernel, in the order the kernel's case builder asks for them."""
-    import torch
-    g = torch.Generator().manual_seed(0)
-
-    def rnd(*shape, scale=1.0, dt=dtype):
-        return (scale * torch.randn(*shape, generator=g)).to(dt).to(device)
-
-    return _CASES[kernel](kernel, small, rnd, g, device)
-
-
 def selected_cases(args, device, small):
-    """(kernel, case) for every case of --kernel (default: all kernels) at --dtype."""
+    """(kernel, Case) for every case of --kernel (default: all kernels) at --dtype."""
+    import bench_kernels_cases
     from megagopher.common import PRECISION_DTYPES
     dtype = PRECISION_DTYPES[args.dtype]
     for kernel in ([args.kernel] if args.kernel else KERNELS):
-        for case in cases(kernel, dtype, device, small):
+        for case in bench_kernels_cases.cases(kernel, dtype, device, small):
             yield kernel, case
 
 
 def cpu_check(args):
     from megagopher.kernels.testing import compare
     rows = []
-    for kernel, (label, op, inputs, kwargs, grad_args, _, _) in selected_cases(args, "cpu", small=True):
-        for c in compare(op, inputs, kwargs, grad_args, names=ARG_NAMES[op], tol=TOL[args.dtype]):
-            rows.append(dict(kernel=kernel, shape=label, dtype=args.dtype,
-                             check="fwd " + c.name if c.name == "out" else "bwd " + c.name.split()[-1],
+    for kernel, case in selected_cases(args, "cpu", small=True):
+        for c in compare(case.op, case.args, case.kwargs, case.grad_args, names=ARG_NAMES[case.op],
+                         tol=TOL[args.dtype]):
+            rows.append(dict(kernel=kernel, shape=case.label, dtype=args.dtype,
+                             check="fwd " + c.name if c.name.startswith("out") else "bwd " + c.name.split()[-1],
                              max_abs_err=f"{c.max_abs_err:.2e}", worst_over_tol=f"{c.worst:.3f}",
                              result="pass" if c.ok else "FAIL"))
     return rows
 
 
-def gpu_bench(args):
+def gpu_bench(args, device="cuda"):
+    """The timing table: the copy-bandwidth row first, then every (case, implementation, direction)."""
     import torch
-    from triton.testing import do_bench
-    from megagopher import kernels
-    rows = []
-    for kernel, (label, op, inputs, kwargs, grad_args, base, work) in selected_cases(args, "cuda", small=False):
-        ours = lambda *a: getattr(kernels, op)(*a, **kwargs, backend="triton")
-        for name, fn in (("triton", ours), ("torch", base)):
-            leaves = [t.detach().requires_grad_(i in grad_args) if torch.is_tensor(t) else t
-                      for i, t in enumerate(inputs)]
-            params = [leaves[i] for i in grad_args]
-            out = fn(*leaves)
-            dy = torch.randn_like(out)
-            times = {"fwd": do_bench(lambda: fn(*leaves), return_mode="median"),
-                     "bwd": do_bench(lambda: out.backward(dy, retain_graph=True), grad_to_none=params,
-                                     return_mode="median"),
-                     "fwd+bwd": do_bench(lambda: fn(*leaves).backward(dy), grad_to_none=params,
-                                         return_mode="median")}
-            if name == "triton":
-                ours_times = times
-        for direction in ("fwd", "bwd", "fwd+bwd"):
-            ms = ours_times[direction]
-            row = dict(kernel=kernel, shape=label, dtype=args.dtype, direction=direction, ms=f"{ms:.3f}")
-            if work[0] == "flops":  # FlashAttention-2's convention: backward = 2.5 x forward FLOPs
-                flops = work[1] * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[direction]
-                row["TFLOP/s"] = f"{flops / ms / 1e9:.1f}"
-            else:
-                byt = {"fwd": work[1], "bwd": work[2], "fwd+bwd": work[1] + work[2]}[direction]
-                row["GB/s"] = f"{byt / ms / 1e6:.0f}"
-            row["baseline_ms"] = f"{times[direction]:.3f}"
-            row["speedup"] = f"{times[direction] / ms:.2f}x"
-            rows.append(row)
-    return rows
+    import bench_kernels_timing as timing
+    from megagopher.training.metrics import peak_tflops
+    card = torch.cuda.get_device_name(0)
+    copy_gbps, copy_ms, copy_bytes = timing.copy_bandwidth(device)
+    peak = peak_tflops(card)
+    print(f"{card}: copy bandwidth {copy_gbps:.0f} GB/s (measured: the memory-bound kernels' 100%), peak "
+          f"{peak if peak else 'unknown'} TFLOP/s dense bf16 (attention's 100%)", flush=True)
+    copy_row = dict(kernel="copy", shape=f"{copy_bytes / 2**30:g} GiB", dtype="-", impl="torch copy_", direction="fwd",
+                    ms=round(copy_ms, 4), of_peak=1.0, card=card, peak_tflops=peak,
+                    note="device-to-device copy: the memory-bound ceiling", **{"GB/s": round(copy_gbps, 1)})
+    cases = [case for _, case in selected_cases(args, device, small=False)]
+
+    def table(results):
+        return [copy_row] + timing.rows(cases, results, args.dtype, peak, copy_gbps)
+
+    def write(results):
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(table(results), f, indent=1)
+    results, skipped = timing.run_units(cases, args.budget, write)
+    write(results)
+    if skipped:
+        print(f"--budget {args.budget:g} s spent: {skipped} measurements (the lowest priority) not taken", flush=True)
+    return table(results)
 
 
 class Recorder:
@@ -346,9 +247,12 @@ def main():
     if args.compile_from:
         return compile_recorded(args.compile_from)
     import torch
-    if torch.cuda.is_available() and not args.interpreter_check:
+    recorder = None
+    timed = torch.cuda.is_available() and not args.interpreter_check
+    if timed:
+        import bench_kernels_timing as timing
         rows = gpu_bench(args)
-        columns = ["kernel", "shape", "dtype", "direction", "ms", "TFLOP/s", "GB/s", "baseline_ms", "speedup"]
+        print_table([timing.display(r) for r in rows], GPU_COLUMNS)
     else:
         if os.environ.get("TRITON_INTERPRET") != "1":
             print(("No CUDA GPU here: no timings. " if not torch.cuda.is_available() else "") +
@@ -358,13 +262,14 @@ def main():
             os.execve(sys.executable, [sys.executable, os.path.abspath(__file__)] + sys.argv[1:], env)
         recorder = Recorder() if args.compile_check else None
         rows = cpu_check(args)
-        columns = ["kernel", "shape", "dtype", "check", "max_abs_err", "worst_over_tol", "result"]
-    print_table(rows, columns)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        print_table(rows, ["kernel", "shape", "dtype", "check", "max_abs_err", "worst_over_tol", "result"])
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
     failed = sum(r.get("result") == "FAIL" for r in rows)
-    if "result" in columns:
+    if timed:
+        print(f"{len(rows)} rows; {failed} Triton kernel launches failed")
+    else:
         print(f"{len(rows) - failed} passed, {failed} failed (tolerance per dtype: atol, rtol = {TOL[args.dtype]})")
     if recorder is not None:
         failed += recorder.compile_all()

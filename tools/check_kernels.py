@@ -1,15 +1,16 @@
 """Compile every megagopher Triton kernel for Hopper (sm_90a) and, where the installed Triton can,
 Blackwell (sm_100a), with no GPU, and check each autotune configuration's registers, spills and shared memory.
 
-    python tools/check_kernels.py            # the full sweep: bf16 and fp16, head dims 64, 128, 256, causal or not
+    python tools/check_kernels.py            # full sweep: bf16, fp16; head dims 64, 80, 128, 256; causal or not
     python tools/check_kernels.py --quick    # bf16, head dim 128 and 256, causal, sm_90a only (the CI test)
 
 One line per compilation: kernel, arch, dtype, the shape constexprs, the launch config, registers, spill
 bytes, shared memory and the matrix instructions the PTX uses (wgmma on Hopper, tcgen05 on Blackwell, mma
 for the older warp-level ones). The autotuned kernels are compiled under every configuration in their
-``.configs``, so a configuration added to a list is checked without touching this tool; the other kernels
-under the launch parameters their wrappers pick on a GPU. Exit status 1 when any compilation fails, spills
-or needs more shared memory than a block may have (227 KB on H100/H200 and B200), since the autotuner may
+``.configs`` that its ``early_config_prune`` (if any) leaves for the shape being compiled, i.e. at every head
+dim where the autotuner may pick it, so a configuration added to a list is checked without touching this tool;
+the other kernels under the launch parameters their wrappers pick on a GPU. Exit status 1 when any compilation
+fails, spills or needs more shared memory than a block may have (227 KB on H100/H200 and B200), since the autotuner may
 pick any of them; a fixed launch that spills is printed as WARN (its wrapper chose it, and the exit status
 gates what the autotuner may pick). Resource figures come from the cubin (cuobjdump) and, for spills, ptxas -v.
 """
@@ -27,11 +28,12 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 and sm_100
-MODULES = ("attention", "norms", "softmax", "rope", "fused_swiglu", "fused_cross_entropy")
+MODULES = ("attention", "attention_bwd", "norms", "softmax", "rope", "fused_swiglu", "fused_cross_entropy")
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 # Kernel arguments named in upper case are pointers, except these sizes.
-_INT_NAMES = {"H", "H_KV", "GROUP", "SEQ_Q", "SEQ_K", "M", "N", "ROWS", "SEQ", "D", "HALF", "N_REAL"}
-_PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "i64": "*i64", "u8": "*u8"}
+_INT_NAMES = {"H", "H_KV", "GROUP", "HEADS_PER_PROGRAM", "SEQ_Q", "SEQ_K", "M", "N", "ROWS", "SEQ", "D", "HALF",
+              "N_REAL"}
+_PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "i64": "*i64", "u8": "*u8", "i32ptr": "*i32"}
 
 
 def _kernel(module, name):
@@ -41,30 +43,39 @@ def _kernel(module, name):
 # Per kernel: its module, the pointer arguments that are not in the data dtype ("fp32", "i64", "u8"; "i32" for
 # an upper-case scalar), the float scalars, and the constexpr sets to compile (the shape-dependent ones;
 # autotuned kernels add their configs). Every other argument is an int32. Sizes are those the wrappers pick on a GPU for training
-# shapes: 4096-wide norms (8192 for the largest models), 4096-logit blocks, head dim 128 RoPE.
+# shapes: norms 4096 to 16384 wide (norms.gpu_launches), 4096-logit blocks, head dim 128 RoPE.
 def _attention_sets(head_dims):
+    """Per head dim (padded to a power of two, as the wrapper does): causal and not, and causal packed documents
+    (the document-bound loads of VARLEN; a window is a runtime argument and compiles the same)."""
     sets = []
     for d in head_dims:
-        for causal in (True, False):
-            sets.append(dict(HEAD_DIM=d, CAUSAL=causal, DOT_FP32=False, PRECISION="tf32"))
+        for causal, varlen in ((True, False), (False, False), (True, True)):
+            sets.append(dict(HEAD_DIM=triton.next_power_of_2(d), D=d, CAUSAL=causal, VARLEN=varlen, DOT_FP32=False,
+                             PRECISION="tf32"))
     return sets
 
 
 def specs(head_dims):
-    attn_ptr = {"LSE": "fp32", "DELTA": "fp32"}
-    norm_ptr = {"MEAN": "fp32", "RSTD": "fp32", "DW_PARTIAL": "fp32", "DB_PARTIAL": "fp32"}
+    attn_ptr = {"LSE": "fp32", "DELTA": "fp32", "DOC_START": "i32ptr", "DOC_END": "i32ptr", "Q_START": "i32ptr",
+                "Q_END": "i32ptr"}
+    norm_ptr = {"MEAN": "fp32", "RSTD": "fp32", "DW_PARTIAL": "fp32", "DB_PARTIAL": "fp32", "ROW_C": "fp32"}
     ce_ptr = {n: "fp32" for n in ("LOSS", "LSE", "MAX", "SUMEXP", "TARGET", "SUMX", "DLOSS")}
     ce_ptr.update(LABELS="i64", V="i32")  # V is the vocabulary size here, not a pointer
-    norm_sets = [dict(IS_RMS=rms, HAS_W=True, HAS_B=not rms, BLOCK_M=1, BLOCK_N=n, num_warps=w)
-                 for rms in (True, False) for n, w in ((4096, 8), (8192, 16))]
+    launches = [launch for n in (4096, 8192, 16384) for rms in (True, False) for fused in (False, True)
+                for launch in _kernel("norms", "gpu_launches")(n, rms, fused)]
+    norm_sets = {}  # plain and residual-fused norms 4096 to 16384 wide, as their wrappers launch them (deduplicated)
+    for name, consts in launches:
+        norm_sets.setdefault(name, {})[tuple(sorted(consts.items()))] = consts
     return [
-        ("attention", "_fwd_kernel", attn_ptr, ("sm_scale",), _attention_sets(head_dims)),
-        ("attention", "_bwd_dkdv_kernel", attn_ptr, ("sm_scale",), _attention_sets(head_dims)),
-        ("attention", "_bwd_dq_kernel", attn_ptr, ("sm_scale",), _attention_sets(head_dims)),
-        ("attention", "_bwd_delta_kernel", attn_ptr, (),
-         [dict(HEAD_DIM=d, BLOCK_M=min(128, 8192 // d)) for d in head_dims]),
-        ("norms", "_norm_fwd_kernel", norm_ptr, ("eps",), norm_sets),
-        ("norms", "_norm_bwd_kernel", norm_ptr, (), norm_sets),
+        ("attention", "_fwd_kernel", attn_ptr, ("qk_scale",), _attention_sets(head_dims)),
+        ("attention_bwd", "_bwd_dkdv_kernel", attn_ptr, ("sm_scale", "qk_scale"), _attention_sets(head_dims)),
+        ("attention_bwd", "_bwd_dq_kernel", attn_ptr, ("sm_scale", "qk_scale"), _attention_sets(head_dims)),
+        ("attention_bwd", "_bwd_delta_kernel", attn_ptr, (),
+         [dict(HEAD_DIM=p, D=d, BLOCK_M=min(128, 8192 // p)) for d, p in ((d, triton.next_power_of_2(d))
+                                                                         for d in head_dims)]),
+        ("norms", "_norm_fwd_kernel", norm_ptr, ("eps",), list(norm_sets["_norm_fwd_kernel"].values())),
+        ("norms", "_norm_bwd_rows_kernel", norm_ptr, (), list(norm_sets["_norm_bwd_rows_kernel"].values())),
+        ("norms", "_norm_bwd_kernel", norm_ptr, (), list(norm_sets["_norm_bwd_kernel"].values())),
         ("softmax", "_softmax_fwd_kernel", {"MASK": "u8"}, ("scale",),
          [dict(HAS_MASK=m, CAUSAL=not m, BLOCK=4096, SINGLE_BLOCK=s, num_warps=8)
           for m in (True, False) for s in (True, False)]),
@@ -76,8 +87,9 @@ def specs(head_dims):
         ("fused_swiglu", "_swiglu_bwd_kernel", {}, (), [dict(BLOCK=_kernel("fused_swiglu", "BLOCK"))]),
         ("fused_cross_entropy", "_ce_fwd_kernel", ce_ptr, (),
          [dict(LOCAL_STATS=ls, BLOCK=4096, num_warps=8) for ls in (False, True)]),
-        ("fused_cross_entropy", "_ce_bwd_kernel", ce_ptr, ("target_weight", "uniform_weight"),
+        ("fused_cross_entropy", "_ce_bwd_kernel", ce_ptr, ("target_weight", "uniform_weight", "z_coef"),
          [dict(BLOCK=4096, num_warps=8)]),
+        ("fused_cross_entropy", "_ce_scale_kernel", ce_ptr, (), [dict(BLOCK=4096, num_warps=8)]),
     ]
 
 
@@ -161,20 +173,30 @@ def compile_one(job):
 
 def jobs(quick):
     """Every compilation of the sweep; --quick keeps the largest attention tiles and one dtype and arch."""
-    head_dims, dtypes, targets = ((128, 256), ("bf16",), [90]) if quick else ((64, 128, 256), ("bf16", "fp16"), archs())
+    head_dims, dtypes, targets = ((128, 256), ("bf16",), [90]) if quick else ((64, 80, 128, 256), ("bf16", "fp16"),
+                                                                              archs())
     out = []
     for module, name, ptr, floats, const_sets in specs(head_dims):
         kernel = _kernel(module, name)
-        configs = ([dict(c.all_kwargs()) for c in kernel.configs]
-                   if isinstance(kernel, triton.runtime.Autotuner) else [{}])
         for consts in const_sets:
             if quick and consts.get("CAUSAL") is False:
                 continue
-            for config in configs:
+            for config in pickable_configs(kernel, consts):
                 for arch in targets:
                     for dtype in dtypes:
                         out.append((module, name, ptr, floats, consts, config, arch, dtype))
     return out
+
+
+def pickable_configs(kernel, consts):
+    """The launch configs to compile a kernel under for these constexprs: an autotuned kernel's configs that its
+    early_config_prune keeps for them (all, without one), or the wrapper's fixed launch ({})."""
+    if not isinstance(kernel, triton.runtime.Autotuner):
+        return [{}]
+    configs = kernel.configs
+    if kernel.early_config_prune:
+        configs = kernel.early_config_prune(configs, {}, **consts)
+    return [dict(c.all_kwargs()) for c in configs]
 
 
 def verdict(row):

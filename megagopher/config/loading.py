@@ -4,7 +4,8 @@
 Overrides are ``--section.key=value`` or ``--section.key value``; a value that parses as a TOML literal
 takes its type, anything else is a string. ``--stages.NAME.key=value`` overrides one stage. An unknown key
 is an error listing the section's keys. Stages (``[[stages]]``) have ``name`` and ``train_iters`` and may
-override keys of [training], [optimizer], [data] and model.seq_length (dotted keys or sub-tables); a config
+override keys of [training], [optimizer], [data], model.seq_length and model.rope_theta (dotted keys or
+sub-tables; the model keys extend the context in a final stage); a config
 without stages is one stage named "main" running ``training.train_iters`` steps.
 
 Loading checks each key and value against its declaration (schema.py); the rules that relate keys to one
@@ -20,6 +21,7 @@ from megagopher.config.fields import ConfigError, check_field, check_key, field_
 from megagopher.config.schema import SECTIONS, STAGE_SECTIONS, JobConfig, StageConfig
 
 STAGE_KEYS = ("name", "train_iters", "keep_optimizer", "grow")
+STAGE_MODEL_KEYS = ("seq_length", "rope_theta")  # what a stage may change of the model: its context
 
 
 def parse_value(text):
@@ -65,16 +67,19 @@ def _stage_entry(index, key, value, stage):
             raise ConfigError(f"{where}.grow = {value!r}; valid keys: num_layers")
         stage.grow = {"num_layers": _section_value("model", "num_layers", value["num_layers"])} if value else {}
     elif key == "model":
-        if not isinstance(value, dict) or set(value) - {"seq_length"}:
-            extra = ", ".join("model." + k for k in (value if isinstance(value, dict) else {}) if k != "seq_length")
-            raise ConfigError(f"stages[{index}] may override only model.seq_length, not {extra}")
-        stage.overrides[("model", "seq_length")] = _section_value("model", "seq_length", value["seq_length"])
+        if not isinstance(value, dict) or set(value) - set(STAGE_MODEL_KEYS):
+            extra = ", ".join("model." + k for k in (value if isinstance(value, dict) else {})
+                              if k not in STAGE_MODEL_KEYS)
+            raise ConfigError(f"stages[{index}] may override only model.seq_length and model.rope_theta (a "
+                              f"long-context stage), not {extra}")
+        for k, v in value.items():
+            stage.overrides[("model", k)] = _section_value("model", k, v)
     elif key in STAGE_SECTIONS and isinstance(value, dict):
         for k, v in value.items():
             stage.overrides[(key, k)] = _section_value(key, k, v)
     else:
         raise ConfigError(f"unknown key stages[{index}].{key}; valid: {', '.join(STAGE_KEYS)}, "
-                          f"and tables {', '.join(STAGE_SECTIONS)}, model.seq_length")
+                          f"and tables {', '.join(STAGE_SECTIONS)}, model.seq_length, model.rope_theta")
 
 
 def _stage_from_table(table, index):

@@ -83,6 +83,9 @@ class TrainingConfig:
     nan_policy: str = option("stop", "a non-finite loss: stop the run or skip the step", choices=("stop", "skip"))
     exit_after_iters: int = option(0, "stop (with a checkpoint) after N steps of this invocation (0 = never)",
                                    check=_NON_NEGATIVE)
+    z_loss: float = option(0.0, "PaLM's auxiliary loss z_loss * logsumexp(logits)^2 per token, added to the "
+                                "objective (the logged loss stays the cross entropy)",
+                           check=(lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0"))
 
 
 @dataclass
@@ -112,6 +115,12 @@ class DataConfig:
     tokenizer_dir: str = option("", "GPT-2-format vocab.json + merges.txt; sets the vocabulary")
     split: str = option("969,30,1", "train,valid,test weights of each blended dataset")
     cache_dir: str = option("", "where dataset indices are cached (default: beside the data)")
+    # Document masking of packed samples, Megatron-LM's flags (megagopher/data/document_mask.py).
+    reset_position_ids: bool = option(False, "positions restart at 0 after each end-of-document token")
+    reset_attention_mask: bool = option(False, "no token attends across an end-of-document token")
+    eod_mask_loss: bool = option(False, "no loss where the input token is the end-of-document token")
+    eod_id: int = option(-1, "the end-of-document token id for document masking (-1: the tokenizer's)",
+                         check=(lambda v: v >= -1, "must be >= -1"))
 
 
 @dataclass
@@ -133,11 +142,14 @@ class CheckpointConfig:
 class RunConfig:
     dir: str = option("runs/default", "metrics.jsonl, tensorboard events and the resolved config.toml")
     tensorboard: bool = option(True, "write tensorboard events")
+    stop_after_stage: str = option("", "end the run after this stage, its checkpoint saved: a later stage that "
+                                       "needs another layout (a long-context stage at a larger parallel.cp) "
+                                       "then runs as its own command resuming from it")
 
 
 SECTIONS = {"model": GPTConfig, "parallel": ParallelConfig, "training": TrainingConfig,
             "optimizer": OptimizerConfig, "data": DataConfig, "checkpoint": CheckpointConfig, "run": RunConfig}
-STAGE_SECTIONS = ("training", "optimizer", "data")  # and model.seq_length
+STAGE_SECTIONS = ("training", "optimizer", "data")  # and model.seq_length, model.rope_theta
 
 
 @dataclass

@@ -198,8 +198,16 @@ def _check_compile(cfg):
 def _check_run_wide(cfg):
     p, d = cfg.parallel, cfg.data
     _check_compile(cfg)
-    if p.cp != 1:
-        raise ConfigError(f"parallel.cp = {p.cp}: context parallelism is not implemented; valid: 1")
+    stop = cfg.run.stop_after_stage
+    if stop and stop not in [st.name for st in cfg.stages]:
+        raise ConfigError(f"run.stop_after_stage = {stop!r} names no stage; valid: "
+                          + ", ".join(repr(st.name) for st in cfg.stages))
+    if stop and not cfg.checkpoint.dir:
+        raise ConfigError(f"run.stop_after_stage = {stop!r} needs checkpoint.dir: the next command resumes from "
+                          "the stage's checkpoint")
+    if p.cp > 1 and cfg.training.compile:
+        raise ConfigError(f"parallel.cp = {p.cp} does not compose with training.compile = true: ring attention's "
+                          "transfers around the CP ring run outside a compiled graph")
     if cfg.training.device == "cuda":
         import torch
         if not torch.cuda.is_available():
@@ -207,6 +215,21 @@ def _check_run_wide(cfg):
     if d.source == "indexed":
         if not any([d.blend] + [st.overrides.get(("data", "blend")) for st in cfg.stages]):
             raise ConfigError("data.source = 'indexed' needs data.blend = [[weight, path_prefix], ...]")
+
+
+def _check_document_masking(d, m):
+    """Megatron's three flags need the end-of-document id: the tokenizer's or data.eod_id."""
+    flags = [k for k in ("reset_position_ids", "reset_attention_mask", "eod_mask_loss") if getattr(d, k)]
+    if not flags:
+        return
+    if d.eod_id == -1 and not (d.source == "indexed" and d.tokenizer_dir):
+        raise ConfigError(f"data.{flags[0]} = true needs the end-of-document token id: set data.eod_id, or "
+                          "data.tokenizer_dir with indexed data")
+    if d.eod_id >= m.vocab_size and not d.tokenizer_dir:
+        raise ConfigError(f"data.eod_id = {d.eod_id} is not a token id of model.vocab_size = {m.vocab_size}")
+    if m.core_attention != "flash" and d.reset_attention_mask:
+        raise ConfigError(f"data.reset_attention_mask = true needs model.core_attention = 'flash' (got "
+                          f"{m.core_attention!r}): documents are kept apart by the flash kernel's packed path")
 
 
 def _check_stage(cfg, index, world_size):
@@ -223,10 +246,16 @@ def _check_stage(cfg, index, world_size):
         raise ParallelConfigError(f"training.global_batch_size = {t.global_batch_size} is not divisible by "
                                   f"training.micro_batch_size * dp = {t.micro_batch_size * dp}")
     if p.sp or p.cp > 1:
-        split = p.tp * p.cp if p.sp else p.cp
+        # Context parallelism cuts the sequence into 2 * cp chunks (causal load balancing), sequence
+        # parallelism each CP rank's share over tp.
+        split = (p.tp if p.sp else 1) * (2 * p.cp if p.cp > 1 else 1)
         if m.seq_length % split:
-            raise ParallelConfigError(f"model.seq_length = {m.seq_length} is not divisible by parallel.tp * "
-                                      f"parallel.cp = {split} (sequence/context parallel split the sequence)")
+            parts = " * ".join((["parallel.tp"] if p.sp else []) + (["2 * parallel.cp"] if p.cp > 1 else []))
+            raise ParallelConfigError(f"model.seq_length = {m.seq_length} is not divisible by {parts} = {split} "
+                                      "(sequence/context parallelism split the sequence)")
+    if p.cp > 1 and m.core_attention != "flash":
+        raise ConfigError(f"parallel.cp = {p.cp} needs model.core_attention = 'flash' (got {m.core_attention!r}): "
+                          "ring attention merges flash attention's blocks by their log-sum-exp")
     if m.position_embedding == "learned" and m.seq_length > m.max_position_embeddings:
         raise ConfigError(f"model.seq_length = {m.seq_length} exceeds model.max_position_embeddings = "
                           f"{m.max_position_embeddings}")
@@ -237,6 +266,7 @@ def _check_stage(cfg, index, world_size):
         except ScheduleError as e:
             raise ScheduleError(f"{e} (global batch size {size}, training.micro_batch_size = "
                                 f"{t.micro_batch_size}, dp = {dp})") from None
+    _check_document_masking(sc.data, m)
     o = sc.optimizer
     validate_lr_schedule(o.lr, o.min_lr, o.warmup_iters, max(1, t.train_iters))
     if t.precision == "fp16":

@@ -6,6 +6,7 @@ come from the checkpoint rather than the config: the number of layers (progress.
 growth may have changed) and the vocabulary (the unpadded row count of the word embeddings, which is the
 tokenizer's when the run had one).
 """
+import dataclasses
 import os
 
 from megagopher.config import from_tables
@@ -55,10 +56,14 @@ def vocab_size_of(reader):
 
 
 def model_config_of(reader):
-    """The GPTConfig of the weights in ``reader``."""
+    """The GPTConfig of the weights in ``reader``: the run's [model] at the depth reached (growth) and with
+    the context of the stage it was saved in (a long-context stage's seq_length and rope_theta)."""
     cfg = run_config(reader)
     progress = reader.meta.get("progress") or {}
-    return cfg.model_at(num_layers=progress.get("num_layers", cfg.model.num_layers), vocab_size=vocab_size_of(reader))
+    stage = min(progress.get("stage_index", 0), len(cfg.stages) - 1)
+    context = {k: v for (section, k), v in cfg.stages[stage].overrides.items() if section == "model"}
+    model = cfg.model_at(num_layers=progress.get("num_layers", cfg.model.num_layers), vocab_size=vocab_size_of(reader))
+    return dataclasses.replace(model, **context)
 
 
 def tokenizer_dir_of(reader):

@@ -10,9 +10,9 @@ when ``pre_process`` (first stage) and the final norm, output head and loss when
 stage). Layers are keyed by their global index, so a parameter's name, and therefore its initial value
 (invariant 1), is the same in every layout.
 
-For generation the model takes a ``KVCache`` (one slot of keys and values per layer index) and a position
-offset, so a decoding step runs the same forward on one new token; ``last_only`` applies the output head to
-the last position only.
+For generation the model takes a ``KVCache`` (model/attention.py: one slot of keys and values per layer
+index) and a position offset, so a decoding step runs the same forward on one new token; ``last_only``
+applies the output head to the last position only.
 """
 import math
 
@@ -23,21 +23,23 @@ import torch.nn.functional as F
 from megagopher import kernels
 from megagopher import parallel_state as ps
 from megagopher.config.schema import check_value
+from megagopher.context_parallel import zigzag_positions
 from megagopher.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                         checkpoint, column_parallel_linears, gather_from_sp_region,
-                                        gather_from_tp_region, get_rng_tracker, init_parameters, parallel_linear,
+                                        gather_from_tp_region, init_parameters, parallel_linear,
                                         set_init, vocab_parallel_cross_entropy)
 
+from .attention import Attention, rope_tables
+from .dropout import dropout as _dropout
 
-def _dropout(x, p, training, sharded):
-    """Dropout on the shared stream for replicated activations, on the per-TP-rank stream for sharded
-    ones (invariant 5)."""
-    if p == 0.0 or not training:
-        return x
-    if sharded:
-        with get_rng_tracker().fork():
-            return F.dropout(x, p, True)
-    return F.dropout(x, p, True)
+
+def _positions(s, offset, device):
+    """The positions of this rank's s tokens: offset .. offset + s - 1, or under context parallelism the
+    two chunks of the sequence this CP rank holds."""
+    cp = ps.get_cp_size()
+    if cp == 1:
+        return torch.arange(offset, offset + s, device=device)
+    return zigzag_positions(s * cp, cp, ps.get_cp_rank(), device)
 
 
 class Norm(nn.Module):
@@ -58,120 +60,15 @@ class Norm(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def forward(self, x):
+    def forward(self, x, branch=None):
+        """norm(x), or with ``branch`` (norm(x + branch), x + branch): the residual add fused into the norm."""
+        if branch is not None:  # a call, not a method of its own, so the module's hooks (ZeRO-1's wait) run
+            if self.kind == "rmsnorm":
+                return kernels.add_rms_norm(x, branch, self.weight, self.eps)  # s in the stream's dtype
+            return kernels.add_layer_norm(x, branch, self.weight, self.bias, self.eps)
         if self.kind == "rmsnorm":
             return kernels.rms_norm(x, self.weight, self.eps)
         return kernels.layer_norm(x, self.weight, self.bias, self.eps)
-
-
-def rope_tables(cfg, seq_length, device, offset=0):
-    """cos and sin of shape (seq_length, rotary_dim // 2) for positions offset .. offset + seq_length - 1."""
-    rot = cfg.rotary_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float64, device=device) / rot))
-    pos = torch.arange(offset, offset + seq_length, dtype=torch.float64, device=device)
-    freqs = torch.outer(pos, inv_freq)
-    return freqs.cos().float(), freqs.sin().float()
-
-
-class KVSlot:
-    """One layer's cached keys and values, k and v of shape (b, s, h_kv / tp, d), RoPE already applied."""
-
-    def __init__(self):
-        self.k = self.v = None
-
-    def __len__(self):
-        return 0 if self.k is None else self.k.shape[1]
-
-    def extend(self, k, v):
-        """Appends the new positions' k and v. Returns every cached k and v, and whether the new queries need
-        the causal mask: only when the cache was empty, where queries and keys cover the same positions
-        (kernels.flash_attention aligns its mask top-left, query i seeing keys 0..i)."""
-        if self.k is None:
-            self.k, self.v = k, v
-            return k, v, True
-        if k.shape[1] != 1:
-            # A top-left mask would hide cached keys from these queries; checked before anything is appended.
-            raise ValueError(f"the KV cache holds {len(self)} positions and {k.shape[1]} new ones arrive: after "
-                             "the first forward a cached forward takes one token at a time")
-        self.k, self.v = torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1)
-        return self.k, self.v, False  # one query, at the newest position, sees every key: no mask
-
-
-class KVCache:
-    """Keys and values of the positions a GPTModel has seen, for incremental decoding. The first
-    ``model(ids, kv_cache=cache)`` fills it (causal attention over the prompt); each later call passes one
-    token with ``position_offset=len(cache)``. One slot per global layer index; one cache per sequence batch
-    and per model (pipeline stage)."""
-
-    def __init__(self):
-        self.slots = {}  # layer index -> KVSlot
-
-    def slot(self, layer):
-        return self.slots.setdefault(layer, KVSlot())
-
-    def __len__(self):
-        """Positions held (every layer holds the same number after a forward)."""
-        return max((len(s) for s in self.slots.values()), default=0)
-
-
-class Attention(nn.Module):
-    """Causal self-attention with grouped-query heads. The fused QKV projection is laid out per query
-    group, [q_g0 (heads/groups heads), k_g0, v_g0, q_g1, ...], so that splitting it contiguously over TP
-    hands every rank whole groups with their own K and V."""
-
-    def __init__(self, cfg, num_layers_total, sequence_parallel, selective_recompute):
-        super().__init__()
-        self.cfg, self.sp, self.selective_recompute = cfg, sequence_parallel, selective_recompute
-        tp = ps.get_tp_size()
-        d, g = cfg.head_dim, cfg.num_query_groups
-        self.heads_per_group = cfg.num_attention_heads // g
-        self.local_groups = g // tp
-        self.qkv = ColumnParallelLinear(cfg.hidden_size, g * (self.heads_per_group + 2) * d, bias=cfg.bias,
-                                        sequence_parallel=sequence_parallel, init_std=cfg.init_std)
-        self.proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size, bias=cfg.bias,
-                                      sequence_parallel=sequence_parallel,
-                                      init_std=cfg.init_std / math.sqrt(2 * num_layers_total))
-
-    def core_attention(self, q, k, v, causal=True):
-        """q (b, sq, h, d), k and v (b, sk, h_kv, d) -> (b, sq, h, d). ``causal``: query i sees keys 0..i
-        (sq == sk); False: every query sees every key (one new token against a KV cache)."""
-        cfg = self.cfg
-        if cfg.core_attention == "flash":
-            return kernels.flash_attention(q, k, v, causal=causal)
-        # Unfused path: explicit scores, Megatron's scaled-masked softmax, dropout on this rank's heads.
-        qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if self.heads_per_group > 1:
-            kh = kh.repeat_interleave(self.heads_per_group, dim=1)
-            vh = vh.repeat_interleave(self.heads_per_group, dim=1)
-        scores = torch.matmul(qh, kh.transpose(-1, -2))
-        probs = kernels.scaled_masked_softmax(scores, scale=cfg.head_dim ** -0.5, causal=causal)
-        probs = _dropout(probs, cfg.attention_dropout, self.training, sharded=True)
-        return torch.matmul(probs, vh).transpose(1, 2)
-
-    def forward(self, x, rope, kv=None):
-        """``kv``: this layer's KVSlot, which the new keys and values join before attention."""
-        return self.attend(self.qkv(x), rope, kv)
-
-    def attend(self, qkv, rope, kv=None):
-        """Attention from the QKV projection's output [s, b, local_groups * (hpg + 2) * d] (full s: the
-        projection gathered an SP input) to the output projection's."""
-        s, b = qkv.shape[:2]
-        qkv = qkv.view(s, b, self.local_groups, self.heads_per_group + 2, self.cfg.head_dim)
-        q = qkv[:, :, :, :self.heads_per_group].reshape(s, b, -1, self.cfg.head_dim)
-        k, v = qkv[:, :, :, self.heads_per_group], qkv[:, :, :, self.heads_per_group + 1]
-        q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # (b, s, heads, d): the kernels' layout
-        if rope is not None:
-            q = kernels.apply_rope(q, *rope)
-            k = kernels.apply_rope(k, *rope)
-        causal = True
-        if kv is not None:
-            k, v, causal = kv.extend(k, v)
-        if self.selective_recompute and kv is None:  # Korthikanti et al. 2022: recompute only the s^2 part
-            ctx = checkpoint(self.core_attention, q, k, v)
-        else:  # a cache means inference: nothing to recompute
-            ctx = self.core_attention(q, k, v, causal)
-        ctx = ctx.transpose(0, 1).reshape(s, b, -1)
-        return self.proj(ctx)
 
 
 class MLP(nn.Module):
@@ -211,16 +108,16 @@ class TransformerLayer(nn.Module):
             self.post_attention_norm = Norm(cfg, sequence_parallel)
         self.mlp = MLP(cfg, cfg.num_layers, sequence_parallel)
 
-    def forward(self, x, cos=None, sin=None, kv=None):
+    def forward(self, x, cos=None, sin=None, kv=None, cu_seqlens=None):
         rope = (cos, sin) if cos is not None else None
         p, training, sharded = self.cfg.dropout, self.training, self.sp
         h = self.input_norm(x)
         if self.cfg.parallel_residual:  # one gather of h (one gradient all-reduce) for both branches
             qkv, fc1 = column_parallel_linears(h, self.attention.qkv, self.mlp.fc1)
-            branch = self.attention.attend(qkv, rope, kv) + self.mlp.project(fc1)
+            branch = self.attention.attend(qkv, rope, kv, cu_seqlens) + self.mlp.project(fc1)
             return x + _dropout(branch, p, training, sharded)
-        x = x + _dropout(self.attention(h, rope, kv), p, training, sharded)
-        return x + _dropout(self.mlp(self.post_attention_norm(x)), p, training, sharded)
+        h, x = self.post_attention_norm(x, _dropout(self.attention(h, rope, kv, cu_seqlens), p, training, sharded))
+        return x + _dropout(self.mlp(h), p, training, sharded)
 
 
 class Embedding(nn.Module):
@@ -266,7 +163,11 @@ class GPTModel(nn.Module):
         for the last position alone with ``last_only``.
       - other stages: hidden states [s(/tp), b, h] for the next stage.
       - ``position_offset``: the tokens sit at positions offset .. offset + s - 1 (default position ids and
-        rotary tables); ``position_ids`` [b, s], when given, replace the learned positions' ids instead.
+        rotary tables); ``position_ids`` [b, s], when given, are each token's position instead (learned or
+        rotary; data.reset_position_ids), on every stage. Under context parallelism the default positions
+        are those of this CP rank's two chunks of the sequence.
+      - ``cu_seqlens`` (int32): the micro-batch's document boundaries, its rows laid end to end at full
+        length; attention stays within documents (data.reset_attention_mask), on every stage.
       - ``kv_cache`` (a KVCache, inference only): each layer attends over its cached keys and values plus the
         new ones and keeps the new ones; ``position_offset`` must equal ``len(kv_cache)``.
     """
@@ -317,21 +218,18 @@ class GPTModel(nn.Module):
         return self
 
     def forward(self, input_ids=None, labels=None, hidden_states=None, position_ids=None, kv_cache=None,
-                position_offset=0, last_only=False):
+                position_offset=0, last_only=False, cu_seqlens=None):
         self._check_inference_args(position_ids, kv_cache, position_offset, labels, last_only)
         x = self._embed(input_ids, hidden_states, position_ids, position_offset)
         s_full = x.shape[0] * (self.tp_size if self.sp else 1)
-        rope = None
-        if self.cfg.position_embedding == "rope":
-            rope = rope_tables(self.cfg, s_full, x.device, offset=position_offset)
-        rope = rope or ()
+        rope = self._rope(s_full, position_ids, position_offset, x.device)
         for name, layer in self.layers.items():
             if kv_cache is not None:
                 x = layer(x, *rope, kv=kv_cache.slot(int(name)))
             elif name in self.recompute_layers:
-                x = checkpoint(layer, x, *rope)
+                x = checkpoint(layer, x, *rope, None, cu_seqlens)
             else:
-                x = layer(x, *rope)
+                x = layer(x, *rope, cu_seqlens=cu_seqlens)
         if not self.post_process:
             return x
         if last_only and not self.sp:
@@ -340,15 +238,26 @@ class GPTModel(nn.Module):
         comm = None if self.tp_size == 1 else "sp" if self.sp else "f"
         if last_only and self.sp:
             x, comm = gather_from_sp_region(x)[-1:], None  # the last position is on the last TP rank until gathered
-        # [s, b, padded_vocab / tp]. A tied head's weight is the embedding's, whose autograd use later in this
-        # backward is the one that completes (and reports) its gradient: no fusion into main_grad here.
+        # [s, b, padded_vocab / tp]; a tied head's weight is the embedding's, whose later autograd use completes
+        # its gradient: no main_grad fusion. Dead after the loss, logits take its gradient; loop.py sets z_loss.
         logits = parallel_linear(x, [(self.output_weight(), None)], comm, ps.get_tp_group() if comm else None,
                                  fuse=not (self.cfg.tie_embeddings and self.pre_process))
         if labels is None:
             return logits.transpose(0, 1)
-        loss = vocab_parallel_cross_entropy(logits, labels.t(), vocab_size=self.cfg.vocab_size,
-                                            label_smoothing=self.cfg.label_smoothing)
+        loss = vocab_parallel_cross_entropy(logits, labels.t(), self.cfg.vocab_size, self.cfg.label_smoothing,
+                                            z_loss=getattr(self, "z_loss", 0.0), inplace_backward=True)
         return loss.t()  # [b, s]
+
+    def _rope(self, s, position_ids, offset, device):
+        """(cos, sin) for this rank's s tokens: shared by the rows, or (s, b, rot/2) from per-row position
+        ids (document masking); (None, None) without rotary positions."""
+        if self.cfg.position_embedding != "rope":
+            return None, None
+        if position_ids is None:
+            return rope_tables(self.cfg, s, device, positions=_positions(s, offset, device))
+        b = position_ids.shape[0]
+        cos, sin = rope_tables(self.cfg, s * b, device, positions=position_ids.t().reshape(-1))
+        return cos.view(s, b, -1), sin.view(s, b, -1)
 
     def _embed(self, input_ids, hidden_states, position_ids, offset):
         if not self.pre_process:
@@ -361,7 +270,7 @@ class GPTModel(nn.Module):
             # The embedding checks the length alone; with an offset the positions can pass the table's end.
             raise ValueError(f"positions {offset}..{offset + s - 1} exceed model.max_position_embeddings {limit}")
         if position_ids is None:
-            position_ids = torch.arange(offset, offset + s, device=input_ids.device).unsqueeze(0).expand(b, s)
+            position_ids = _positions(s, offset, input_ids.device).unsqueeze(0).expand(b, s)
         return self.embedding(input_ids, position_ids)
 
     def _check_inference_args(self, position_ids, kv_cache, offset, labels, last_only):

@@ -63,6 +63,12 @@ def deallocate_output_tensor(out, placeholder):
     out.data = placeholder.view((1,) * out.ndim).expand(out.shape)
 
 
+def document_inputs(microbatch):
+    """The model inputs of a micro-batch besides tokens and labels: document masking's position ids and
+    packed-document boundaries (training/data.py), present only when the run masks documents."""
+    return {k: microbatch[k] for k in ("position_ids", "cu_seqlens") if k in microbatch}
+
+
 def forward_backward_no_pipelining(model_chunks, microbatches, loss_fn, tracer=None, stats=None, meter=None):
     """pp = 1: plain gradient accumulation over the micro-batches."""
     if len(model_chunks) != 1:
@@ -73,7 +79,7 @@ def forward_backward_no_pipelining(model_chunks, microbatches, loss_fn, tracer=N
         last = i == len(microbatches) - 1
         with _no_sync(chunk, last):
             with _span(tracer, "F", i, 0):
-                per_token = chunk(input_ids=mb["tokens"], labels=mb["labels"])
+                per_token = chunk(input_ids=mb["tokens"], labels=mb["labels"], **document_inputs(mb))
                 loss = loss_fn(per_token)
             if meter is not None:
                 meter.sample([])  # the micro-batch's saved tensors are all that is held
@@ -127,7 +133,8 @@ def forward_only(model_chunks, microbatches, tensor_shape=None, dtype=None):
         if pp == 1:
             total = torch.zeros((), device=microbatches[0]["tokens"].device)
             for mb in microbatches:
-                total += model_chunks[0](input_ids=mb["tokens"], labels=mb["labels"]).float().sum()
+                out = model_chunks[0](input_ids=mb["tokens"], labels=mb["labels"], **document_inputs(mb))
+                total += out.float().sum()
             return total.cpu()
         runtime = _PipelineRuntime(model_chunks, microbatches, None, table, None, tensor_shape, dtype,
                                    split_backward=False)
@@ -225,7 +232,7 @@ class _PipelineRuntime:
 
     def forward(self, mb, chunk):
         v, data = self.virtual_stage(chunk), self.microbatches[mb]
-        kwargs = {}
+        kwargs = document_inputs(data)  # every stage's attention and rotary positions need them
         x = None
         if v == 0:
             kwargs["input_ids"] = data["tokens"]

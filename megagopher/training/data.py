@@ -11,11 +11,17 @@ A model that learns the table reaches a loss near 0.15 * ln(V) + H(0.85) from ln
 """
 import concurrent.futures
 import os
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from megagopher import parallel_state as ps
 from megagopher.config import ConfigError
+from megagopher.data.document_mask import document_mask
+from megagopher.context_parallel import split_for_cp_rank
+
+IGNORE_INDEX = -100  # labels that carry no loss (the cross entropy's ignore_index)
 
 
 class SyntheticDataset:
@@ -47,10 +53,25 @@ def global_batch_indices(consumed_samples, global_batch_size, dp_rank, dp_size):
     return range(start, start + per_rank)
 
 
-def microbatches(dataset, indices, micro_batch_size, device):
-    """Splits this rank's slice into micro-batches: dicts of tokens and labels [mbs, s] on ``device``."""
+class DocumentMasking(NamedTuple):
+    """Megatron's document-masking flags (data.reset_position_ids, ...) and the end-of-document id."""
+    eod: int
+    reset_position_ids: bool
+    reset_attention_mask: bool
+    eod_mask_loss: bool
+
+    @classmethod
+    def from_config(cls, data_cfg, eod):
+        """None when no flag is set: the batches then carry tokens and labels only."""
+        flags = (data_cfg.reset_position_ids, data_cfg.reset_attention_mask, data_cfg.eod_mask_loss)
+        return cls(eod, *flags) if any(flags) else None
+
+
+def microbatches(dataset, indices, micro_batch_size, device, masking=None):
+    """Splits this rank's slice into micro-batches: dicts of tokens and labels [mbs, s] on ``device``, and
+    the document-masking inputs of ``_split``."""
     samples = np.stack([np.asarray(dataset[i], dtype=np.int64) for i in indices])
-    return _split(torch.from_numpy(samples), micro_batch_size, device)
+    return _split(torch.from_numpy(samples), micro_batch_size, device, masking)
 
 
 class Prefetcher:
@@ -58,8 +79,8 @@ class Prefetcher:
     computes: reading and collating samples leaves the critical path. On CUDA the collated batch sits in
     pinned memory and goes over with one non-blocking copy. The batches are exactly ``microbatches``'s."""
 
-    def __init__(self, dataset, micro_batch_size, device):
-        self.dataset, self.micro_batch_size, self.device = dataset, micro_batch_size, device
+    def __init__(self, dataset, micro_batch_size, device, masking=None):
+        self.dataset, self.micro_batch_size, self.device, self.masking = dataset, micro_batch_size, device, masking
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="megagopher-data")
         self._next = None  # (range of indices, future of the collated host tensor)
 
@@ -70,7 +91,7 @@ class Prefetcher:
         else:
             data = self._collate(indices)
         self._next = (next_indices, self._pool.submit(self._collate, next_indices)) if next_indices else None
-        return _split(data, self.micro_batch_size, self.device)
+        return _split(data, self.micro_batch_size, self.device, self.masking)
 
     def _collate(self, indices):
         data = torch.from_numpy(np.stack([np.asarray(self.dataset[i], dtype=np.int64) for i in indices]))
@@ -80,12 +101,29 @@ class Prefetcher:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _split(data, micro_batch_size, device):
-    data = data.to(device, non_blocking=True)
+def _split(data, micro_batch_size, device, masking=None):
+    """Micro-batches: dicts of ``tokens`` and ``labels``, and with document masking (``masking``, a
+    DocumentMasking) ``position_ids``, ``cu_seqlens`` (the micro-batch's rows end to end, full length) and
+    ``loss_tokens`` (how many labels carry loss); labels without loss are IGNORE_INDEX. Under context
+    parallelism each CP rank keeps its two chunks of every sequence. The masks are found on the host copy,
+    which is already there, so the device is never synchronised for them."""
+    cp, cp_rank = ps.get_cp_size(), ps.get_cp_rank()
     out = []
     for start in range(0, data.shape[0], micro_batch_size):
-        chunk = data[start:start + micro_batch_size]
-        out.append({"tokens": chunk[:, :-1].contiguous(), "labels": chunk[:, 1:].contiguous()})
+        host = data[start:start + micro_batch_size]
+        chunk = host.to(device, non_blocking=True)  # whole rows of a pinned batch: one contiguous copy
+        tokens, labels = chunk[:, :-1], chunk[:, 1:]
+        extra = document_mask(host[:, :-1], *masking) if masking is not None else {}
+        loss_mask = extra.pop("loss_mask", None)
+        if loss_mask is not None:
+            labels = labels.masked_fill(loss_mask.to(device, non_blocking=True) == 0, IGNORE_INDEX)
+            extra["loss_tokens"] = int(loss_mask.sum())
+        if "position_ids" in extra:
+            extra["position_ids"] = split_for_cp_rank(extra["position_ids"], cp, cp_rank)
+        mb = {"tokens": split_for_cp_rank(tokens, cp, cp_rank).contiguous(),
+              "labels": split_for_cp_rank(labels, cp, cp_rank).contiguous()}
+        mb.update({k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in extra.items()})
+        out.append(mb)
     return out
 
 
@@ -101,6 +139,19 @@ def vocab_size_of(cfg):
         from megagopher.data.tokenizer import load_tokenizer
         return load_tokenizer(d.tokenizer_dir).vocab_size
     return cfg.model.vocab_size
+
+
+def eod_id_of(cfg):
+    """The end-of-document id document masking uses: data.eod_id, else the tokenizer's; None when no
+    stage masks documents (validate made sure one of the two is there when one does)."""
+    sections = [cfg.data] + [cfg.stage(i).data for i in range(len(cfg.stages))]
+    masking = [d for d in sections if d.reset_position_ids or d.reset_attention_mask or d.eod_mask_loss]
+    if not masking:
+        return None
+    if masking[0].eod_id >= 0:
+        return masking[0].eod_id
+    from megagopher.data.tokenizer import load_tokenizer
+    return load_tokenizer(masking[0].tokenizer_dir).eod
 
 
 def build_datasets(scfg, vocab_size, train_iters):

@@ -34,9 +34,10 @@ from megagopher.pipeline_parallel.schedules import forward_backward, forward_onl
 from megagopher.pipeline_parallel.stages import build_model_chunks
 from megagopher.pipeline_parallel.trace import Tracer
 from megagopher.tensor_parallel import model_parallel_seed
+from megagopher.tensor_parallel.cross_entropy import ZLoss
 from megagopher.training import checkpoint as ckpt
 from megagopher.training import data as data_lib
-from megagopher.common import PRECISION_DTYPES, InputError
+from megagopher.common import PRECISION_DTYPES, InputError, unwrap_model
 from megagopher.config import ConfigError, to_toml, validate
 from megagopher.training.distributed import setup_distributed
 from megagopher.training.metrics import MetricsLogger, model_flops_per_token
@@ -64,6 +65,7 @@ class Trainer(CheckpointedRun):
             raise ConfigError(f"checkpoint.load = {load!r}: no checkpoint there (an iter_NNNNNNN directory, or a "
                               "checkpoint root holding one); \"auto\" resumes from checkpoint.dir if it has one")
         self.vocab_size = data_lib.vocab_size_of(cfg)
+        self.eod = data_lib.eod_id_of(cfg)  # None unless some stage masks documents
         self.device = setup_distributed(cfg)
         p = cfg.parallel
         ps.initialize_model_parallel(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp)
@@ -73,6 +75,7 @@ class Trainer(CheckpointedRun):
         self.iteration, self.consumed_tokens, self.stage_index, self.stage_iteration = 0, 0, 0, 0
         self.stage_samples = 0  # samples consumed in the current stage: the data position (ramp-up aware)
         self.skipped_total = 0
+        self.last_z_loss = None  # the last step's mean z-loss term, logged when training.z_loss > 0
         self.optimizer, self.pending_optimizer = None, None
         self.num_layers = cfg.model.num_layers
         self.chunks = None
@@ -107,18 +110,24 @@ class Trainer(CheckpointedRun):
         indices = data_lib.global_batch_indices(consumed_samples, gbs, ps.get_dp_rank(), self.dp)
         following = data_lib.global_batch_indices(*next_batch, ps.get_dp_rank(), self.dp) if next_batch else None
         mbatches = batches.get(indices, following)
-        global_tokens = gbs * seq
+        global_tokens = self._tokens_with_loss(mbatches, gbs * seq)
         optimizer = self.optimizer
 
         def loss_fn(per_token_loss):
             return optimizer.scale_loss(per_token_loss.float().sum() / global_tokens)
 
+        # The z-loss's gradient joins the loss's inside the cross entropy, whose value stays the LM loss (the
+        # logged one); the model's ZLoss sums the term, reduced and logged beside it as the loss is.
+        z_loss = ZLoss(scfg.training.z_loss) if scfg.training.z_loss > 0 else 0.0
+        for chunk in self.chunks:
+            unwrap_model(chunk).z_loss = z_loss
         optimizer.zero_grad()
         loss_sum = forward_backward(self.chunks, mbatches, loss_fn, schedule=self.cfg.parallel.schedule,
                                     tracer=self.tracer)
         finalize_model_grads(self.chunks)
-        loss, bad_ranks = self._agree_on_step(loss_sum)
+        loss, bad_ranks, z_sum = self._agree_on_step(loss_sum, z_loss.pop() if z_loss else 0.0)
         loss /= global_tokens
+        self.last_z_loss = z_sum / global_tokens if z_loss else None
         if bad_ranks:
             if scfg.training.nan_policy == "stop":
                 raise NonFiniteLoss(f"non-finite loss {loss} at iteration {self.iteration} on rank(s) {bad_ranks}; "
@@ -128,25 +137,26 @@ class Trainer(CheckpointedRun):
         updated, grad_norm = optimizer.step()
         return loss, updated, grad_norm
 
-    def _agree_on_step(self, loss_sum):
-        """One all-reduce: the global batch's loss sum (from the last stage's TP rank 0 of every DP replica),
-        which ranks saw a non-finite loss, whether any rank was asked to stop, and how many ranks have
+    def _agree_on_step(self, loss_sum, z_loss_sum=0.0):
+        """One all-reduce: the global batch's loss and z-loss sums (from the last stage's TP rank 0 of every DP
+        replica), which ranks saw a non-finite loss, whether any rank was asked to stop, and how many ranks have
         finished writing an asynchronous checkpoint (all of them: it is published now, on every rank)."""
         world = dist.get_world_size()
-        owner = ps.is_pipeline_last_stage() and ps.get_tp_rank() == 0 and ps.get_cp_rank() == 0
+        owner = ps.is_pipeline_last_stage() and ps.get_tp_rank() == 0  # every CP rank: its own tokens
         local = float(loss_sum) if owner else 0.0
-        values = torch.zeros(3 + world, dtype=torch.float64)
+        values = torch.zeros(4 + world, dtype=torch.float64)
         values[0] = local if torch.isfinite(torch.tensor(local)) else 0.0
         values[1] = float(self.stop_requested)
         values[2] = float(self.checkpointer.write_done())
-        values[3 + self.rank] = 0.0 if torch.isfinite(torch.tensor(local)) else 1.0
+        values[3] = float(z_loss_sum) if owner else 0.0
+        values[4 + self.rank] = 0.0 if torch.isfinite(torch.tensor(local)) else 1.0
         values = values.to(self.device)
         dist.all_reduce(values)
         values = values.cpu()
         self.stop_requested = bool(values[1] > 0)
         self.checkpointer.poll(int(values[2]) == world)
-        bad = [r for r in range(world) if values[3 + r] > 0]
-        return (float("nan") if bad else float(values[0])), bad
+        bad = [r for r in range(world) if values[4 + r] > 0]
+        return (float("nan") if bad else float(values[0])), bad, float(values[3])
 
     # -- evaluation -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -156,14 +166,30 @@ class Trainer(CheckpointedRun):
         gbs, mbs, seq = t.global_batch_size, t.micro_batch_size, scfg.model.seq_length
         for c in self.chunks:
             c.eval()
-        total = 0.0
+        total, tokens = 0.0, 0.0
         for k in range(t.eval_iters):
             indices = data_lib.global_batch_indices(k * gbs, gbs, ps.get_dp_rank(), self.dp)
-            mbatches = data_lib.microbatches(dataset, indices, mbs, self.device)
+            mbatches = data_lib.microbatches(dataset, indices, mbs, self.device, self._masking(scfg))
             total += self._agree_on_step(forward_only(self.chunks, mbatches))[0]
+            tokens += self._tokens_with_loss(mbatches, gbs * seq)
         for c in self.chunks:
             c.train()
-        return total / (t.eval_iters * gbs * seq)
+        return total / tokens
+
+    def _masking(self, scfg):
+        return data_lib.DocumentMasking.from_config(scfg.data, self.eod)
+
+    def _tokens_with_loss(self, mbatches, every):
+        """How many tokens of the global batch carry loss: all of them (``every``), unless
+        data.eod_mask_loss masks some: then the data-parallel replicas' counts, summed by one all-reduce
+        (every TP, CP and pipeline rank of a replica counted the same whole sequences)."""
+        if not mbatches or "loss_tokens" not in mbatches[0]:
+            return every
+        count = torch.tensor([float(sum(mb["loss_tokens"] for mb in mbatches))], dtype=torch.float64,
+                             device=self.device)
+        if self.dp > 1:
+            dist.all_reduce(count, group=ps.get_dp_group())
+        return max(float(count), 1.0)  # a batch of end-of-document tokens only: loss 0, not 0/0
 
     # -- the run ----------------------------------------------------------------------------------------
     def close(self):
@@ -236,6 +262,12 @@ class Trainer(CheckpointedRun):
             self.save()
             self.checkpointer.wait()
             self.stage_index, self.stage_iteration, self.stage_samples = stage_index + 1, 0, 0
+            if cfg.run.stop_after_stage == cfg.stages[stage_index].name and stage_index + 1 < len(cfg.stages):
+                if self.rank == 0:
+                    print(f"megagopher: stopping after stage {cfg.stages[stage_index].name!r} "
+                          "(run.stop_after_stage); run again without it, in the next stage's layout, to resume "
+                          f"with stage {cfg.stages[stage_index + 1].name!r}", flush=True)
+                return
 
     def _start_stage(self, stage_index):
         """Growth, data and optimizer of a stage (fresh unless the stage keeps the previous one's)."""
@@ -246,6 +278,7 @@ class Trainer(CheckpointedRun):
             # A grown model starts a fresh optimizer (as an uninterrupted run does): the saved state is
             # for the old depth's parameters.
             self.pending_optimizer = None
+        self._set_context(scfg.model)
         datasets = data_lib.build_datasets(scfg, self.vocab_size, t.train_iters)
         keep = stage.keep_optimizer if stage.keep_optimizer is not None else self.cfg.checkpoint.keep_optimizer
         keep = keep or stage_index == 0
@@ -260,6 +293,15 @@ class Trainer(CheckpointedRun):
                               o.wsd_decay_fraction)
         return stage, scfg, datasets, schedule
 
+    def _set_context(self, stage_model):
+        """A stage may extend the context (model.seq_length, model.rope_theta): the model computes its rotary
+        tables from its config at each forward, so the stage's rope_theta goes there."""
+        if stage_model.rope_theta == self.model_cfg.rope_theta:
+            return
+        self.model_cfg = dataclasses.replace(self.model_cfg, rope_theta=stage_model.rope_theta)
+        for chunk in self.chunks:
+            unwrap_model(chunk).cfg = self.model_cfg
+
     def _run_stage(self, stage_index, logger, clock):
         """The steps of one stage; False when the run stops early (signal or exit_after_iters)."""
         stage, scfg, (train_ds, valid_ds), schedule = self._start_stage(stage_index)
@@ -269,7 +311,7 @@ class Trainer(CheckpointedRun):
                       f"{self.iteration}; nothing new to save", flush=True)
             return False
         t = scfg.training
-        batches = data_lib.Prefetcher(train_ds, t.micro_batch_size, self.device)
+        batches = data_lib.Prefetcher(train_ds, t.micro_batch_size, self.device, self._masking(scfg))
         try:
             return self._stage_steps(stage, scfg, schedule, batches, valid_ds, logger, clock)
         finally:
@@ -326,6 +368,8 @@ class Trainer(CheckpointedRun):
                "skipped_total": self.skipped_total, "global_batch_size": gbs}
         if params_norm is not None:
             row["params_norm"] = params_norm
+        if self.last_z_loss is not None:
+            row["z_loss"] = self.last_z_loss
         return row
 
     def _log(self, logger, row, t, clock):

@@ -1,0 +1,215 @@
+"""FlashAttention-2 backward (Dao 2023, section 3.1.2 / algorithm 2): with delta_i = sum_d dO_id O_id, a dK/dV
+kernel (one program per key block, looping over query blocks) and a dQ kernel (one program per query block,
+looping over key blocks) recompute P = exp(S - lse) blockwise; no atomics. As in the forward, query/key blocks
+outside the documents and windows are skipped, and only the blocks on a boundary pay for the mask: one loop
+over the unmasked blocks, then one over the masked blocks on both sides of them (two loops, not three: each
+loop is pipelined on its own, and at d=256 a third costs register spills). sm_scale * log2 e is folded into
+the operand each program loads once (K in dK/dV, Q in dQ), not applied to every score tile.
+
+dK/dV of a kv head sums over the query heads of its group. With many kv heads and keys one program per
+(key block, kv head) loops over the group and keeps the sums in registers. With few (e.g. 8 kv heads split
+over a TP group: b * h_kv * s_k / BLOCK_N programs far below the 132 SMs of an H100/H200) the group is split
+over several programs, each writing an fp32 partial dK/dV for its query heads, summed afterwards. Partials
+rather than atomics: the result stays deterministic, and the extra buffer (split x |dK|, fp32) is small
+precisely when there are few programs to feed. DKDV_MIN_PROGRAMS sets the switch (a test sets it).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._common import autotuned, new_empty, prune_by_head_dim
+from .attention_tiles import (DKDV_TILES, DQ_TILES, INTERP_TILE, KEY, LOG2E, block_ranges, key_bounds, launch_meta,
+                              load_tile, query_bounds, store_tile, strides)
+
+DKDV_MIN_PROGRAMS = 264  # two waves of 132 SMs: below it, the group's query heads are split over programs
+# The largest BLOCK_N the autotuner may pick: the fewest dK/dV programs it may launch.
+_DKDV_WIDEST_BLOCK_N = max(c.kwargs["BLOCK_N"] for c in DKDV_TILES)
+
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_os, stride_oh, stride_db, stride_ds, stride_dh,
+                      H, SEQ_Q, HEAD_DIM: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr):
+    # delta_i = sum_d dO_id * O_id = sum_j P_ij dP_ij, the row term of the softmax backward
+    off_bh = tl.program_id(1)
+    off_b, off_h = (off_bh // H).to(tl.int64), off_bh % H
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    o = load_tile(O + off_b * stride_ob + off_h * stride_oh, rows, stride_os, offs_d, SEQ_Q, D, True)
+    do = load_tile(DO + off_b * stride_db + off_h * stride_dh, rows, stride_ds, offs_d, SEQ_Q, D, True)
+    tl.store(DELTA + off_bh.to(tl.int64) * SEQ_Q + rows, tl.sum(o * do, 1), mask=rows < SEQ_Q)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, cols, offs_m, offs_d,
+                lo, hi, gap_at, gap, DOC_START, DOC_END, SEQ_Q, SEQ_K, window, D: tl.constexpr,
+                MASKED: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DOT_FP32: tl.constexpr,
+                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+    for step in range(lo, hi, BLOCK_M):
+        rows = step + tl.where(step >= gap_at, gap, 0) + offs_m  # jumps the gap [gap_at, gap_at + gap)
+        row_ok = rows < SEQ_Q
+        q = load_tile(q_base, rows, stride_qs, offs_d, SEQ_Q, D, DOT_FP32)
+        do = load_tile(do_base, rows, stride_ds, offs_d, SEQ_Q, D, DOT_FP32)
+        lse = tl.load(lse_base + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+        qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (keys, queries); K carries the scale
+        p_t = tl.exp2(qk_t - lse[None, :])
+        if MASKED:  # DOC_START/DOC_END: the rows' key ranges (this batch row's)
+            k_lo, k_hi = key_bounds(rows, DOC_START, DOC_END, SEQ_Q, SEQ_K, window, CAUSAL, VARLEN)
+            valid = (cols[:, None] >= k_lo[None, :]) & (cols[:, None] < k_hi[None, :])
+            p_t = tl.where(valid, p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@autotuned(DKDV_TILES, INTERP_TILE, KEY, prune_by_head_dim)
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END, Q_START, Q_END, stride_doc, stride_qdoc,
+                     sm_scale, qk_scale,
+                     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+                     stride_vb, stride_vs, stride_vh, stride_db, stride_ds, stride_dh,
+                     stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+                     H, GROUP, HEADS_PER_PROGRAM, SEQ_Q, SEQ_K, window, seq_bucket,
+                     HEAD_DIM: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+                     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Program (key block, batch x part): part p covers query heads p * HEADS_PER_PROGRAM onwards, all of one
+    # kv head's group, and writes dK/dV head p (the kv head itself when HEADS_PER_PROGRAM == GROUP).
+    # DOC_START/DOC_END give each query its keys, Q_START/Q_END each key its queries: the same arrays for
+    # packed documents, the two views of ring attention's key_bounds otherwise (one row each per batch row).
+    n_parts = H // HEADS_PER_PROGRAM
+    off_b = (tl.program_id(1) // n_parts).to(tl.int64)
+    DOC_START += off_b * stride_doc
+    DOC_END += off_b * stride_doc
+    off_part = tl.program_id(1) % n_parts
+    off_hk = (off_part * HEADS_PER_PROGRAM) // GROUP
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = load_tile(K + off_b * stride_kb + off_hk * stride_kh, cols, stride_ks, offs_d, SEQ_K, D, DOT_FP32)
+    k = (k.to(tl.float32) * qk_scale).to(k.dtype)  # sm_scale * log2 e folded into K once
+    v = load_tile(V + off_b * stride_vb + off_hk * stride_vh, cols, stride_vs, offs_d, SEQ_K, D, DOT_FP32)
+    q_lo, q_hi = query_bounds(cols, Q_START + off_b * stride_qdoc, Q_END + off_b * stride_qdoc, SEQ_Q, SEQ_K,
+                              window, CAUSAL, VARLEN)
+    start, full_start, full_end, end = block_ranges(q_lo, q_hi, cols < SEQ_K, SEQ_Q, BLOCK_M)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    for g in range(0, HEADS_PER_PROGRAM):
+        off_h = off_part * HEADS_PER_PROGRAM + g
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        do_base = DO + off_b * stride_db + off_h * stride_dh
+        row_base = (off_b * H + off_h) * SEQ_Q
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, stride_qs, stride_ds,
+                             cols, offs_m, offs_d, full_start, full_end, full_end, 0, DOC_START, DOC_END, SEQ_Q,
+                             SEQ_K, window, D, False, CAUSAL, VARLEN, DOT_FP32, PRECISION, BLOCK_M)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, stride_qs, stride_ds,
+                             cols, offs_m, offs_d, start, end - (full_end - full_start), full_start,
+                             full_end - full_start, DOC_START, DOC_END, SEQ_Q, SEQ_K, window, D, True, CAUSAL, VARLEN,
+                             DOT_FP32, PRECISION, BLOCK_M)
+    store_tile(DK + off_b * stride_dkb + off_part * stride_dkh, cols, stride_dks, offs_d, SEQ_K, D, dk * sm_scale)
+    store_tile(DV + off_b * stride_dvb + off_part * stride_dvh, cols, stride_dvs, offs_d, SEQ_K, D, dv)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, k_lo, k_hi, offs_n, offs_d, lo, hi,
+              gap_at, gap, SEQ_K, D: tl.constexpr, MASKED: tl.constexpr, DOT_FP32: tl.constexpr,
+              PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    for step in range(lo, hi, BLOCK_N):
+        cols = step + tl.where(step >= gap_at, gap, 0) + offs_n  # jumps the gap [gap_at, gap_at + gap)
+        k = load_tile(k_base, cols, stride_ks, offs_d, SEQ_K, D, DOT_FP32)
+        v = load_tile(v_base, cols, stride_vs, offs_d, SEQ_K, D, DOT_FP32)
+        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) - lse[:, None])  # Q carries the scale
+        if MASKED:
+            p = tl.where((cols[None, :] >= k_lo[:, None]) & (cols[None, :] < k_hi[:, None]), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq
+
+
+@autotuned(DQ_TILES, INTERP_TILE, KEY, prune_by_head_dim)
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC_START, DOC_END, stride_doc, sm_scale, qk_scale,
+                   stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+                   stride_vb, stride_vs, stride_vh, stride_db, stride_ds, stride_dh,
+                   stride_dqb, stride_dqs, stride_dqh,
+                   H, GROUP, SEQ_Q, SEQ_K, window, seq_bucket,
+                   HEAD_DIM: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+                   DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    off_bh = tl.program_id(1)
+    off_b, off_h = (off_bh // H).to(tl.int64), off_bh % H
+    off_hk = off_h // GROUP
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = rows < SEQ_Q
+    q = load_tile(Q + off_b * stride_qb + off_h * stride_qh, rows, stride_qs, offs_d, SEQ_Q, D, DOT_FP32)
+    q = (q.to(tl.float32) * qk_scale).to(q.dtype)  # sm_scale * log2 e folded into Q once
+    do = load_tile(DO + off_b * stride_db + off_h * stride_dh, rows, stride_ds, offs_d, SEQ_Q, D, DOT_FP32)
+    lse = tl.load(LSE + off_bh.to(tl.int64) * SEQ_Q + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + off_bh.to(tl.int64) * SEQ_Q + rows, mask=row_ok, other=0.0)
+    k_base = K + off_b * stride_kb + off_hk * stride_kh
+    v_base = V + off_b * stride_vb + off_hk * stride_vh
+    k_lo, k_hi = key_bounds(rows, DOC_START + off_b * stride_doc, DOC_END + off_b * stride_doc, SEQ_Q, SEQ_K,
+                            window, CAUSAL, VARLEN)
+    start, full_start, full_end, end = block_ranges(k_lo, k_hi, row_ok, SEQ_K, BLOCK_N)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, k_lo, k_hi, offs_n, offs_d,
+                   full_start, full_end, full_end, 0, SEQ_K, D, False, DOT_FP32, PRECISION, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, k_lo, k_hi, offs_n, offs_d,
+                   start, end - (full_end - full_start), full_start, full_end - full_start, SEQ_K, D, True,
+                   DOT_FP32, PRECISION, BLOCK_N)
+    store_tile(DQ + off_b * stride_dqb + off_h * stride_dqh, rows, stride_dqs, offs_d, SEQ_Q, D, dq * sm_scale)
+
+
+def dkdv_split(b, h_kv, group, sk):
+    """How many programs share one kv head's group of query heads: the smallest divisor of the group that
+    brings the dK/dV grid to DKDV_MIN_PROGRAMS (1: no split, the group's sum stays in registers)."""
+    programs = b * h_kv * triton.cdiv(sk, _DKDV_WIDEST_BLOCK_N)
+    for split in range(1, group + 1):
+        if group % split == 0 and programs * split >= DKDV_MIN_PROGRAMS:
+            return split
+    return group
+
+
+def _dkdv(q, k, v, do, lse, delta, scale, docs, query_docs, meta, window, bucket):
+    (b, sq, h, d), (sk, h_kv) = q.shape, k.shape[1:3]
+    group = h // h_kv
+    split = dkdv_split(b, h_kv, group, sk)
+    if split == 1:
+        dk, dv = new_empty(k.shape, k.dtype, k.device), new_empty(v.shape, v.dtype, v.device)
+    else:  # fp32 partials, one per (kv head, part), summed over the parts below
+        dk, dv = (new_empty((b, sk, h_kv * split, d), torch.float32, k.device) for _ in range(2))
+    grid = lambda cfg: (triton.cdiv(sk, cfg["BLOCK_N"]), b * h_kv * split)
+    bounds = query_docs is not docs  # key_bounds: (b, s) arrays, one row per batch row
+    _bwd_dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, *docs, *query_docs, sq if bounds else 0,
+                           sk if bounds else 0, scale, scale * LOG2E, *strides(q), *strides(k), *strides(v),
+                           *strides(do), *strides(dk), *strides(dv), h, group, group // split, sq, sk, window,
+                           bucket, **meta)
+    if split > 1:
+        dk = dk.view(b, sk, h_kv, split, d).sum(3).to(k.dtype)
+        dv = dv.view(b, sk, h_kv, split, d).sum(3).to(v.dtype)
+    return dk, dv
+
+
+def backward(q, k, v, o, lse, do, causal, scale, cu_seqlens, left, docs, query_docs=None):
+    """(dq, dk, dv) from the forward's o and lse (or those of a larger, merged attention) and the upstream do.
+    ``docs``: per query its keys' [start, end) (packed documents: (s,) each, also each key's queries);
+    ``query_docs``: with key_bounds, (b, s_q) docs and (b, s_k) query_docs, the mask from both sides."""
+    (b, sq, h, d), (sk, h_kv) = q.shape, k.shape[1:3]
+    meta, window, bucket = launch_meta(q, k, causal, cu_seqlens, left)
+    bounds = query_docs is not None
+    meta["VARLEN"] = meta["VARLEN"] or bounds
+    query_docs = query_docs if bounds else docs
+    delta = new_empty((b, h, sq), torch.float32, q.device)
+    block_m = min(128, 8192 // meta["HEAD_DIM"])  # two (block_m, d) fp32 tiles in registers
+    _bwd_delta_kernel[(triton.cdiv(sq, block_m), b * h)](o, do, delta, *strides(o), *strides(do), h, sq,
+                                                        HEAD_DIM=meta["HEAD_DIM"], D=d, BLOCK_M=block_m)
+    dk, dv = _dkdv(q, k, v, do, lse, delta, scale, docs, query_docs, meta, window, bucket)
+    dq = new_empty(q.shape, q.dtype, q.device)
+    grid_q = lambda cfg: (triton.cdiv(sq, cfg["BLOCK_M"]), b * h)
+    _bwd_dq_kernel[grid_q](q, k, v, do, lse, delta, dq, *docs, sq if bounds else 0, scale, scale * LOG2E,
+                           *strides(q), *strides(k),
+                           *strides(v), *strides(do), *strides(dq), h, h // h_kv, sq, sk, window, bucket, **meta)
+    return dq, dk, dv

@@ -1,0 +1,171 @@
+"""Building blocks of the FlashAttention-2 kernels (attention.py forward, attention_bwd.py backward): tile loads
+padded to a power-of-two head dim, the key (or query) range each row attends to under causal, packed-document
+and sliding-window masking, the split of a program's blocks into those that need the mask and those that do
+not, the autotune lists, and the checks and host-side metadata shared by the launches.
+
+Head dim: the kernels run on HEAD_DIM = the next power of two (tl.dot and tl.arange need one), at least 16;
+the real D masks every load and store, so the padded columns are zeros and never written.
+Masks: query i attends to keys [key_lo(i), key_hi(i)): its document ([0, s_k) without cu_seqlens), cut at
+i + 1 if causal and at i - window on the left. Both bounds rise with i, so a block of rows visits the keys
+from its first row's lo to its last row's hi, and the key blocks inside [max lo, min hi) need no mask: key
+blocks outside every row's range are skipped, not masked.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (DTYPE_NAMES, check_device, check_float, check_nonempty, dot_in_fp32, dot_precision,
+                      next_pow2, tile_configs)
+from .attention_args import check_cu_seqlens, window_left
+from .dispatch import Unsupported
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, smallest and largest padded head dim). Every config compiles without
+# register spills and within shared memory at each head dim it may be picked for (prune_by_head_dim), bf16 and
+# fp16, causal or not, packed or not, head dims padded or not, sm_90a and sm_100a (tools/check_kernels.py checks
+# it). The big tiles spill at d=256 (128-row forward, 64-row dK/dV and 16-row dQ tiles: 8 to 288 bytes) and
+# stay for d <= 128; the 128 x 32 forward tile also spills at d=64 on sm_100a (packed), where 128 x 64 compiles
+# clean instead; sm_100a holds 8-warp 64 x 32 forward tiles to 128 registers and spills at a padded d=80, where
+# one warpgroup (4 warps) does not; 64-wide key blocks spill in the forward at d=128 and in dK/dV at any d.
+FWD_TILES = tile_configs([(128, 64, 8, 2, 16, 64), (128, 32, 8, 2, 128, 128), (64, 32, 4, 2, 16, 128),
+                          (64, 32, 8, 2, 256, 256), (64, 32, 8, 3, 256, 256), (32, 32, 8, 2, 16, 256)])
+DKDV_TILES = tile_configs([(64, 32, 8, 2, 16, 128), (32, 32, 8, 2, 16, 256)])
+DQ_TILES = tile_configs([(64, 64, 8, 2, 16, 128), (64, 32, 8, 2, 16, 128), (32, 64, 8, 2, 16, 256),
+                         (32, 32, 4, 2, 16, 256), (16, 32, 4, 2, 16, 128)])
+# Under the interpreter every program is a Python loop: few, mid-sized blocks keep the tests quick while
+# sequence lengths 17, 129, 257 still cross block boundaries.
+INTERP_TILE = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)
+KEY = ["HEAD_DIM", "CAUSAL", "VARLEN", "seq_bucket"]
+
+
+@triton.jit
+def _tile_mask(rows, offs_d, n, D: tl.constexpr):
+    # The column mask only when the head dim is padded: a full [rows, HEAD_DIM] predicate costs registers
+    # that the compiler does not win back even when it is all true.
+    if D < offs_d.shape[0]:
+        mask = (rows[:, None] < n) & (offs_d[None, :] < D)
+    else:
+        mask = rows[:, None] < n
+    return mask
+
+
+@triton.jit
+def load_tile(base, rows, stride, offs_d, n, D: tl.constexpr, UPCAST: tl.constexpr):
+    # The [rows, HEAD_DIM] tile at base + row * stride + d: zeros for rows past n and columns past D.
+    mask = _tile_mask(rows, offs_d, n, D)
+    t = tl.load(base + rows[:, None] * stride + offs_d[None, :], mask=mask, other=0.0)
+    if UPCAST:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def store_tile(base, rows, stride, offs_d, n, D: tl.constexpr, value):
+    # value (fp32) into the [rows, D] tile at base + row * stride + d; padded rows and columns left alone.
+    mask = _tile_mask(rows, offs_d, n, D)
+    tl.store(base + rows[:, None] * stride + offs_d[None, :], value.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def key_bounds(rows, DOC_START, DOC_END, SEQ_Q, SEQ_K, window, CAUSAL: tl.constexpr, VARLEN: tl.constexpr):
+    # Per query row, the keys [lo, hi) it attends to; rows past SEQ_Q get an empty range.
+    ok = rows < SEQ_Q
+    if VARLEN:
+        lo = tl.load(DOC_START + rows, mask=ok, other=0)
+        hi = tl.load(DOC_END + rows, mask=ok, other=0)
+    else:
+        lo = tl.zeros_like(rows)
+        hi = tl.zeros_like(rows) + SEQ_K
+    if CAUSAL:
+        lo = tl.maximum(lo, rows - window)
+        hi = tl.minimum(hi, rows + 1)
+    return lo, tl.where(ok, hi, 0)
+
+
+@triton.jit
+def query_bounds(cols, DOC_START, DOC_END, SEQ_Q, SEQ_K, window, CAUSAL: tl.constexpr, VARLEN: tl.constexpr):
+    # Per key, the queries [lo, hi) that attend to it: key_bounds inverted (same documents, q and k
+    # lengths being equal with cu_seqlens); keys past SEQ_K get an empty range.
+    ok = cols < SEQ_K
+    if VARLEN:
+        lo = tl.load(DOC_START + cols, mask=ok, other=0)
+        hi = tl.load(DOC_END + cols, mask=ok, other=0)
+    else:
+        lo = tl.zeros_like(cols)
+        hi = tl.zeros_like(cols) + SEQ_Q
+    if CAUSAL:
+        lo = tl.maximum(lo, cols)
+        hi = tl.minimum(hi, cols + window + 1)
+    return lo, tl.where(ok, hi, 0)
+
+
+@triton.jit
+def block_ranges(lo, hi, ok, limit, BLOCK: tl.constexpr):
+    # From the per-row ranges [lo, hi) of a program's valid rows (ok): the block starts to visit, split
+    # into [start, full_start) masked, [full_start, full_end) unmasked (every row sees the whole block) and
+    # [full_end, end) masked; blocks outside every row's range are not visited.
+    start = (tl.min(tl.where(ok, lo, limit), 0) // BLOCK) * BLOCK
+    end = tl.max(tl.where(ok, hi, 0), 0)
+    full_lo = tl.max(tl.where(ok, lo, 0), 0)
+    full_hi = tl.min(tl.where(ok, hi, limit), 0)
+    full_start = start + ((tl.maximum(full_lo - start, 0) + BLOCK - 1) // BLOCK) * BLOCK
+    full_end = tl.maximum(start + (tl.maximum(full_hi - start, 0) // BLOCK) * BLOCK, full_start)
+    return start, full_start, full_end, end
+
+
+def check_inputs(q, k, v, causal, cu_seqlens, window_size):
+    """Unsupported for what the kernels do not take (dtype, layout, head dim); ValueError for bad masks.
+    Returns the left window (None for none)."""
+    op = "flash_attention"
+    check_float(op, q, k, v)
+    check_device(op, q, k, v)
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise Unsupported(f"{op}: expected q, k, v of shape (b, s, h, d); got {tuple(q.shape)}, "
+                          f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise Unsupported(f"{op}: q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    b, sq, h, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
+        raise Unsupported(f"{op}: k {tuple(k.shape)} and v {tuple(v.shape)} must be (b={b}, s_k, h_kv, d={d})")
+    if d % 8 or d > MAX_HEAD_DIM:
+        raise Unsupported(f"{op}: head dim {d} ({DTYPE_NAMES[q.dtype]}) is not supported by the Triton kernel; "
+                          f"supported: multiples of 8 up to {MAX_HEAD_DIM}")
+    if h % k.shape[2]:
+        raise Unsupported(f"{op}: {h} query heads are not a multiple of {k.shape[2]} key/value heads")
+    check_nonempty(op, q)
+    check_nonempty(op, k)
+    check_cu_seqlens(q, k, cu_seqlens)
+    return window_left(window_size, causal)
+
+
+def launch_meta(q, k, causal, cu_seqlens, left):
+    """Constexprs and size arguments shared by the launches: the padded head dim, the masks, and the
+    autotuning bucket of the sequence length."""
+    dot_fp32 = dot_in_fp32(q.dtype)
+    d = q.shape[-1]
+    meta = dict(HEAD_DIM=max(16, next_pow2(d)), D=d, CAUSAL=causal, VARLEN=cu_seqlens is not None,
+                DOT_FP32=dot_fp32, PRECISION="ieee" if dot_fp32 else dot_precision(q.dtype))
+    # No window: one wider than both sequences, so i - window never cuts.
+    window = left if left is not None else q.shape[1] + k.shape[1]
+    return meta, window, next_pow2(max(q.shape[1], k.shape[1]))
+
+
+def doc_bounds(cu_seqlens, total, device):
+    """Per token, the start and end offsets of its document (int32, (total,) each), found on the device
+    (searchsorted: no host synchronisation); two empty tensors without cu_seqlens."""
+    if cu_seqlens is None:
+        empty = torch.empty(0, dtype=torch.int32, device=device)
+        return empty, empty
+    pos = torch.arange(total, dtype=torch.int32, device=device)
+    doc = (torch.searchsorted(cu_seqlens, pos, right=True) - 1).clamp_(0, cu_seqlens.numel() - 2)
+    return cu_seqlens[doc].contiguous(), cu_seqlens[doc + 1].contiguous()
+
+
+def strides(t):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def unit_last_stride(t):
+    return t if t.stride(-1) == 1 else t.contiguous()

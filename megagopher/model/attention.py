@@ -1,0 +1,144 @@
+"""Causal self-attention of the GPT decoder: rotary tables, the KV cache for generation, and the attention
+block (fused QKV projection laid out per query group, flash or unfused core attention, output projection).
+"""
+import math
+
+import torch
+import torch.nn as nn
+
+from megagopher import kernels
+from megagopher import parallel_state as ps
+from megagopher.context_parallel import ring_attention
+from megagopher.tensor_parallel import ColumnParallelLinear, RowParallelLinear, checkpoint
+
+from .dropout import dropout as _dropout
+
+
+def rope_tables(cfg, seq_length, device, offset=0, positions=None):
+    """cos and sin of shape (seq_length, rotary_dim // 2) for positions offset .. offset + seq_length - 1, or
+    for the given 1-D ``positions`` (a context-parallel rank's chunks are not contiguous)."""
+    rot = cfg.rotary_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float64, device=device) / rot))
+    if positions is None:
+        pos = torch.arange(offset, offset + seq_length, dtype=torch.float64, device=device)
+    else:
+        pos = positions.to(device=device, dtype=torch.float64)
+    freqs = torch.outer(pos, inv_freq)
+    return freqs.cos().float(), freqs.sin().float()
+
+
+class KVSlot:
+    """One layer's cached keys and values, k and v of shape (b, s, h_kv / tp, d), RoPE already applied."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def __len__(self):
+        return 0 if self.k is None else self.k.shape[1]
+
+    def extend(self, k, v):
+        """Appends the new positions' k and v. Returns every cached k and v, and whether the new queries need
+        the causal mask: only when the cache was empty, where queries and keys cover the same positions
+        (kernels.flash_attention aligns its mask top-left, query i seeing keys 0..i)."""
+        if self.k is None:
+            self.k, self.v = k, v
+            return k, v, True
+        if k.shape[1] != 1:
+            # A top-left mask would hide cached keys from these queries; checked before anything is appended.
+            raise ValueError(f"the KV cache holds {len(self)} positions and {k.shape[1]} new ones arrive: after "
+                             "the first forward a cached forward takes one token at a time")
+        self.k, self.v = torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1)
+        return self.k, self.v, False  # one query, at the newest position, sees every key: no mask
+
+
+class KVCache:
+    """Keys and values of the positions a GPTModel has seen, for incremental decoding. The first
+    ``model(ids, kv_cache=cache)`` fills it (causal attention over the prompt); each later call passes one
+    token with ``position_offset=len(cache)``. One slot per global layer index; one cache per sequence batch
+    and per model (pipeline stage)."""
+
+    def __init__(self):
+        self.slots = {}  # layer index -> KVSlot
+
+    def slot(self, layer):
+        return self.slots.setdefault(layer, KVSlot())
+
+    def __len__(self):
+        """Positions held (every layer holds the same number after a forward)."""
+        return max((len(s) for s in self.slots.values()), default=0)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads. The fused QKV projection is laid out per query
+    group, [q_g0 (heads/groups heads), k_g0, v_g0, q_g1, ...], so that splitting it contiguously over TP
+    hands every rank whole groups with their own K and V."""
+
+    def __init__(self, cfg, num_layers_total, sequence_parallel, selective_recompute):
+        super().__init__()
+        self.cfg, self.sp, self.selective_recompute = cfg, sequence_parallel, selective_recompute
+        tp = ps.get_tp_size()
+        d, g = cfg.head_dim, cfg.num_query_groups
+        self.heads_per_group = cfg.num_attention_heads // g
+        self.local_groups = g // tp
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, g * (self.heads_per_group + 2) * d, bias=cfg.bias,
+                                        sequence_parallel=sequence_parallel, init_std=cfg.init_std)
+        self.proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size, bias=cfg.bias,
+                                      sequence_parallel=sequence_parallel,
+                                      init_std=cfg.init_std / math.sqrt(2 * num_layers_total))
+
+    def core_attention(self, q, k, v, causal=True, cu_seqlens=None):
+        """q (b, sq, h, d), k and v (b, sk, h_kv, d) -> (b, sq, h, d). ``causal``: query i sees keys 0..i
+        (sq == sk); False: every query sees every key (one new token against a KV cache). ``cu_seqlens``:
+        queries see only keys of their own document (attend)."""
+        cfg = self.cfg
+        if ps.get_cp_size() > 1 or cu_seqlens is not None:
+            # Under CP this rank holds two chunks of the sequence and the rest comes round the ring; documents
+            # are kept apart by the flash kernel's packed path, the micro-batch's rows laid end to end.
+            return ring_attention(q, k, v, ps.get_cp_group() if ps.get_cp_size() > 1 else None,
+                                  cu_seqlens=cu_seqlens)
+        if cfg.core_attention == "flash":
+            return kernels.flash_attention(q, k, v, causal=causal)
+        # Unfused path: explicit scores, Megatron's scaled-masked softmax, dropout on this rank's heads.
+        qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.heads_per_group > 1:
+            kh = kh.repeat_interleave(self.heads_per_group, dim=1)
+            vh = vh.repeat_interleave(self.heads_per_group, dim=1)
+        scores = torch.matmul(qh, kh.transpose(-1, -2))
+        probs = kernels.scaled_masked_softmax(scores, scale=cfg.head_dim ** -0.5, causal=causal)
+        probs = _dropout(probs, cfg.attention_dropout, self.training, sharded=True)
+        return torch.matmul(probs, vh).transpose(1, 2)
+
+    def forward(self, x, rope, kv=None, cu_seqlens=None):
+        """``kv``: this layer's KVSlot, which the new keys and values join before attention."""
+        return self.attend(self.qkv(x), rope, kv, cu_seqlens)
+
+    def attend(self, qkv, rope, kv=None, cu_seqlens=None):
+        """Attention from the QKV projection's output [s, b, local_groups * (hpg + 2) * d] (full s: the
+        projection gathered an SP input) to the output projection's. ``cu_seqlens``: the micro-batch's
+        document boundaries (data.reset_attention_mask), its rows laid end to end."""
+        s, b = qkv.shape[:2]
+        qkv = qkv.view(s, b, self.local_groups, self.heads_per_group + 2, self.cfg.head_dim)
+        q = qkv[:, :, :, :self.heads_per_group].reshape(s, b, -1, self.cfg.head_dim)
+        k, v = qkv[:, :, :, self.heads_per_group], qkv[:, :, :, self.heads_per_group + 1]
+        if rope is not None:
+            q, k = _rotate(q, *rope), _rotate(k, *rope)
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # (b, s, heads, d): the kernels' layout
+        causal = True
+        if kv is not None:
+            k, v, causal = kv.extend(k, v)
+        if self.selective_recompute and kv is None:  # Korthikanti et al. 2022: recompute only the s^2 part
+            ctx = checkpoint(self.core_attention, q, k, v, True, cu_seqlens)
+        else:  # a cache means inference: nothing to recompute
+            ctx = self.core_attention(q, k, v, causal, cu_seqlens)
+        ctx = ctx.transpose(0, 1).reshape(s, b, -1)
+        return self.proj(ctx)
+
+
+def _rotate(x, cos, sin):
+    """RoPE on x [s, b, heads, d]: tables (s, rot/2) shared by the batch's rows, or (s, b, rot/2) when every
+    row has its own positions (data.reset_position_ids), applied to the rows flattened (a view)."""
+    if cos.dim() == 3:
+        s, b = x.shape[:2]
+        flat = x.reshape(1, s * b, *x.shape[2:])
+        return kernels.apply_rope(flat, cos.reshape(s * b, -1), sin.reshape(s * b, -1)).view(x.shape)
+    return kernels.apply_rope(x.transpose(0, 1), cos, sin).transpose(0, 1)

@@ -5,9 +5,10 @@
    positions with GQA, with and without document masking (positions reset and attention kept within each
    document of the packed rows).
 2. Training through the real entry point: cp in {2, 4}, tp2 x cp2 with SP, cp2 x pp2 x dp2 (8 ranks, 1F1B
-   and ZB-H1) and cp2 with ZeRO-1 log the serial run's losses and gradient norms, with and without document
-   masking; bf16 with recompute at cp2 stays within bf16's rounding of the serial bf16 run; a checkpoint saved
-   at cp2 resumes at cp1 and cp4 with the next losses equal.
+   and ZB-H1), cp2 x pp2 interleaved and GPipe (with full recompute), and cp2 with ZeRO-1 log the serial
+   run's losses and gradient norms, with and without document masking; bf16 and fp16 with recompute at cp2
+   stay within the format's rounding of the serial run; a checkpoint saved at cp2 resumes at cp1 and cp4
+   with the next losses equal.
 3. Memory: the activations autograd saves per rank at cp = 2 are half those at cp = 1 for the same sequence,
    and memory.py's report agrees within 10%.
 """
@@ -110,8 +111,12 @@ LAYOUTS = {  # name: (ranks, reference run, overrides)
                                                    "--parallel.schedule=zb-h1") + MASKED),
     "tp2cp2sp-masked": (4, "serial-masked", ("--parallel.tp=2", "--parallel.cp=2", "--parallel.sp=true") + MASKED),
     "cp2dp2-zero1-masked": (4, "serial-masked", ("--parallel.cp=2", "--optimizer.distributed=true") + MASKED),
+    "cp2pp2-interleaved": (4, "serial", ("--parallel.cp=2", "--parallel.pp=2", "--parallel.vpp=2",
+                                         "--parallel.schedule=interleaved")),
+    "cp2pp2-gpipe-full-recompute-masked": (4, "serial-masked", ("--parallel.cp=2", "--parallel.pp=2",
+                                                                "--parallel.schedule=gpipe",
+                                                                "--training.recompute=full") + MASKED),
 }
-BF16 = ("--training.precision=bf16",)
 
 
 def test_context_parallel_training_logs_the_serial_losses_and_reshards(tmp_path):
@@ -136,11 +141,15 @@ def test_context_parallel_training_logs_the_serial_losses_and_reshards(tmp_path)
         for i, row in runs[name].items():
             assert row["loss"] == pytest.approx(want[i]["loss"], rel=1e-5), (name, i)
             assert row["grad_norm"] == pytest.approx(want[i]["grad_norm"], rel=1e-4), (name, i)
-    # bf16 with recompute: the ring merges in fp32, so cp2 stays within bf16's rounding of the serial run
-    train("serial-bf16", 1, *BF16)
-    train("cp2-bf16", 2, "--parallel.cp=2", "--training.recompute=selective", *BF16)
-    for i in (1, 2, 3, 4):
-        assert runs["cp2-bf16"][i]["loss"] == pytest.approx(runs["serial-bf16"][i]["loss"], rel=2e-2)
+    # bf16 and fp16 with recompute: the ring merges in fp32, so cp2 stays within the format's rounding of the
+    # serial run (fp16 with its loss scale)
+    for precision, recompute, rel in (("bf16", "selective", 2e-2), ("fp16", "full", 2e-3)):
+        train(f"serial-{precision}", 1, f"--training.precision={precision}")
+        train(f"cp2-{precision}", 2, "--parallel.cp=2", f"--training.recompute={recompute}",
+              f"--training.precision={precision}")
+        for i in (1, 2, 3, 4):
+            assert runs[f"cp2-{precision}"][i]["loss"] == pytest.approx(runs[f"serial-{precision}"][i]["loss"],
+                                                                        rel=rel), (precision, i)
     # the model state does not depend on cp: a cp2 checkpoint resumes at cp1 and cp4
     for name, nproc in (("resume-cp1", 1), ("resume-cp4", 4)):
         cp = "--parallel.cp=4" if nproc == 4 else "--parallel.cp=1"

@@ -36,7 +36,11 @@ def _attention_one(q, k, v, causal, scale, left, key_bounds=None):
     if ok is not None:
         scores = scores.masked_fill(~ok, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    return torch.matmul(probs, vf).transpose(1, 2), torch.logsumexp(scores, dim=-1)
+    # The lse is data for ring attention's merge, never differentiated: outside autograd, so the s x s
+    # scores are not kept alive for it (the plain forward discards it).
+    with torch.no_grad():
+        lse = torch.logsumexp(scores, dim=-1)
+    return torch.matmul(probs, vf).transpose(1, 2), lse
 
 
 def _attention(q, k, v, causal, softmax_scale, cu_seqlens, window_size, key_bounds=None):

@@ -49,7 +49,7 @@ class _Ring:
         ranks = dist.get_process_group_ranks(group)
         self.size, self.rank, self.group = len(ranks), dist.get_rank(group), group
         self.next, self.prev = ranks[(self.rank + 1) % self.size], ranks[(self.rank - 1) % self.size]
-        self.posted = []  # ("send"/"wait", step) in call order: a test checks the transfers overlap compute
+        self.posted = []  # ("post"/"wait", step) in call order: a test checks the transfers overlap compute
 
     def start(self, tensor, step):
         """Posts the send of ``tensor`` and the receive of the previous rank's; returns (buffer, requests)."""

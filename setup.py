@@ -17,6 +17,8 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["megagopher", "megagopher.*"]) + ["megagopher.kernels"],
     package_dir={"megagopher.kernels": "kernels"},
+    # the MTPB problem set and its reference programs: --task mtpb reads the problems by default
+    package_data={"megagopher.evaluation": ["*.jsonl"]},
     install_requires=[
         "torch>=2.3",
         "numpy",

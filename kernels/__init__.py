@@ -18,7 +18,7 @@ from .dispatch import Unsupported, current_backend, resolve, use_backend, warn_f
 
 __all__ = ["flash_attention", "flash_attention_forward", "flash_attention_backward",
            "scaled_masked_softmax", "rms_norm", "layer_norm", "apply_rope", "swiglu",
-           "cross_entropy", "add_rms_norm", "add_layer_norm", "use_backend", "current_backend"]
+           "cross_entropy", "add_rms_norm", "add_layer_norm", "grouped_mm", "use_backend", "current_backend"]
 
 
 def _run(name, tensor, backend, args, kwargs):
@@ -126,3 +126,23 @@ def swiglu(gate, up, backend=None):
 
 def cross_entropy(logits, labels, backend=None):
     return _run("cross_entropy", logits, backend, (logits, labels), {})
+
+
+def grouped_mm(x, weight, tokens_per_expert, backend=None):
+    """Rows of ``x`` [N, in] grouped by expert (``tokens_per_expert`` [E], a CPU integer tensor) times their
+    expert's ``weight`` [E, out, in] transposed: [N, out] (kernels/grouped_gemm_ref.py). "torch" runs
+    ``torch._grouped_mm`` where it applies (CUDA, bf16, sm_90+), else the loop over experts."""
+    from . import grouped_gemm_ref as ref
+    ref.check_grouped_args(x, weight, tokens_per_expert)
+    which, strict = resolve(x, backend, "grouped_mm")
+    if which == "triton":
+        from . import grouped_gemm  # lazily: the torch path must not need triton
+        try:
+            return grouped_gemm.grouped_mm(x, weight, tokens_per_expert)
+        except Unsupported as e:
+            if strict:
+                raise
+            warn_fallback("grouped_mm", x.shape, str(e), "PyTorch")
+    if ref.grouped_mm_native_applies(x, weight):
+        return ref.grouped_mm_torch(x, weight, tokens_per_expert)
+    return ref.grouped_mm_loop(x, weight, tokens_per_expert)

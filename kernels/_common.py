@@ -79,13 +79,15 @@ def autotuned(gpu_configs, interpreter_config, key, early_config_prune=None):
     return lambda fn: triton.autotune(configs=configs, key=key, prune_configs_by=prune)(fn)
 
 
-def tile_configs(rows):
+def tile_configs(rows, pre_hook=None):
     """triton.Config per (BLOCK_M, BLOCK_N, num_warps, num_stages, smallest head dim, largest head dim), the
     head dims (the padded HEAD_DIM constexpr) recorded as ``min_head_dim`` / ``max_head_dim`` for
-    ``prune_by_head_dim``."""
+    ``prune_by_head_dim``; ``pre_hook(nargs)`` runs before each launch under the config (descriptor block
+    shapes)."""
     configs = []
     for block_m, block_n, warps, stages, min_head_dim, max_head_dim in rows:
-        config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+        config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages,
+                               pre_hook=pre_hook)
         config.min_head_dim, config.max_head_dim = min_head_dim, max_head_dim
         configs.append(config)
     return configs

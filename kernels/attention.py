@@ -25,7 +25,7 @@ from ._common import autotuned, new_empty, prune_by_head_dim
 from .attention_bwd import backward
 from .attention_args import check_key_bounds
 from .attention_tiles import (FWD_TILES, INTERP_TILE, KEY, LOG2E, block_ranges, check_inputs, doc_bounds,
-                              key_bounds, launch_meta, load_tile, store_tile, strides, unit_last_stride)
+                              key_bounds, launch_meta, load_rows, operands, store_tile, strides, unit_last_stride)
 
 
 @triton.jit
@@ -34,17 +34,21 @@ def _query_program(H, GROUP, BLOCK_M: tl.constexpr):
     # head that query head shares (GQA/MQA), read in place.
     off_bh = tl.program_id(1)
     off_h = off_bh % H
-    return tl.program_id(0) * BLOCK_M, off_bh, (off_bh // H).to(tl.int64), off_h, off_h // GROUP
+    return tl.program_id(0) * BLOCK_M, off_bh, off_bh // H, off_h, off_h // GROUP
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, k_lo, k_hi, offs_n, offs_d,
-               lo, hi, gap_at, gap, SEQ_K, D: tl.constexpr, MASKED: tl.constexpr, DOT_FP32: tl.constexpr,
-               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+def _fwd_inner(acc, l_i, m_i, q, K, V, off_b, off_hk, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+               stride_vh, k_lo, k_hi, offs_n, lo, hi, gap_at, gap, SEQ_K, HEAD_DIM: tl.constexpr, D: tl.constexpr,
+               MASKED: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+               BLOCK_N: tl.constexpr):
     for step in range(lo, hi, BLOCK_N):
-        cols = step + tl.where(step >= gap_at, gap, 0) + offs_n  # jumps the gap [gap_at, gap_at + gap)
-        k = load_tile(k_base, cols, stride_ks, offs_d, SEQ_K, D, DOT_FP32)
-        v = load_tile(v_base, cols, stride_vs, offs_d, SEQ_K, D, DOT_FP32)
+        first = step + tl.where(step >= gap_at, gap, 0)  # jumps the gap [gap_at, gap_at + gap)
+        cols = first + offs_n
+        k = load_rows(K, off_b, first, off_hk, stride_kb, stride_ks, stride_kh, SEQ_K, BLOCK_N, HEAD_DIM, D, DOT_FP32,
+                      TMA)
+        v = load_rows(V, off_b, first, off_hk, stride_vb, stride_vs, stride_vh, SEQ_K, BLOCK_N, HEAD_DIM, D, DOT_FP32,
+                      TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # already scaled by sm_scale * log2 e
         if MASKED:  # only the blocks on a document, window or causal boundary pay for the mask
             valid = (cols[None, :] >= k_lo[:, None]) & (cols[None, :] < k_hi[:, None])
@@ -66,20 +70,20 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, k_lo, k_h
 
 @autotuned(FWD_TILES, INTERP_TILE, KEY, prune_by_head_dim)
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, DOC_START, DOC_END, stride_doc, qk_scale,
-                stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
-                stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
-                H, GROUP, SEQ_Q, SEQ_K, window, seq_bucket,
+def _fwd_kernel(Q, stride_qb, stride_qs, stride_qh, K, stride_kb, stride_ks, stride_kh,
+                V, stride_vb, stride_vs, stride_vh, O, LSE, DOC_START, DOC_END, stride_doc, qk_scale,
+                stride_ob, stride_os, stride_oh, H, GROUP, SEQ_Q, SEQ_K, window, seq_bucket,
                 HEAD_DIM: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-                DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    # Q, K, V: tensor descriptors with TMA, else pointers (attention_tiles.operands); O a pointer.
     start_m, off_bh, off_b, off_h, off_hk = _query_program(H, GROUP, BLOCK_M)
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = load_tile(Q + off_b * stride_qb + off_h * stride_qh, rows, stride_qs, offs_d, SEQ_Q, D, DOT_FP32)
+    q = load_rows(Q, off_b, start_m, off_h, stride_qb, stride_qs, stride_qh, SEQ_Q, BLOCK_M, HEAD_DIM, D, DOT_FP32,
+                  TMA)
     q = (q.to(tl.float32) * qk_scale).to(q.dtype)
-    k_base = K + off_b * stride_kb + off_hk * stride_kh
-    v_base = V + off_b * stride_vb + off_hk * stride_vh
     k_lo, k_hi = key_bounds(rows, DOC_START + off_b * stride_doc, DOC_END + off_b * stride_doc, SEQ_Q, SEQ_K,
                             window, CAUSAL, VARLEN)
     start, full_start, full_end, end = block_ranges(k_lo, k_hi, rows < SEQ_Q, SEQ_K, BLOCK_N)
@@ -88,15 +92,16 @@ def _fwd_kernel(Q, K, V, O, LSE, DOC_START, DOC_END, stride_doc, qk_scale,
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     # The unmasked blocks first, then one loop over the masked ones on either side of them (one loop rather
     # than two: each loop is pipelined separately, and a third at d=256 costs spills).
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, k_lo, k_hi, offs_n,
-                               offs_d, full_start, full_end, full_end, 0, SEQ_K, D, False, DOT_FP32, PRECISION,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, off_b, off_hk, stride_kb, stride_ks, stride_kh, stride_vb,
+                               stride_vs, stride_vh, k_lo, k_hi, offs_n, full_start, full_end, full_end, 0, SEQ_K,
+                               HEAD_DIM, D, False, DOT_FP32, PRECISION, TMA, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, off_b, off_hk, stride_kb, stride_ks, stride_kh, stride_vb,
+                               stride_vs, stride_vh, k_lo, k_hi, offs_n, start, end - (full_end - full_start),
+                               full_start, full_end - full_start, SEQ_K, HEAD_DIM, D, True, DOT_FP32, PRECISION, TMA,
                                BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, k_lo, k_hi, offs_n,
-                               offs_d, start, end - (full_end - full_start), full_start, full_end - full_start,
-                               SEQ_K, D, True, DOT_FP32, PRECISION, BLOCK_N)
     # A row with no key at all (a window past the end of a shorter key sequence) outputs zeros, lse -inf.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    store_tile(O + off_b * stride_ob + off_h * stride_oh, rows, stride_os, offs_d, SEQ_Q, D, acc / l_safe[:, None])
+    store_tile(O + off_b.to(tl.int64) * stride_ob + off_h * stride_oh, rows, stride_os, offs_d, SEQ_Q, D, acc / l_safe[:, None])
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)  # natural log
     tl.store(LSE + off_bh.to(tl.int64) * SEQ_Q + rows, lse, mask=rows < SEQ_Q)
 
@@ -110,8 +115,7 @@ def _forward(q, k, v, causal, scale, cu_seqlens, left, docs, bounds=False):
     o = new_empty(q.shape, q.dtype, q.device)
     lse = new_empty((b, h, sq), torch.float32, q.device)
     grid = lambda cfg: (triton.cdiv(sq, cfg["BLOCK_M"]), b * h)
-    _fwd_kernel[grid](q, k, v, o, lse, *docs, sq if bounds else 0, scale * LOG2E, *strides(q), *strides(k),
-                      *strides(v), *strides(o),
+    _fwd_kernel[grid](*operands(meta, q, k, v), o, lse, *docs, sq if bounds else 0, scale * LOG2E, *strides(o),
                       h, h // h_kv, sq, sk, window, bucket, **meta)
     return o, lse
 

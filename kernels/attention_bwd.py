@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ._common import autotuned, new_empty, prune_by_head_dim
 from .attention_tiles import (DKDV_TILES, DQ_TILES, INTERP_TILE, KEY, LOG2E, block_ranges, key_bounds, launch_meta,
-                              load_tile, query_bounds, store_tile, strides)
+                              load_rows, load_tile, operands, query_bounds, store_tile, strides)
 
 DKDV_MIN_PROGRAMS = 264  # two waves of 132 SMs: below it, the group's query heads are split over programs
 # The largest BLOCK_N the autotuner may pick: the fewest dK/dV programs it may launch.
@@ -40,17 +40,29 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_os, stride_oh, stride_db, 
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, cols, offs_m, offs_d,
-                lo, hi, gap_at, gap, DOC_START, DOC_END, SEQ_Q, SEQ_K, window, D: tl.constexpr,
-                MASKED: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DOT_FP32: tl.constexpr,
-                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
-    for step in range(lo, hi, BLOCK_M):
-        rows = step + tl.where(step >= gap_at, gap, 0) + offs_m  # jumps the gap [gap_at, gap_at + gap)
+def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, off_b, h_first, heads, stride_qb, stride_qs, stride_qh, stride_db,
+                stride_ds, stride_dh, cols, offs_m, lo, hi, gap_at, gap, DOC_START, DOC_END, H, SEQ_Q, SEQ_K, window,
+                HEAD_DIM: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                VARLEN: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+                BLOCK_M: tl.constexpr):
+    # One flat loop over (query head, query block) pairs: heads h_first .. h_first + heads, blocks lo .. hi
+    # (the same for every head). A loop over heads around a loop over blocks costs registers (both carry
+    # dk, dv) that push the 64-key wgmma tile into spills.
+    n_blocks = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    for it in range(0, heads * n_blocks):
+        g = it // n_blocks
+        step = lo + (it - g * n_blocks) * BLOCK_M
+        off_h = h_first + g
+        first = step + tl.where(step >= gap_at, gap, 0)  # jumps the gap [gap_at, gap_at + gap)
+        rows = first + offs_m
         row_ok = rows < SEQ_Q
-        q = load_tile(q_base, rows, stride_qs, offs_d, SEQ_Q, D, DOT_FP32)
-        do = load_tile(do_base, rows, stride_ds, offs_d, SEQ_Q, D, DOT_FP32)
-        lse = tl.load(lse_base + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+        row_base = (off_b.to(tl.int64) * H + off_h) * SEQ_Q
+        q = load_rows(Q, off_b, first, off_h, stride_qb, stride_qs, stride_qh, SEQ_Q, BLOCK_M, HEAD_DIM, D, DOT_FP32,
+                      TMA)
+        do = load_rows(DO, off_b, first, off_h, stride_db, stride_ds, stride_dh, SEQ_Q, BLOCK_M, HEAD_DIM, D,
+                       DOT_FP32, TMA)
+        lse = tl.load(LSE + row_base + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + row_base + rows, mask=row_ok, other=0.0)
         qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (keys, queries); K carries the scale
         p_t = tl.exp2(qk_t - lse[None, :])
         if MASKED:  # DOC_START/DOC_END: the rows' key ranges (this batch row's)
@@ -66,59 +78,65 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, 
 
 @autotuned(DKDV_TILES, INTERP_TILE, KEY, prune_by_head_dim)
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END, Q_START, Q_END, stride_doc, stride_qdoc,
-                     sm_scale, qk_scale,
-                     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
-                     stride_vb, stride_vs, stride_vh, stride_db, stride_ds, stride_dh,
+def _bwd_dkdv_kernel(Q, stride_qb, stride_qs, stride_qh, K, stride_kb, stride_ks, stride_kh,
+                     V, stride_vb, stride_vs, stride_vh, DO, stride_db, stride_ds, stride_dh, LSE, DELTA, DK, DV,
+                     DOC_START, DOC_END, Q_START, Q_END, stride_doc, stride_qdoc, sm_scale, qk_scale,
                      stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
                      H, GROUP, HEADS_PER_PROGRAM, SEQ_Q, SEQ_K, window, seq_bucket,
                      HEAD_DIM: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-                     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
     # Program (key block, batch x part): part p covers query heads p * HEADS_PER_PROGRAM onwards, all of one
     # kv head's group, and writes dK/dV head p (the kv head itself when HEADS_PER_PROGRAM == GROUP).
     # DOC_START/DOC_END give each query its keys, Q_START/Q_END each key its queries: the same arrays for
     # packed documents, the two views of ring attention's key_bounds otherwise (one row each per batch row).
+    # Q, K, V, DO: tensor descriptors with TMA, else pointers (attention_tiles.operands); DK, DV pointers.
     n_parts = H // HEADS_PER_PROGRAM
-    off_b = (tl.program_id(1) // n_parts).to(tl.int64)
+    off_b = tl.program_id(1) // n_parts
     DOC_START += off_b * stride_doc
     DOC_END += off_b * stride_doc
     off_part = tl.program_id(1) % n_parts
     off_hk = (off_part * HEADS_PER_PROGRAM) // GROUP
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    start_n = tl.program_id(0) * BLOCK_N
+    cols = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    k = load_tile(K + off_b * stride_kb + off_hk * stride_kh, cols, stride_ks, offs_d, SEQ_K, D, DOT_FP32)
+    k = load_rows(K, off_b, start_n, off_hk, stride_kb, stride_ks, stride_kh, SEQ_K, BLOCK_N, HEAD_DIM, D, DOT_FP32,
+                  TMA)
     k = (k.to(tl.float32) * qk_scale).to(k.dtype)  # sm_scale * log2 e folded into K once
-    v = load_tile(V + off_b * stride_vb + off_hk * stride_vh, cols, stride_vs, offs_d, SEQ_K, D, DOT_FP32)
+    v = load_rows(V, off_b, start_n, off_hk, stride_vb, stride_vs, stride_vh, SEQ_K, BLOCK_N, HEAD_DIM, D, DOT_FP32,
+                  TMA)
     q_lo, q_hi = query_bounds(cols, Q_START + off_b * stride_qdoc, Q_END + off_b * stride_qdoc, SEQ_Q, SEQ_K,
                               window, CAUSAL, VARLEN)
     start, full_start, full_end, end = block_ranges(q_lo, q_hi, cols < SEQ_K, SEQ_Q, BLOCK_M)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    for g in range(0, HEADS_PER_PROGRAM):
-        off_h = off_part * HEADS_PER_PROGRAM + g
-        q_base = Q + off_b * stride_qb + off_h * stride_qh
-        do_base = DO + off_b * stride_db + off_h * stride_dh
-        row_base = (off_b * H + off_h) * SEQ_Q
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, stride_qs, stride_ds,
-                             cols, offs_m, offs_d, full_start, full_end, full_end, 0, DOC_START, DOC_END, SEQ_Q,
-                             SEQ_K, window, D, False, CAUSAL, VARLEN, DOT_FP32, PRECISION, BLOCK_M)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, stride_qs, stride_ds,
-                             cols, offs_m, offs_d, start, end - (full_end - full_start), full_start,
-                             full_end - full_start, DOC_START, DOC_END, SEQ_Q, SEQ_K, window, D, True, CAUSAL, VARLEN,
-                             DOT_FP32, PRECISION, BLOCK_M)
-    store_tile(DK + off_b * stride_dkb + off_part * stride_dkh, cols, stride_dks, offs_d, SEQ_K, D, dk * sm_scale)
-    store_tile(DV + off_b * stride_dvb + off_part * stride_dvh, cols, stride_dvs, offs_d, SEQ_K, D, dv)
+    h_first = off_part * HEADS_PER_PROGRAM
+    dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, off_b, h_first, HEADS_PER_PROGRAM, stride_qb, stride_qs,
+                         stride_qh, stride_db, stride_ds, stride_dh, cols, offs_m, full_start, full_end, full_end, 0,
+                         DOC_START, DOC_END, H, SEQ_Q, SEQ_K, window, HEAD_DIM, D, False, CAUSAL, VARLEN, DOT_FP32,
+                         PRECISION, TMA, BLOCK_M)
+    dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, off_b, h_first, HEADS_PER_PROGRAM, stride_qb, stride_qs,
+                         stride_qh, stride_db, stride_ds, stride_dh, cols, offs_m, start, end - (full_end - full_start),
+                         full_start, full_end - full_start, DOC_START, DOC_END, H, SEQ_Q, SEQ_K, window, HEAD_DIM, D,
+                         True, CAUSAL, VARLEN, DOT_FP32, PRECISION, TMA, BLOCK_M)
+    off_b64 = off_b.to(tl.int64)
+    store_tile(DK + off_b64 * stride_dkb + off_part * stride_dkh, cols, stride_dks, offs_d, SEQ_K, D, dk * sm_scale)
+    store_tile(DV + off_b64 * stride_dvb + off_part * stride_dvh, cols, stride_dvs, offs_d, SEQ_K, D, dv)
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, k_lo, k_hi, offs_n, offs_d, lo, hi,
-              gap_at, gap, SEQ_K, D: tl.constexpr, MASKED: tl.constexpr, DOT_FP32: tl.constexpr,
-              PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dq_inner(dq, q, do, lse, delta, K, V, off_b, off_hk, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+              stride_vh, k_lo, k_hi, offs_n, lo, hi, gap_at, gap, SEQ_K, HEAD_DIM: tl.constexpr, D: tl.constexpr,
+              MASKED: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+              BLOCK_N: tl.constexpr):
     for step in range(lo, hi, BLOCK_N):
-        cols = step + tl.where(step >= gap_at, gap, 0) + offs_n  # jumps the gap [gap_at, gap_at + gap)
-        k = load_tile(k_base, cols, stride_ks, offs_d, SEQ_K, D, DOT_FP32)
-        v = load_tile(v_base, cols, stride_vs, offs_d, SEQ_K, D, DOT_FP32)
+        first = step + tl.where(step >= gap_at, gap, 0)  # jumps the gap [gap_at, gap_at + gap)
+        cols = first + offs_n
+        k = load_rows(K, off_b, first, off_hk, stride_kb, stride_ks, stride_kh, SEQ_K, BLOCK_N, HEAD_DIM, D, DOT_FP32,
+                      TMA)
+        v = load_rows(V, off_b, first, off_hk, stride_vb, stride_vs, stride_vh, SEQ_K, BLOCK_N, HEAD_DIM, D, DOT_FP32,
+                      TMA)
         p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) - lse[:, None])  # Q carries the scale
         if MASKED:
             p = tl.where((cols[None, :] >= k_lo[:, None]) & (cols[None, :] < k_hi[:, None]), p, 0.0)
@@ -130,37 +148,41 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, k_lo,
 
 @autotuned(DQ_TILES, INTERP_TILE, KEY, prune_by_head_dim)
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC_START, DOC_END, stride_doc, sm_scale, qk_scale,
-                   stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
-                   stride_vb, stride_vs, stride_vh, stride_db, stride_ds, stride_dh,
-                   stride_dqb, stride_dqs, stride_dqh,
+def _bwd_dq_kernel(Q, stride_qb, stride_qs, stride_qh, K, stride_kb, stride_ks, stride_kh,
+                   V, stride_vb, stride_vs, stride_vh, DO, stride_db, stride_ds, stride_dh, LSE, DELTA, DQ,
+                   DOC_START, DOC_END, stride_doc, sm_scale, qk_scale, stride_dqb, stride_dqs, stride_dqh,
                    H, GROUP, SEQ_Q, SEQ_K, window, seq_bucket,
                    HEAD_DIM: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-                   DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    # Q, K, V, DO: tensor descriptors with TMA, else pointers (attention_tiles.operands); DQ a pointer.
     off_bh = tl.program_id(1)
-    off_b, off_h = (off_bh // H).to(tl.int64), off_bh % H
+    off_b, off_h = off_bh // H, off_bh % H
     off_hk = off_h // GROUP
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m = tl.program_id(0) * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = rows < SEQ_Q
-    q = load_tile(Q + off_b * stride_qb + off_h * stride_qh, rows, stride_qs, offs_d, SEQ_Q, D, DOT_FP32)
+    q = load_rows(Q, off_b, start_m, off_h, stride_qb, stride_qs, stride_qh, SEQ_Q, BLOCK_M, HEAD_DIM, D, DOT_FP32,
+                  TMA)
     q = (q.to(tl.float32) * qk_scale).to(q.dtype)  # sm_scale * log2 e folded into Q once
-    do = load_tile(DO + off_b * stride_db + off_h * stride_dh, rows, stride_ds, offs_d, SEQ_Q, D, DOT_FP32)
+    do = load_rows(DO, off_b, start_m, off_h, stride_db, stride_ds, stride_dh, SEQ_Q, BLOCK_M, HEAD_DIM, D, DOT_FP32,
+                   TMA)
     lse = tl.load(LSE + off_bh.to(tl.int64) * SEQ_Q + rows, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + off_bh.to(tl.int64) * SEQ_Q + rows, mask=row_ok, other=0.0)
-    k_base = K + off_b * stride_kb + off_hk * stride_kh
-    v_base = V + off_b * stride_vb + off_hk * stride_vh
     k_lo, k_hi = key_bounds(rows, DOC_START + off_b * stride_doc, DOC_END + off_b * stride_doc, SEQ_Q, SEQ_K,
                             window, CAUSAL, VARLEN)
     start, full_start, full_end, end = block_ranges(k_lo, k_hi, row_ok, SEQ_K, BLOCK_N)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, k_lo, k_hi, offs_n, offs_d,
-                   full_start, full_end, full_end, 0, SEQ_K, D, False, DOT_FP32, PRECISION, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, k_lo, k_hi, offs_n, offs_d,
-                   start, end - (full_end - full_start), full_start, full_end - full_start, SEQ_K, D, True,
-                   DOT_FP32, PRECISION, BLOCK_N)
-    store_tile(DQ + off_b * stride_dqb + off_h * stride_dqh, rows, stride_dqs, offs_d, SEQ_Q, D, dq * sm_scale)
+    dq = _dq_inner(dq, q, do, lse, delta, K, V, off_b, off_hk, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                   stride_vh, k_lo, k_hi, offs_n, full_start, full_end, full_end, 0, SEQ_K, HEAD_DIM, D, False,
+                   DOT_FP32, PRECISION, TMA, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse, delta, K, V, off_b, off_hk, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                   stride_vh, k_lo, k_hi, offs_n, start, end - (full_end - full_start), full_start,
+                   full_end - full_start, SEQ_K, HEAD_DIM, D, True, DOT_FP32, PRECISION, TMA, BLOCK_N)
+    store_tile(DQ + off_b.to(tl.int64) * stride_dqb + off_h * stride_dqh, rows, stride_dqs, offs_d, SEQ_Q, D,
+               dq * sm_scale)
 
 
 def dkdv_split(b, h_kv, group, sk):
@@ -183,10 +205,9 @@ def _dkdv(q, k, v, do, lse, delta, scale, docs, query_docs, meta, window, bucket
         dk, dv = (new_empty((b, sk, h_kv * split, d), torch.float32, k.device) for _ in range(2))
     grid = lambda cfg: (triton.cdiv(sk, cfg["BLOCK_N"]), b * h_kv * split)
     bounds = query_docs is not docs  # key_bounds: (b, s) arrays, one row per batch row
-    _bwd_dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, *docs, *query_docs, sq if bounds else 0,
-                           sk if bounds else 0, scale, scale * LOG2E, *strides(q), *strides(k), *strides(v),
-                           *strides(do), *strides(dk), *strides(dv), h, group, group // split, sq, sk, window,
-                           bucket, **meta)
+    _bwd_dkdv_kernel[grid](*operands(meta, q, k, v, do), lse, delta, dk, dv, *docs, *query_docs, sq if bounds else 0,
+                           sk if bounds else 0, scale, scale * LOG2E, *strides(dk), *strides(dv), h, group,
+                           group // split, sq, sk, window, bucket, **meta)
     if split > 1:
         dk = dk.view(b, sk, h_kv, split, d).sum(3).to(k.dtype)
         dv = dv.view(b, sk, h_kv, split, d).sum(3).to(v.dtype)
@@ -209,7 +230,6 @@ def backward(q, k, v, o, lse, do, causal, scale, cu_seqlens, left, docs, query_d
     dk, dv = _dkdv(q, k, v, do, lse, delta, scale, docs, query_docs, meta, window, bucket)
     dq = new_empty(q.shape, q.dtype, q.device)
     grid_q = lambda cfg: (triton.cdiv(sq, cfg["BLOCK_M"]), b * h)
-    _bwd_dq_kernel[grid_q](q, k, v, do, lse, delta, dq, *docs, sq if bounds else 0, scale, scale * LOG2E,
-                           *strides(q), *strides(k),
-                           *strides(v), *strides(do), *strides(dq), h, h // h_kv, sq, sk, window, bucket, **meta)
+    _bwd_dq_kernel[grid_q](*operands(meta, q, k, v, do), lse, delta, dq, *docs, sq if bounds else 0, scale,
+                           scale * LOG2E, *strides(dq), h, h // h_kv, sq, sk, window, bucket, **meta)
     return dq, dk, dv

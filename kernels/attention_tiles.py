@@ -1,10 +1,17 @@
 """Building blocks of the FlashAttention-2 kernels (attention.py forward, attention_bwd.py backward): tile loads
-padded to a power-of-two head dim, the key (or query) range each row attends to under causal, packed-document
+through tensor descriptors padded to a power-of-two head dim, the key (or query) range each row attends to under causal, packed-document
 and sliding-window masking, the split of a program's blocks into those that need the mask and those that do
 not, the autotune lists, and the checks and host-side metadata shared by the launches.
 
 Head dim: the kernels run on HEAD_DIM = the next power of two (tl.dot and tl.arange need one), at least 16;
-the real D masks every load and store, so the padded columns are zeros and never written.
+the real D masks every store, so the padded columns are never written. Up to a padded head dim of 128
+(TMA_MAX_HEAD_DIM) Q, K, V and dO are read through tensor descriptors (Triton's TensorDescriptor over the
+(b, s, h, d) tensor, block [1, rows, 1, HEAD_DIM]): on Hopper and Blackwell each tile is one TMA copy into
+shared memory, issued by one thread instead of address arithmetic and predicates in every thread, and the
+copy zero-fills the rows past s and the columns past d. The registers that frees are what lets a 64-key
+dK/dV block issue wgmma without spilling (tools/check_kernels.py). Older GPUs and the interpreter lower the
+same descriptor to masked loads. The block shape is the autotune config's, set by its pre_hook
+(set_block_shapes) just before each launch. At 256 the kernels take pointers and masked loads (load_tile).
 Masks: query i attends to keys [key_lo(i), key_hi(i)): its document ([0, s_k) without cu_seqlens), cut at
 i + 1 if causal and at i - window on the left. Both bounds rise with i, so a block of rows visits the keys
 from its first row's lo to its last row's hi, and the key blocks inside [max lo, min hi) need no mask: key
@@ -13,6 +20,7 @@ blocks outside every row's range are skipped, not masked.
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._common import (DTYPE_NAMES, check_device, check_float, check_nonempty, dot_in_fp32, dot_precision,
                       next_pow2, tile_configs)
@@ -21,6 +29,36 @@ from .dispatch import Unsupported
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
+# Tiles through tensor descriptors up to this padded head dim. At 256 the TMA-loaded tiles cost more
+# registers than masked loads (every d=256 config spills with them, 240 to 1456 bytes, none without).
+TMA_MAX_HEAD_DIM = 128
+
+# Which block dimension each descriptor argument's tile spans: queries or keys.
+_DESCRIPTOR_ROWS = {"Q": "BLOCK_M", "DO": "BLOCK_M", "K": "BLOCK_N", "V": "BLOCK_N"}
+
+
+def set_block_shapes(nargs):
+    """Autotune pre_hook: the descriptors' block shapes from the config about to run."""
+    for name, block in _DESCRIPTOR_ROWS.items():
+        if isinstance(nargs.get(name), TensorDescriptor):
+            nargs[name].block_shape = [1, nargs[block], 1, nargs["HEAD_DIM"]]
+
+
+def operands(meta, *tensors):
+    """The (b, s, h, d) operands as the kernels read them, each with its three row strides: with meta["TMA"] a
+    TensorDescriptor (its block shape set per config by set_block_shapes); TMA needs a 16-byte aligned base
+    and row strides, so a view that has neither (rare: head dims are multiples of 8) is copied first."""
+    out = []
+    for t in tensors:
+        if not meta["TMA"]:
+            out += [t, *strides(t)]
+            continue
+        size = t.element_size()
+        if t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]):
+            t = torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+        out += [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 16, 1, meta["HEAD_DIM"]]), *strides(t)]
+    return out
+
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, smallest and largest padded head dim). Every config compiles without
 # register spills and within shared memory at each head dim it may be picked for (prune_by_head_dim), bf16 and
@@ -29,15 +67,34 @@ MAX_HEAD_DIM = 256
 # stay for d <= 128; the 128 x 32 forward tile also spills at d=64 on sm_100a (packed), where 128 x 64 compiles
 # clean instead; sm_100a holds 8-warp 64 x 32 forward tiles to 128 registers and spills at a padded d=80, where
 # one warpgroup (4 warps) does not; 64-wide key blocks spill in the forward at d=128 and in dK/dV at any d.
-FWD_TILES = tile_configs([(128, 64, 8, 2, 16, 64), (128, 32, 8, 2, 128, 128), (64, 32, 4, 2, 16, 128),
-                          (64, 32, 8, 2, 256, 256), (64, 32, 8, 3, 256, 256), (32, 32, 8, 2, 16, 256)])
-DKDV_TILES = tile_configs([(64, 32, 8, 2, 16, 128), (32, 32, 8, 2, 16, 256)])
+FWD_TILES = tile_configs([(128, 64, 8, 2, 16, 32), (128, 64, 4, 2, 64, 64), (128, 32, 8, 2, 128, 128), (64, 32, 4, 2, 16, 128),
+                          (64, 32, 8, 2, 256, 256), (64, 32, 8, 3, 256, 256), (32, 32, 8, 2, 16, 256)],
+                         set_block_shapes)
+DKDV_TILES = tile_configs([(32, 64, 4, 2, 16, 64), (16, 64, 8, 2, 128, 128), (64, 32, 8, 2, 16, 64),
+                           (32, 32, 8, 2, 16, 256)],
+                          set_block_shapes)
 DQ_TILES = tile_configs([(64, 64, 8, 2, 16, 128), (64, 32, 8, 2, 16, 128), (32, 64, 8, 2, 16, 256),
-                         (32, 32, 4, 2, 16, 256), (16, 32, 4, 2, 16, 128)])
+                         (32, 32, 4, 2, 256, 256), (16, 32, 4, 2, 16, 128)], set_block_shapes)
 # Under the interpreter every program is a Python loop: few, mid-sized blocks keep the tests quick while
 # sequence lengths 17, 129, 257 still cross block boundaries.
-INTERP_TILE = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)
+INTERP_TILE = tile_configs([(32, 32, 4, 1, 16, 256)], set_block_shapes)[0]
 KEY = ["HEAD_DIM", "CAUSAL", "VARLEN", "seq_bucket"]
+
+
+@triton.jit
+def load_rows(X, off_b, start, off_h, stride_b, stride_s, stride_h, n, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+              D: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
+    # Rows start .. start + BLOCK of head off_h, batch row off_b of X (b, s, h, d), s = n: a [BLOCK, HEAD_DIM]
+    # tile, zeros past the sequence and the head dim. X is a TensorDescriptor with TMA (its padding gives the
+    # zeros), else a pointer (masked loads).
+    if TMA:
+        t = X.load([off_b, start, off_h, 0]).reshape(BLOCK, HEAD_DIM)
+        if UPCAST:
+            t = t.to(tl.float32)
+    else:
+        t = load_tile(X + off_b.to(tl.int64) * stride_b + off_h * stride_h, start + tl.arange(0, BLOCK), stride_s,
+                      tl.arange(0, HEAD_DIM), n, D, UPCAST)
+    return t
 
 
 @triton.jit
@@ -145,8 +202,9 @@ def launch_meta(q, k, causal, cu_seqlens, left):
     autotuning bucket of the sequence length."""
     dot_fp32 = dot_in_fp32(q.dtype)
     d = q.shape[-1]
-    meta = dict(HEAD_DIM=max(16, next_pow2(d)), D=d, CAUSAL=causal, VARLEN=cu_seqlens is not None,
-                DOT_FP32=dot_fp32, PRECISION="ieee" if dot_fp32 else dot_precision(q.dtype))
+    head_dim = max(16, next_pow2(d))
+    meta = dict(HEAD_DIM=head_dim, D=d, CAUSAL=causal, VARLEN=cu_seqlens is not None, DOT_FP32=dot_fp32,
+                PRECISION="ieee" if dot_fp32 else dot_precision(q.dtype), TMA=head_dim <= TMA_MAX_HEAD_DIM)
     # No window: one wider than both sequences, so i - window never cuts.
     window = left if left is not None else q.shape[1] + k.shape[1]
     return meta, window, next_pow2(max(q.shape[1], k.shape[1]))

@@ -1,191 +1,64 @@
-"""Evaluating a checkpoint: final-answer accuracy on math word problems, and multiple-choice question
-answering scored by log-likelihood (the two evaluations SEEDS.md asks for).
+"""Evaluating a checkpoint (or given answers): math word problems, multiple choice, SQuAD-style QA,
+MTPB-style multi-turn program synthesis and held-out loss.
 
-    python -m megagopher.evaluate --checkpoint DIR --task math --data math_eval.jsonl \\
-           [--limit N] [--max-new-tokens N] [--metrics RUN_DIR/metrics.jsonl]
-    python -m megagopher.evaluate --checkpoint DIR --task choice --data FILE.jsonl [--limit N] [--metrics ...]
+    python -m megagopher.evaluate --task math   --data F.jsonl --checkpoint DIR [--limit N] [--max-new-tokens N]
+    python -m megagopher.evaluate --task choice --data F.jsonl --checkpoint DIR
+    python -m megagopher.evaluate --task squad  --data F.jsonl (--checkpoint DIR | --predictions P.json)
+    python -m megagopher.evaluate --task mtpb  [--data F.jsonl] (--checkpoint DIR | --samples S.jsonl) [--output R.json]
+    python -m megagopher.evaluate --task loss   --data F.jsonl --checkpoint DIR
+    (every task: [--limit N] [--metrics RUN_DIR/metrics.jsonl] [--show N])
 
-Math (GSM8K-style, Cobbe et al. 2021): the prompt is the question and a newline, as the question opens its
-document in the math corpus (``question\\nsolution...\\nThe answer is N.``), after the end-of-document id
-that precedes every document in training. The model writes a solution greedily until the end-of-document
-id, the line after "The answer is", or --max-new-tokens; megagopher.data.math_problems.extract_answer
-reads its final number, and it is right when it equals the row's ``answer`` (both normalised).
+math: final-answer accuracy (GSM8K-style), split by the rows' ``steps`` when they have it.
+choice: accuracy and per-byte accuracy of the most likely choice (OpenBookQA/ARC-style).
+squad: exact match and F1 in percent, SQuAD v1.1's normalisation, the best gold answer of each row.
+mtpb: pass rate of the programs written turn by turn, each run in megagopher.sandbox (default data: the
+problem set shipped in megagopher/evaluation/mtpb_problems.jsonl).
+loss: mean per-token NLL of each document after the end-of-document id, token-weighted, and perplexity.
+The formats, prompts and rules: megagopher/evaluation/<task>.py and docs/evaluation.md.
 
-Multiple choice (OpenBookQA/ARC-style, scored as in Brown et al. 2020 and lm-evaluation-harness): each
-choice's tokens are scored by their log-likelihood given the question; the prediction is the most likely
-choice ("accuracy") or the most likely per UTF-8 byte of its continuation, a space and the choice text
-("accuracy_norm", lm-evaluation-harness's acc_norm, which does not favour short answers). The context is
-the end-of-document id and the question; the continuation is encoded on its own. Rows may be
-{"question", "choices": [...] or {"text": [...], "label": [...]}, "answer" or "answerKey"}, or the original
-OpenBookQA/ARC form {"question": {"stem", "choices": [{"text", "label"}]}, "answerKey"}; the answer is a
-label, a 0-based index or the choice's text.
-
-With --metrics, one line {"event": "eval", "task", "accuracy", "iteration", ...} is appended to that
-metrics.jsonl (docs/ARCHITECTURE.md 4.3). Under torchrun with --tp N every rank computes and rank 0 reports.
+With --metrics, one line {"event": "eval", "task", <the task's numbers>, "iteration", ...} is appended to
+that metrics.jsonl (docs/ARCHITECTURE.md 4.3). Under torchrun with --tp N every rank computes and rank 0
+reports. --checkpoint is needed only when a model is: squad with --predictions and mtpb with --samples
+score without one.
 """
 import argparse
+import itertools
 import json
 import os
-import re
 import sys
 import time
 
 import torch.distributed as dist
 
 from megagopher import parallel_state as ps
-from megagopher.data.math_problems import extract_answer, normalize_number
+from megagopher.evaluation import mtpb
+from megagopher.evaluation.choice import choice_accuracy, model_loglik, parse_choice_row  # noqa: F401 (API)
+from megagopher.evaluation.common import append_metrics, read_json, read_jsonl, write_json_atomic
+from megagopher.evaluation.loss import check_loss_row, model_loss
+from megagopher.evaluation.math_task import math_accuracy, math_completer, math_prompt  # noqa: F401 (API)
+from megagopher.evaluation.squad import check_squad_row, model_predictor, predictions_lookup, squad_scores
+from megagopher.sandbox import Limits
 
-_ANSWER_LINE = re.compile(r"answer is[^\n]*\n", re.IGNORECASE)
-
-
-def read_jsonl(path, limit=None):
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {line_no}: not JSON ({e})") from None
-            if limit is not None and len(rows) >= limit:
-                break
-    if not rows:
-        raise ValueError(f"{path} holds no examples")
-    return rows
-
-
-# -- math word problems -----------------------------------------------------------------------------------
-def math_prompt(row, index=0):
-    if "question" not in row or "answer" not in row:
-        raise ValueError(f"row {index}: a math row needs 'question' and 'answer' keys, got {sorted(row)}")
-    return row["question"] + "\n"
-
-
-def math_accuracy(rows, complete, on_example=None):
-    """Final-answer accuracy. ``complete(prompt) -> generated text``; ``on_example(record)`` sees each
-    scored example (for printing)."""
-    correct = 0
-    for i, row in enumerate(rows):
-        text = complete(math_prompt(row, i))
-        predicted, expected = extract_answer(text), normalize_number(str(row["answer"]))
-        ok = predicted is not None and predicted == expected
-        correct += ok
-        if on_example is not None:
-            on_example({"index": i, "question": row["question"], "generated": text, "predicted": predicted,
-                        "expected": expected, "correct": ok})
-    return {"accuracy": correct / len(rows), "correct": correct, "examples": len(rows)}
-
-
-def math_completer(lm, max_new_tokens):
-    """``complete(prompt)`` for math_accuracy: greedy, stopping after the "The answer is ..." line."""
-    from megagopher.generate import context_limit, generate
-    tok = lm.tokenizer
-    limit = context_limit(lm)
-    room = min(max_new_tokens, limit // 2)
-
-    def stop(new_ids):
-        return bool(_ANSWER_LINE.search(tok.decode(new_ids)))
-
-    def complete(prompt):
-        ids = ([tok.eod] if tok.eod is not None else []) + tok.encode(prompt)
-        ids = ids[-(limit - room):]  # a question too long for the model keeps its end
-        return tok.decode(generate(lm, ids, max_new_tokens, greedy=True, eod=tok.eod, stop=stop))
-    return complete
-
-
-# -- multiple choice ------------------------------------------------------------------------------------
-def parse_choice_row(row, index=0):
-    """(question, [choice texts], index of the right choice) from one row (see the module docstring)."""
-    where = f"row {index}"
-    question, choices = row.get("question"), row.get("choices")
-    if isinstance(question, dict):  # OpenBookQA/ARC original: the choices sit inside the question
-        choices = choices if choices is not None else question.get("choices")
-        question = question.get("stem")
-    if question is None:
-        question = row.get("question_stem", row.get("stem"))
-    if not isinstance(question, str):
-        raise ValueError(f"{where}: no question text (keys 'question', 'question_stem' or question.stem)")
-    labels = None
-    if isinstance(choices, dict):
-        texts, labels = choices.get("text"), choices.get("label")
-    elif isinstance(choices, list) and choices and all(isinstance(c, dict) for c in choices):
-        texts, labels = [c.get("text") for c in choices], [c.get("label") for c in choices]
-    else:
-        texts = choices
-    if not isinstance(texts, list) or len(texts) < 2 or not all(isinstance(t, str) for t in texts):
-        raise ValueError(f"{where}: 'choices' must hold at least two texts, as a list or {{'text': [...], "
-                         f"'label': [...]}}, got {choices!r}")
-    labels = [str(lab) for lab in labels] if labels else [chr(ord("A") + i) for i in range(len(texts))]
-    answer = next((row[k] for k in ("answerKey", "answer", "label") if k in row), None)
-    if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(texts):
-        return question, texts, answer
-    if isinstance(answer, str):
-        answer = answer.strip()
-        if answer in labels:
-            return question, texts, labels.index(answer)
-        if answer in texts:
-            return question, texts, texts.index(answer)
-    raise ValueError(f"{where}: answer {answer!r} is none of the labels {labels}, an index below {len(texts)} "
-                     "or a choice's text (keys 'answerKey', 'answer' or 'label')")
-
-
-def choice_continuation(text):
-    return " " + text
-
-
-def choice_accuracy(rows, loglik, on_example=None):
-    """Accuracy and byte-length-normalised accuracy. ``loglik(context, continuation) -> float``."""
-    correct = correct_norm = 0
-    for i, row in enumerate(rows):
-        question, texts, answer = parse_choice_row(row, i)
-        continuations = [choice_continuation(t) for t in texts]
-        scores = [loglik(question, c) for c in continuations]
-        normed = [s / len(c.encode("utf-8")) for s, c in zip(scores, continuations)]
-        pick = max(range(len(texts)), key=lambda j: scores[j])
-        pick_norm = max(range(len(texts)), key=lambda j: normed[j])
-        correct += pick == answer
-        correct_norm += pick_norm == answer
-        if on_example is not None:
-            on_example({"index": i, "question": question, "scores": scores, "predicted": pick,
-                        "predicted_norm": pick_norm, "expected": answer})
-    n = len(rows)
-    return {"accuracy": correct / n, "accuracy_norm": correct_norm / n, "correct": correct,
-            "correct_norm": correct_norm, "examples": n}
-
-
-def model_loglik(lm):
-    """``loglik(context, continuation)`` for choice_accuracy: the model's log-likelihood of the
-    continuation's tokens given the end-of-document id and the context."""
-    from megagopher.generate import score
-    tok = lm.tokenizer
-
-    def loglik(context, continuation):
-        ids = ([tok.eod] if tok.eod is not None else []) + tok.encode(context)
-        return score(lm, ids, tok.encode(continuation))
-    return loglik
-
-
-# -- reporting ------------------------------------------------------------------------------------------
-def append_metrics(path, record):
-    """Appends one JSON line to ``path`` and flushes it."""
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+TASKS = ("math", "choice", "squad", "mtpb", "loss")
+DEFAULT_MTPB = os.path.join(os.path.dirname(os.path.abspath(mtpb.__file__)), "mtpb_problems.jsonl")
 
 
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m megagopher.evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint root (with latest) or an iter_ directory")
-    p.add_argument("--task", required=True, choices=("math", "choice"))
-    p.add_argument("--data", required=True, help="JSONL file of examples")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="math: longest generated solution")
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--checkpoint", default=None, help="checkpoint root (with latest) or an iter_ directory")
+    p.add_argument("--data", default=None, help="JSONL file of examples (mtpb: default the shipped problems)")
+    p.add_argument("--predictions", default=None, help="squad: a JSON object {id: answer} to score, no model")
+    p.add_argument("--samples", default=None, help="mtpb: JSONL {id, input_index, turns} to run, no model")
+    p.add_argument("--output", default=None, help="mtpb: write {pass_rate, problems, cases} to this JSON file")
+    p.add_argument("--timeout", type=float, default=10.0, help="mtpb: wall-clock seconds per program")
+    p.add_argument("--memory-mb", type=int, default=1024, help="mtpb: address-space limit per program")
+    p.add_argument("--jobs", type=int, default=1, help="mtpb: programs run at the same time")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples (problems) only")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="math, squad: longest generation (default 128); mtpb: caps each turn's max_gen_length")
     p.add_argument("--metrics", default=None, help="append the result to this metrics.jsonl")
     p.add_argument("--show", type=int, default=0, help="print the first N examples")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: the number of processes)")
@@ -195,18 +68,93 @@ def build_parser():
     return p
 
 
+def _check_args(args):
+    """The data path and whether a model is needed; a bad combination raises ValueError."""
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit {args.limit} must be >= 1")
+    if args.jobs < 1:
+        raise ValueError(f"--jobs {args.jobs} must be >= 1")
+    _sandbox_limits(args)  # --timeout and --memory-mb in range
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+    for flag, task in (("predictions", "squad"), ("samples", "mtpb"), ("output", "mtpb")):
+        if getattr(args, flag) is not None and args.task != task:
+            raise ValueError(f"--{flag} is for --task {task} only")
+    given = args.predictions if args.task == "squad" else args.samples if args.task == "mtpb" else None
+    if given is not None and args.checkpoint is not None:
+        flag = "predictions" if args.task == "squad" else "samples"
+        raise ValueError(f"--checkpoint and --{flag} exclude each other")
+    if given is None and args.checkpoint is None:
+        extra = {"squad": " (or --predictions P.json)", "mtpb": " (or --samples S.jsonl)"}.get(args.task, "")
+        raise ValueError(f"--task {args.task} needs --checkpoint DIR{extra}")
+    data = args.data or (DEFAULT_MTPB if args.task == "mtpb" else None)
+    if data is None:
+        raise ValueError(f"--task {args.task} needs --data FILE.jsonl")
+    return data, given is None
+
+
+def _sandbox_limits(args):
+    return Limits(wall_s=args.timeout, memory_mb=args.memory_mb)
+
+
+_ROW_CHECKS = {"math": math_prompt, "choice": parse_choice_row, "squad": check_squad_row,
+               "mtpb": mtpb.check_problem, "loss": check_loss_row}
+
+
+def _run_task(args, rows, lm, show):
+    """The task's result dict (the model, when one is loaded, is ``lm``)."""
+    if args.task == "math":
+        return math_accuracy(rows, math_completer(lm, args.max_new_tokens or 128), show)
+    if args.task == "choice":
+        return choice_accuracy(rows, model_loglik(lm), show)
+    if args.task == "squad":
+        predict = model_predictor(lm, args.max_new_tokens or 128) if lm is not None else \
+            predictions_lookup(read_json(args.predictions), args.predictions)
+        return squad_scores(rows, predict, show)
+    if args.task == "loss":
+        return model_loss(lm, rows, show)
+    turns_for = mtpb.model_turns(lm, args.max_new_tokens) if lm is not None else \
+        mtpb.samples_lookup(read_jsonl(args.samples), rows, args.samples)
+    index = itertools.count()
+    return mtpb.score_programs(rows, turns_for, _sandbox_limits(args),
+                               on_case=lambda case: show({"index": next(index), **case}), jobs=args.jobs)
+
+
+def _summary(task, result):
+    """The result in words: one line, then any per-group lines."""
+    if task == "squad":
+        text = (f"exact match {result['exact_match']:.2f}, F1 {result['f1']:.2f} (percent) "
+                f"over {result['examples']} examples")
+        return text + (f", {result['unanswered']} unanswered" if result["unanswered"] else ""), []
+    if task == "mtpb":
+        lines = [f"  problem {pid}: pass rate {frac:.2f}" for pid, frac in result["problems"].items()]
+        return f"pass rate {result['pass_rate']:.4f} ({result['passed']}/{result['test_cases']} test cases)", lines
+    if task == "loss":
+        return (f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f} over {result['tokens']} tokens "
+                f"of {result['examples']} documents"), []
+    text = f"accuracy {result['accuracy']:.4f}"
+    if "accuracy_norm" in result:
+        text += f", accuracy_norm {result['accuracy_norm']:.4f}"
+    lines = [f"  steps {steps}: accuracy {r['accuracy']:.4f} ({r['correct']}/{r['examples']})"
+             for steps, r in result.get("by_steps", {}).items()]
+    return f"{text} over {result['examples']} examples", lines
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from megagopher.generate import load_model
     try:
-        if args.limit is not None and args.limit < 1:
-            raise ValueError(f"--limit {args.limit} must be >= 1")
-        rows = read_jsonl(args.data, args.limit)
+        data, needs_model = _check_args(args)
+        rows = read_jsonl(data, args.limit)
         for i, row in enumerate(rows):  # a malformed row fails now, not after the model has run
-            math_prompt(row, i) if args.task == "math" else parse_choice_row(row, i)
+            _ROW_CHECKS[args.task](row, i)
+        if args.task == "mtpb" and args.samples is not None:
+            mtpb.samples_lookup(read_jsonl(args.samples), rows, args.samples)
+        if args.task == "squad" and args.predictions is not None:
+            predictions_lookup(read_json(args.predictions), args.predictions)
         lm = load_model(args.checkpoint, tp=args.tp, device=args.device, dtype=args.dtype,
-                        tokenizer_dir=args.tokenizer_dir, need_tokenizer=True)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+                        tokenizer_dir=args.tokenizer_dir, need_tokenizer=True) if needs_model else None
+    except (ValueError, FileNotFoundError, KeyError, IsADirectoryError) as e:
         print(f"megagopher.evaluate: error: {e}", file=sys.stderr, flush=True)
         return 2
     leader = not dist.is_initialized() or dist.get_rank() == 0
@@ -216,16 +164,17 @@ def main(argv=None):
             print(json.dumps(record), flush=True)
 
     start = time.perf_counter()
-    if args.task == "math":
-        result = math_accuracy(rows, math_completer(lm, args.max_new_tokens), show)
-    else:
-        result = choice_accuracy(rows, model_loglik(lm), show)
-    record = {"event": "eval", "task": args.task, **result, "iteration": lm.iteration,
-              "checkpoint": lm.path, "data": args.data, "eval_time_s": time.perf_counter() - start}
+    result = _run_task(args, rows, lm, show)
+    source = {"checkpoint": lm.path, "iteration": lm.iteration} if lm is not None else \
+        {"checkpoint": None, "iteration": None, "answers": args.predictions or args.samples}
+    record = {"event": "eval", "task": args.task, **{k: v for k, v in result.items() if k != "cases"}, **source,
+              "data": data, "eval_time_s": time.perf_counter() - start}
     if leader:
-        extra = f", accuracy_norm {result['accuracy_norm']:.4f}" if "accuracy_norm" in result else ""
-        print(f"megagopher.evaluate: {args.task} on {args.data}: accuracy {result['accuracy']:.4f}{extra} "
-              f"over {result['examples']} examples (checkpoint {lm.path}, iteration {lm.iteration})", flush=True)
+        where = f"checkpoint {lm.path}, iteration {lm.iteration}" if lm is not None else f"answers {source['answers']}"
+        headline, lines = _summary(args.task, result)
+        print("\n".join(lines + [f"megagopher.evaluate: {args.task} on {data}: {headline} ({where})"]), flush=True)
+        if args.output:
+            write_json_atomic(args.output, result)
         if args.metrics:
             append_metrics(args.metrics, record)
     ps.shutdown()

@@ -49,24 +49,40 @@ def _padded_vocab(cfg, tp):
     return int(math.ceil(cfg.vocab_size / multiple) * multiple)
 
 
-def layer_params(cfg, tp=1):
-    """Parameters of one transformer layer on one TP rank."""
+def layer_params(cfg, tp=1, moe=False):
+    """Parameters of one transformer layer on one TP rank (``moe``: with experts in place of the MLP)."""
     h, d, a, g, f = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_query_groups, cfg.ffn_hidden_size
     norm = h * (2 if cfg.normalization == "layernorm" else 1)
     qkv = (a + 2 * g) * d // tp
     n = norm * (1 if cfg.parallel_residual else 2)
     n += qkv * h + (qkv if cfg.bias else 0)                         # fused QKV, column-parallel
     n += h * a * d // tp + (h if cfg.bias else 0)                   # output projection, row-parallel
-    up = 2 if cfg.activation == "swiglu" else 1
-    n += up * (f // tp * h + (f // tp if cfg.bias else 0))          # fc1 (gate and up under SwiGLU)
-    n += h * f // tp + (h if cfg.bias else 0)                       # fc2
+    if moe:
+        return n + moe_params(cfg, tp)
+    return n + _mlp_params(cfg, f, tp)
+
+
+def _mlp_params(cfg, f, tp):
+    h, up = cfg.hidden_size, 2 if cfg.activation == "swiglu" else 1
+    n = up * (f // tp * h + (f // tp if cfg.bias else 0))           # fc1 (gate and up under SwiGLU)
+    return n + h * f // tp + (h if cfg.bias else 0)                 # fc2
+
+
+def moe_params(cfg, tp=1):
+    """A MoE layer's router (E x h, replicated), its experts (each an MLP of moe_ffn_hidden_size, TP-split
+    like the MLP; fc2's bias per expert) and its shared experts' MLP, on one TP rank."""
+    e, h, f = cfg.num_experts, cfg.hidden_size, cfg.moe_ffn_hidden_size
+    n = e * h + e * _mlp_params(cfg, f, tp)
+    if cfg.moe_shared_experts:
+        n += _mlp_params(cfg, cfg.moe_shared_experts * f, tp)
     return n
 
 
-def stage_params(cfg, tp, num_layers, pre_process, post_process, pp=1):
-    """Parameters of one pipeline rank (the sum over its chunks), as GPTModel builds them."""
+def stage_params(cfg, tp, num_layers, pre_process, post_process, pp=1, first_layer=0):
+    """Parameters of one model chunk of layers first_layer .. first_layer + num_layers - 1, as GPTModel builds
+    them."""
     h = cfg.hidden_size
-    n = num_layers * layer_params(cfg, tp)
+    n = sum(layer_params(cfg, tp, cfg.is_moe_layer(i)) for i in range(first_layer, first_layer + num_layers))
     vocab_rows = _padded_vocab(cfg, tp) // tp
     if pre_process:
         n += vocab_rows * h + (cfg.max_position_embeddings * h if cfg.position_embedding == "learned" else 0)
@@ -74,13 +90,15 @@ def stage_params(cfg, tp, num_layers, pre_process, post_process, pp=1):
         n += h * (2 if cfg.normalization == "layernorm" else 1)
         if not cfg.tie_embeddings or not pre_process:
             n += vocab_rows * h
+        n += vocab_rows if cfg.output_bias else 0
     return n
 
 
 # -- activations -----------------------------------------------------------------------------------------
 
-def layer_activations(cfg, s, b, tp=1, sp=False, recompute="none", e=2, mask_bytes=1):
-    """Bytes one transformer layer saves for the backward pass of one micro-batch, itemised.
+def layer_activations(cfg, s, b, tp=1, sp=False, recompute="none", e=2, mask_bytes=1, moe=False):
+    """Bytes one transformer layer (``moe``: a MoE layer) saves for the backward pass of one micro-batch,
+    itemised.
 
     e: bytes per activation element (2 for bf16/fp16, 4 for fp32); mask_bytes: bytes per dropout-mask
     element (1 on CUDA, where dropout keeps a bool mask; e on CPU, which keeps a scaled float mask)."""
@@ -99,7 +117,7 @@ def layer_activations(cfg, s, b, tp=1, sp=False, recompute="none", e=2, mask_byt
     # The column-parallel linears' inputs: each norm's output, under SP gathered, kept once per norm (the
     # linears reading one norm's output, SwiGLU's gate and up, a parallel residual's QKV and fc1, are one
     # autograd function: tensor_parallel/layers.py).
-    norms_feeding = 1 if cfg.parallel_residual else 2
+    norms_feeding = 1 if cfg.parallel_residual else 2 - moe  # a MoE layer's router keeps its own input
     out["column-parallel inputs"] = norms_feeding * n * h * e
     rope, grouped = cfg.position_embedding == "rope", a != g
     repeat_kv = cfg.core_attention == "unfused" and grouped and recompute != "selective"
@@ -125,9 +143,36 @@ def layer_activations(cfg, s, b, tp=1, sp=False, recompute="none", e=2, mask_byt
     # kept by the kernel, only as this input.
     if not (cfg.core_attention == "flash" and recompute != "selective"):
         out["output projection input"] = n * a * d // tp * e
-    out["MLP (activation input(s), fc2 input)"] = (3 if swiglu else 2) * n * f // tp * e
+    if moe:
+        out.update(moe_activations(cfg, n, n_sp, tp, e))
+    else:
+        out["MLP (activation input(s), fc2 input)"] = (3 if swiglu else 2) * n * f // tp * e
     if cfg.dropout > 0:
         out["hidden dropout masks"] = (1 if cfg.parallel_residual else 2) * n_sp * h * mask_bytes
+    return out
+
+
+def moe_activations(cfg, n, n_sp, tp, e):
+    """What a MoE layer keeps for its backward (model/moe.py, moe_experts.py): the router's fp32 input and
+    probabilities, top-k and normalisers, the permuted rows (n * k of them: every token the experts see,
+    gathered over TP, times top-k), the experts' MLP tensors on those rows and the grouped GEMMs' int32
+    offsets, the combine's fp32 expert outputs and routing weights, the permutation's int64 indices (the
+    (expert, token) pairs, and the copies two gathers keep); and the shared experts' MLP."""
+    h, k, experts, f = cfg.hidden_size, cfg.moe_top_k, cfg.num_experts, cfg.moe_ffn_hidden_size
+    rows, swiglu = n * k, cfg.activation == "swiglu"
+    out = {"MoE router (fp32 input, probabilities, top-k)": n_sp * (h * 4 + 2 * experts * 4 + k * 12 + 8)
+           + experts * 4 + 4,
+           "MoE permuted expert inputs": rows * h * e,
+           "MoE experts (activation input(s), fc2 input, offsets)": (3 if swiglu else 2) * rows * f // tp * e
+           + 2 * (experts + 1) * 4,
+           "MoE combine (fp32 outputs, weights, indices)": rows * (h * 4 + 4 + 32)}
+    if cfg.moe_shared_experts:
+        fs = cfg.moe_shared_experts * f
+        # Its input is the norm output the router keeps, unless the router's is an fp32 copy or (under
+        # sequence parallelism) the shared fc1 keeps the gathered input.
+        shared_input = 0 if e == 4 and n == n_sp else n * h * e
+        out["MoE shared experts (input, activation input(s), fc2 input)"] = \
+            shared_input + (3 if swiglu else 2) * n * fs // tp * e
     return out
 
 
@@ -176,20 +221,21 @@ def _stage_layout(cfg, pp, vpp, pp_layers):
     ranges = stage_layer_ranges(cfg.num_layers, pp, vpp, pp_layers or None)
     stages = [[] for _ in range(pp)]
     for v, (start, end) in enumerate(ranges):
-        stages[v % pp].append((end - start, v == 0, v == pp * vpp - 1))
+        stages[v % pp].append((end - start, v == 0, v == pp * vpp - 1, start))
     return stages
 
 
 def _chunk_activations(cfg, chunk, t, p, e, mask_bytes):
     """Activation bytes of one model chunk per micro-batch, itemised."""
-    layers, pre, post = chunk
+    layers, pre, post, start = chunk
     s = cfg.seq_length // p.cp  # context parallelism: each rank holds 1/cp of every sequence
     full = min(layers, t.recompute_num_layers or layers) if t.recompute == "full" else 0
     items = {}
-    for count, mode in ((full, "full"), (layers - full, t.recompute if t.recompute != "full" else "none")):
-        for k, v in layer_activations(cfg, s, t.micro_batch_size, p.tp, p.sp, mode, e,
-                                      mask_bytes).items():
-            items[k] = items.get(k, 0) + count * v
+    for i in range(layers):  # the first ``full`` layers are recomputed (GPTModel.recompute_layers)
+        mode = "full" if i < full else (t.recompute if t.recompute != "full" else "none")
+        for k, v in layer_activations(cfg, s, t.micro_batch_size, p.tp, p.sp, mode, e, mask_bytes,
+                                      cfg.is_moe_layer(start + i)).items():
+            items[k] = items.get(k, 0) + v
     for k, v in extra_activations(cfg, s, t.micro_batch_size, p.tp, p.sp, pre, post, e,
                                   mask_bytes).items():
         items[k] = items.get(k, 0) + v
@@ -219,7 +265,8 @@ def memory_report(model_cfg, parallel=None, training=None, optimizer=None, world
     state_bytes = 8 if t.precision == "fp32" else 12  # moments, plus the fp32 master copy for 16-bit params
     reports = []
     for rank, chunks in enumerate(_stage_layout(cfg, p.pp, p.vpp, p.pp_layers)):
-        n_params = sum(stage_params(cfg, p.tp, layers, pre, post) for layers, pre, post in chunks)
+        n_params = sum(stage_params(cfg, p.tp, layers, pre, post, first_layer=start)
+                       for layers, pre, post, start in chunks)
         per_chunk, items = [], {}
         for chunk in chunks:
             chunk_items = _chunk_activations(cfg, chunk, t, p, e, mask_bytes)

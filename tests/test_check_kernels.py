@@ -56,6 +56,12 @@ def test_every_autotuned_config_compiles_clean_for_sm90():
         assert picked and len(mine) == 2 * picked, (name, ranges, mine)
         assert all(l.endswith(" ok") and " spills=0 " in l for l in mine), mine
         assert all("mma=" in l and "mma=none" not in l for l in mine), mine  # attention uses tensor cores
+    for name in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
+        # At head dim 128 each attention kernel has a tile the autotuner may pick that reads its operands through
+        # tensor descriptors (TMA) and issues Hopper's warpgroup MMA, spill-free (checked above); at 256, pointers.
+        mine = [l for l in lines if l.split()[0] == name]
+        assert any("HEAD_DIM=128 " in l and " TMA=True " in l and "mma=wgmma" in l for l in mine), (name, mine)
+        assert all(" TMA=False " in l for l in mine if "HEAD_DIM=256 " in l), (name, mine)
     assert re.search(r"check_kernels: \d+ compilations \(sm_90a\), 0 fail", out.stdout), out.stdout[-2000:]
 
 

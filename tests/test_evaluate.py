@@ -1,7 +1,9 @@
-"""megagopher.evaluate: final-answer accuracy on math word problems from known generations, the
-multiple-choice scorer's row formats and its choice of the most likely answer (raw and per byte), and
-end-to-end runs on a tiny trained checkpoint that append their "eval" line to the run's metrics.jsonl."""
+"""megagopher.evaluate: final-answer accuracy on math word problems from known generations (split by
+difficulty), the multiple-choice scorer's row formats and its choice of the most likely answer (raw and
+per byte), the loss task's windows, and end-to-end runs on a tiny trained checkpoint (math, choice,
+squad, mtpb, loss) that append their "eval" line to the run's metrics.jsonl."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,6 +12,10 @@ import pytest
 import torch
 
 from megagopher import evaluate as ev
+from megagopher.evaluation.loss import document_nll, loss_of
+from megagopher.evaluation import mtpb
+from megagopher.evaluation.common import read_jsonl
+from megagopher.evaluation.mtpb import PREFIX
 from megagopher.data.bpe_trainer import count_words, train_bpe, write_tokenizer_files
 from megagopher.data.math_problems import make_math_splits
 from megagopher.data.tokenizer import load_tokenizer
@@ -36,6 +42,36 @@ def test_math_accuracy_from_known_generations():
     assert seen[0]["predicted"] == "1200.5" and seen[2]["predicted"] is None
     with pytest.raises(ValueError, match="'question' and 'answer'"):
         ev.math_accuracy([{"text": "x"}], lambda p: "")
+
+
+def test_math_accuracy_by_steps():
+    rows = [{"question": f"q{i}", "answer": "1", "steps": steps} for i, steps in enumerate([1, 2, 1, 4, 10])]
+    right = {"q0", "q3", "q4"}
+    result = ev.math_accuracy(rows, lambda prompt: "The answer is 1." if prompt[:-1] in right else "0")
+    assert result["accuracy"] == 3 / 5
+    assert result["by_steps"] == {"1": {"accuracy": 0.5, "correct": 1, "examples": 2},
+                                  "2": {"accuracy": 0.0, "correct": 0, "examples": 1},
+                                  "4": {"accuracy": 1.0, "correct": 1, "examples": 1},
+                                  "10": {"accuracy": 1.0, "correct": 1, "examples": 1}}
+
+
+def test_loss_windows_score_every_token_once():
+    calls = []
+
+    def score(context, continuation):  # -1 nat per token: the mean loss must come out 1
+        calls.append((list(context), list(continuation)))
+        return -float(len(continuation))
+
+    nll, n = document_nll(list(range(100, 120)), score, limit=8, eod=0)
+    assert (nll, n) == (20.0, 20)
+    scored = [t for _, cont in calls for t in cont]
+    assert scored == list(range(100, 120))                             # each token once, in order
+    assert calls[0][0] == [0] and all(len(c) + len(x) <= 8 for c, x in calls)
+    assert all(c == list(range(x[0] - 4, x[0])) for c, x in calls[1:])  # half a context of history
+    result = loss_of([{"text": "ab"}, {"text": "abcd"}], score, lambda t: [5] * len(t), 8, eod=0)
+    assert result == {"loss": 1.0, "perplexity": pytest.approx(math.e), "tokens": 6, "examples": 2}
+    with pytest.raises(ValueError, match="row 1: a loss row needs a non-empty 'text'"):
+        loss_of([{"text": "a"}, {"txt": "b"}], score, list, 8)
 
 
 def test_choice_row_formats():
@@ -91,8 +127,18 @@ def run(tmp_path_factory):
     ]
     with open(tmp / "choice.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in choice_rows)
+    squad_rows = [{"id": "s1", "context": "Ava buys 3 pens at $2 each.", "question": "How many pens?",
+                   "answers": ["3", "three"]},
+                  {"id": "s2", "context": "The machine makes 40 toys.", "question": "What does it make?",
+                   "answers": ["toys"]}]
+    with open(tmp / "squad.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in squad_rows)
+    with open(tmp / "heldout.jsonl", "w") as f:  # short documents (one window each), then a long one
+        f.writelines(json.dumps({"text": t}) + "\n" for t in [r["question"] for r in math_eval[:2]] + [
+            " ".join(r["text"] for r in math_eval)])
     return {"ckpt": str(tmp / "ckpt"), "run_dir": run_dir, "math": str(tmp / "math_eval.jsonl"),
-            "choice": str(tmp / "choice.jsonl"), "rows": math_eval, "choice_rows": choice_rows, "tok": tok_dir}
+            "choice": str(tmp / "choice.jsonl"), "rows": math_eval, "choice_rows": choice_rows, "tok": tok_dir,
+            "squad": str(tmp / "squad.jsonl"), "squad_rows": squad_rows, "heldout": str(tmp / "heldout.jsonl")}
 
 
 def test_math_end_to_end_writes_the_eval_line(run):
@@ -107,6 +153,9 @@ def test_math_end_to_end_writes_the_eval_line(run):
     (line,) = read_metrics(run["run_dir"], event="eval")
     assert line["task"] == "math" and line["iteration"] == 2 and line["examples"] == 2
     assert line["accuracy"] == sum(r["correct"] for r in shown) / 2
+    levels = {str(r["steps"]) for r in run["rows"][:2]}
+    assert set(line["by_steps"]) == levels and sum(v["examples"] for v in line["by_steps"].values()) == 2
+    assert all(f"steps {k}: accuracy" in proc.stdout for k in levels)
     # The same generations through the API: greedy after [eod] + question + newline.
     from megagopher.generate import generate, load_model
     lm = load_model(run["ckpt"])
@@ -166,3 +215,68 @@ def test_generate_text_prompt_uses_the_run_tokenizer(run, capsys):
     lm = gen.load_model(run["ckpt"])
     new = gen.generate(lm, lm.tokenizer.encode("Ava buys 3 pens"), 5)
     assert printed == lm.tokenizer.decode(new) + "\n"
+
+
+def test_squad_end_to_end_against_the_api(run, tmp_path, capsys):
+    metrics = str(tmp_path / "metrics.jsonl")
+    assert ev.main(["--checkpoint", run["ckpt"], "--task", "squad", "--data", run["squad"], "--max-new-tokens", "6",
+                    "--metrics", metrics, "--show", "2"]) == 0
+    shown = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    from megagopher.generate import generate, load_model
+    from megagopher.evaluation import squad
+    lm = load_model(run["ckpt"])
+    tok = lm.tokenizer
+    for record, row in zip(shown, run["squad_rows"]):  # greedy after [eod] + the prompt, cut at a newline
+        ids = [tok.eod] + tok.encode(f"{row['context']}\nQuestion: {row['question']}\nAnswer:")
+        new = generate(lm, ids, 6, eod=tok.eod, stop=lambda n: "\n" in tok.decode(n))
+        assert record["predicted"] == tok.decode(new).split("\n")[0].strip()
+    (line,) = [json.loads(s) for s in open(metrics)]
+    expected = squad.squad_scores(run["squad_rows"], squad.predictions_lookup({r["id"]: r["predicted"] for r in shown}))
+    assert line["task"] == "squad" and line["iteration"] == 2 and line["examples"] == 2
+    assert line["exact_match"] == expected["exact_match"] and line["f1"] == expected["f1"]
+
+
+def test_mtpb_end_to_end_generates_and_runs_programs(run, tmp_path, capsys):
+    out = tmp_path / "mtpb.json"
+    assert ev.main(["--checkpoint", run["ckpt"], "--task", "mtpb", "--limit", "1", "--max-new-tokens", "8",
+                    "--output", str(out), "--timeout", "5", "--jobs", "2"]) == 0
+    assert "pass rate" in capsys.readouterr().out.splitlines()[-1]
+    result = json.loads(out.read_text())
+    assert set(result) >= {"pass_rate", "problems", "cases"} and 0.0 <= result["pass_rate"] <= 1.0
+    assert list(result["problems"]) == ["1"] and len(result["cases"]) == 5
+    for case in result["cases"]:  # each program: the prefix, the four prompts as comments, generated code
+        assert case["program"].startswith(PREFIX) and case["program"].count("\n# ") >= 3
+        assert case["status"] in ("ok", "error", "timeout", "crashed") and isinstance(case["passed"], bool)
+    assert len({c["program"] for c in result["cases"]}) == 5  # the filled-in prompts differ per input
+    problem = read_jsonl(ev.DEFAULT_MTPB, 1)[0]
+    skeletons = {mtpb.assemble(mtpb.filled_prompts(problem, k), [""] * len(problem["prompts"])) for k in range(5)}
+    assert any(case["program"] not in skeletons for case in result["cases"])  # the model wrote code
+
+
+def test_loss_end_to_end_against_manual_log_likelihoods(run, tmp_path, capsys):
+    metrics = str(tmp_path / "metrics.jsonl")
+    assert ev.main(["--checkpoint", run["ckpt"], "--task", "loss", "--data", run["heldout"], "--limit", "2",
+                    "--metrics", metrics]) == 0
+    assert "perplexity" in capsys.readouterr().out.splitlines()[-1]
+    assert ev.main(["--checkpoint", run["ckpt"], "--task", "loss", "--data", run["heldout"], "--metrics", metrics]) == 0
+    short, everything = [json.loads(s) for s in open(metrics)]
+    reader = open_checkpoint(run["ckpt"])
+    model = GPTModel(model_config_of(reader))
+    load_weights(reader, [model])
+    model.eval()
+    tok = load_tokenizer(run["tok"])
+    total = tokens = 0
+    docs = [json.loads(s)["text"] for s in open(run["heldout"])]
+    for text in docs[:2]:
+        ids = [tok.eod] + tok.encode(text)
+        assert len(ids) <= 128  # one window: the plain causal loss of the whole document
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]))[0, :, :tok.vocab_size].double()
+        logp = torch.log_softmax(logits[:-1], -1)
+        total -= float(logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].sum())
+        tokens += len(ids) - 1
+    assert short["task"] == "loss" and short["tokens"] == tokens and short["examples"] == 2
+    assert short["loss"] == pytest.approx(total / tokens, rel=1e-4)
+    assert short["perplexity"] == pytest.approx(math.exp(total / tokens), rel=1e-3)
+    long_tokens = len(tok.encode(docs[2]))
+    assert long_tokens > 3 * 128 and everything["tokens"] == tokens + long_tokens  # windows: each token once

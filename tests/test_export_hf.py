@@ -1,5 +1,5 @@
-"""tools/export_hf.py: each Hugging Face format from a tiny trained checkpoint gives, through transformers'
-AutoModelForCausalLM, the logits megagopher's own model gives (fp32); the tokenizer files load with
+"""tools/export_hf.py: each Hugging Face format (codegen too) from a tiny trained checkpoint gives, through
+transformers' AutoModelForCausalLM, the logits megagopher's own model gives (fp32); the tokenizer files load with
 AutoTokenizer and encode as ours; combinations no format expresses fail clearly."""
 import json
 import os
@@ -23,9 +23,13 @@ transformers = pytest.importorskip("transformers")  # a test extra (setup.py); i
 FORMATS = {
     # Llama as released: no biases, untied output head; GQA (2 groups of 4 heads); with a tokenizer.
     "llama": ["--model.bias=false", "--model.tie_embeddings=false"],
-    # CodeGen/GPT-J-like: parallel residual with one norm, partial rotary, tied embeddings, no biases.
-    "gpt_neox": ["--model.normalization=layernorm", "--model.activation=gelu", "--model.parallel_residual=true",
+    # GPT-J-like: parallel residual with one norm, partial rotary, tied embeddings, no biases, exact GeLU.
+    "gpt_neox": ["--model.normalization=layernorm", "--model.activation=gelu_exact", "--model.parallel_residual=true",
                  "--model.rotary_percent=0.5", "--model.num_query_groups=4", "--model.bias=false"],
+    # CodeGen: parallel residual, partial rotary, untied head with its bias, no attention biases (none at all).
+    "codegen": ["--model.normalization=layernorm", "--model.activation=gelu", "--model.parallel_residual=true",
+                "--model.rotary_percent=0.5", "--model.num_query_groups=4", "--model.bias=false",
+                "--model.tie_embeddings=false", "--model.output_bias=true"],
     # GPT-2: learned positions, biases, untied output head.
     "gpt2": ["--model.normalization=layernorm", "--model.activation=gelu", "--model.position_embedding=learned",
              "--model.num_query_groups=4", "--model.tie_embeddings=false"],
@@ -117,5 +121,13 @@ def test_formats_that_cannot_express_a_model():
                           rotary_percent=0.5), "llama")
     with pytest.raises(ExportError, match=r"gpt2.*parallel residual"):
         choose_format(cfg(parallel_residual=True), "gpt2")
+    codegen = dict(position_embedding="rope", parallel_residual=True, output_bias=True, tie_embeddings=False)
+    assert choose_format(cfg(**codegen)) == "codegen"  # the only format with an output bias
+    with pytest.raises(ExportError, match=r"llama.*has no output-layer bias"):
+        choose_format(cfg(**codegen, normalization="rmsnorm", activation="swiglu"), "llama")
+    with pytest.raises(ExportError, match=r"codegen.*rotary base 10000 only, not rope_theta = 500000.0"):
+        choose_format(cfg(**codegen, rope_theta=5e5), "codegen")
+    with pytest.raises(ExportError, match=r"codegen.*divisible by 4, not 2"):
+        choose_format(cfg(**codegen, num_attention_heads=2), "codegen")
 
 

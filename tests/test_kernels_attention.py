@@ -82,3 +82,23 @@ def test_unsupported_dtype_raises_under_triton():
     q = torch.randn(1, 4, 2, 16, dtype=torch.float64)
     with pytest.raises(Unsupported, match="float64"):
         kernels.flash_attention(q, q, q, backend="triton")
+
+
+def test_operands_take_descriptors_up_to_head_dim_128_and_copy_views_tma_cannot_address():
+    from megagopher.kernels.attention_tiles import launch_meta, operands
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    for d, tma in ((80, True), (128, True), (160, False)):
+        q = torch.randn(1, 8, 2, d, dtype=BF16)
+        meta = launch_meta(q, q, True, None, None)[0]
+        assert meta["TMA"] is tma and isinstance(operands(meta, q)[0], TensorDescriptor) is tma
+    # A view one element into its storage: its base is not 16-byte aligned, so TMA cannot read it in place.
+    g = torch.Generator().manual_seed(11)
+    flat = torch.randn(3 * 33 * 2 * 48 + 1, generator=g).to(F16)
+    q, k, v = flat[1:].view(3, 33, 2, 48).unbind(0)
+    q, k, v = (t.unsqueeze(0) for t in (q, k, v))
+    assert q.data_ptr() % 16
+    desc = operands(launch_meta(q, k, True, None, None)[0], q)[0]
+    assert desc.base.data_ptr() % 16 == 0 and torch.equal(desc.base, q)
+    checks = compare("flash_attention", (q, k, v), dict(causal=True), grad_args=(0, 1, 2), names=("q", "k", "v"),
+                     tol=TOL[F16], seed=11)
+    assert_ok(checks, "q, k, v views TMA cannot address in place")

@@ -28,7 +28,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 and sm_100
-MODULES = ("attention", "attention_bwd", "norms", "softmax", "rope", "fused_swiglu", "fused_cross_entropy")
+MODULES = ("attention", "attention_bwd", "norms", "softmax", "rope", "fused_swiglu", "fused_cross_entropy",
+           "grouped_gemm")
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 # Kernel arguments named in upper case are pointers, except these sizes.
 _INT_NAMES = {"H", "H_KV", "GROUP", "HEADS_PER_PROGRAM", "SEQ_Q", "SEQ_K", "M", "N", "ROWS", "SEQ", "D", "HALF",
@@ -41,17 +42,19 @@ def _kernel(module, name):
 
 
 # Per kernel: its module, the pointer arguments that are not in the data dtype ("fp32", "i64", "u8"; "i32" for
-# an upper-case scalar), the float scalars, and the constexpr sets to compile (the shape-dependent ones;
+# an upper-case scalar; "desc:BLOCK_M" for a tensor descriptor whose block spans BLOCK_M rows), the float scalars, and the constexpr sets to compile (the shape-dependent ones;
 # autotuned kernels add their configs). Every other argument is an int32. Sizes are those the wrappers pick on a GPU for training
 # shapes: norms 4096 to 16384 wide (norms.gpu_launches), 4096-logit blocks, head dim 128 RoPE.
 def _attention_sets(head_dims):
     """Per head dim (padded to a power of two, as the wrapper does): causal and not, and causal packed documents
     (the document-bound loads of VARLEN; a window is a runtime argument and compiles the same)."""
     sets = []
+    tma_max = _kernel("attention_tiles", "TMA_MAX_HEAD_DIM")
     for d in head_dims:
         for causal, varlen in ((True, False), (False, False), (True, True)):
-            sets.append(dict(HEAD_DIM=triton.next_power_of_2(d), D=d, CAUSAL=causal, VARLEN=varlen, DOT_FP32=False,
-                             PRECISION="tf32"))
+            head_dim = triton.next_power_of_2(d)
+            sets.append(dict(HEAD_DIM=head_dim, D=d, CAUSAL=causal, VARLEN=varlen, DOT_FP32=False, PRECISION="tf32",
+                             TMA=head_dim <= tma_max))
     return sets
 
 
@@ -61,15 +64,17 @@ def specs(head_dims):
     norm_ptr = {"MEAN": "fp32", "RSTD": "fp32", "DW_PARTIAL": "fp32", "DB_PARTIAL": "fp32", "ROW_C": "fp32"}
     ce_ptr = {n: "fp32" for n in ("LOSS", "LSE", "MAX", "SUMEXP", "TARGET", "SUMX", "DLOSS")}
     ce_ptr.update(LABELS="i64", V="i32")  # V is the vocabulary size here, not a pointer
+    # The attention kernels read Q, K, V and dO through tensor descriptors of a config's block rows.
+    attn_desc = dict(attn_ptr, Q="desc:BLOCK_M", DO="desc:BLOCK_M", K="desc:BLOCK_N", V="desc:BLOCK_N")
     launches = [launch for n in (4096, 8192, 16384) for rms in (True, False) for fused in (False, True)
                 for launch in _kernel("norms", "gpu_launches")(n, rms, fused)]
     norm_sets = {}  # plain and residual-fused norms 4096 to 16384 wide, as their wrappers launch them (deduplicated)
     for name, consts in launches:
         norm_sets.setdefault(name, {})[tuple(sorted(consts.items()))] = consts
     return [
-        ("attention", "_fwd_kernel", attn_ptr, ("qk_scale",), _attention_sets(head_dims)),
-        ("attention_bwd", "_bwd_dkdv_kernel", attn_ptr, ("sm_scale", "qk_scale"), _attention_sets(head_dims)),
-        ("attention_bwd", "_bwd_dq_kernel", attn_ptr, ("sm_scale", "qk_scale"), _attention_sets(head_dims)),
+        ("attention", "_fwd_kernel", attn_desc, ("qk_scale",), _attention_sets(head_dims)),
+        ("attention_bwd", "_bwd_dkdv_kernel", attn_desc, ("sm_scale", "qk_scale"), _attention_sets(head_dims)),
+        ("attention_bwd", "_bwd_dq_kernel", attn_desc, ("sm_scale", "qk_scale"), _attention_sets(head_dims)),
         ("attention_bwd", "_bwd_delta_kernel", attn_ptr, (),
          [dict(HEAD_DIM=p, D=d, BLOCK_M=min(128, 8192 // p)) for d, p in ((d, triton.next_power_of_2(d))
                                                                          for d in head_dims)]),
@@ -90,6 +95,9 @@ def specs(head_dims):
         ("fused_cross_entropy", "_ce_bwd_kernel", ce_ptr, ("target_weight", "uniform_weight", "z_coef"),
          [dict(BLOCK=4096, num_warps=8)]),
         ("fused_cross_entropy", "_ce_scale_kernel", ce_ptr, (), [dict(BLOCK=4096, num_warps=8)]),
+        # The MoE experts' grouped GEMM (autotuned: every config compiles); OFFS are int32 row offsets.
+        ("grouped_gemm", "_grouped_fwd_kernel", {"OFFS": "i32ptr"}, (), [dict(DOT_FP32=False, PRECISION="tf32")]),
+        ("grouped_gemm", "_grouped_dw_kernel", {"OFFS": "i32ptr"}, (), [dict(DOT_FP32=False, PRECISION="tf32")]),
     ]
 
 
@@ -150,6 +158,11 @@ def compile_one(job):
             signature[p.name], constexprs[p.name] = "constexpr", values[p.name]
         elif ptr.get(p.name) == "i32":
             signature[p.name] = "i32"
+        elif ptr.get(p.name, "").startswith("desc:") and values["TMA"]:  # (b, s, h, d), block [1, rows, 1, d]
+            rows = values[ptr[p.name].removeprefix("desc:")]
+            signature[p.name] = f"tensordesc<{dtype}[1, {rows}, 1, {values['HEAD_DIM']}]>"
+        elif p.name in ptr and ptr[p.name].startswith("desc:"):  # the same argument as a pointer, without TMA
+            signature[p.name] = _PTR[dtype]
         elif p.name in ptr or (p.name.isupper() and p.name not in _INT_NAMES):
             signature[p.name] = _PTR[ptr.get(p.name, dtype)]
         else:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Export a megagopher checkpoint as a Hugging Face transformers model directory (docs/ARCHITECTURE.md 4.6).
 
-    python tools/export_hf.py --checkpoint DIR --output OUT [--format llama|gpt_neox|gpt2] [--dtype fp32|bf16|fp16]
+    python tools/export_hf.py --checkpoint DIR --output OUT [--format llama|gpt_neox|gpt2|codegen] [--dtype fp32|bf16|fp16]
 
 DIR is a checkpoint root (``latest`` names the newest) or an iter_NNNNNNN directory, saved under any
 layout. OUT receives config.json, model.safetensors and, when the run had a tokenizer, vocab.json,
@@ -22,7 +22,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--output", required=True)
-    p.add_argument("--format", choices=("llama", "gpt_neox", "gpt2"), default=None,
+    p.add_argument("--format", choices=("llama", "gpt_neox", "gpt2", "codegen"), default=None,
                    help="force a format (default: the one that expresses the model)")
     p.add_argument("--dtype", choices=PRECISIONS, default=None, help="weights' dtype (default: the checkpoint's)")
     p.add_argument("--tokenizer-dir", default=None, help="tokenizer to write (default: the run's data.tokenizer_dir)")

@@ -63,9 +63,9 @@ def _stage_entry(index, key, value, stage):
             raise ConfigError(f"{where}.keep_optimizer = {value!r} must be true or false")
         setattr(stage, key, check_field(f"{where}.{key}", field_map(StageConfig)[key], value))
     elif key == "grow":
-        if not isinstance(value, dict) or set(value) - {"num_layers"}:
-            raise ConfigError(f"{where}.grow = {value!r}; valid keys: num_layers")
-        stage.grow = {"num_layers": _section_value("model", "num_layers", value["num_layers"])} if value else {}
+        if not isinstance(value, dict) or set(value) - {"num_layers", "num_experts"}:
+            raise ConfigError(f"{where}.grow = {value!r}; valid keys: num_layers, num_experts")
+        stage.grow = {k: _section_value("model", k, value[k]) for k in ("num_layers", "num_experts") if k in value}
     elif key == "model":
         if not isinstance(value, dict) or set(value) - set(STAGE_MODEL_KEYS):
             extra = ", ".join("model." + k for k in (value if isinstance(value, dict) else {})

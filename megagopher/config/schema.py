@@ -159,7 +159,8 @@ class StageConfig:
     train_iters: int = option(0, "steps of this stage", check=_NON_NEGATIVE)
     keep_optimizer: object = option(None, "keep the previous stage's optimizer state (default: "
                                           "checkpoint.keep_optimizer)")
-    grow: dict = option({}, "progressive stacking before the stage: {num_layers = N}")
+    grow: dict = option({}, "growth before the stage: {num_layers = N} (progressive stacking) and/or "
+                            "{num_experts = E} (sparse upcycling of the dense MLPs into E experts, docs/moe.md)")
     overrides: dict = field(default_factory=dict, metadata={"internal": True})
 
 
@@ -189,9 +190,10 @@ class JobConfig:
         """parallel.pp_layers places the configured depth only; a grown model is split evenly."""
         return list(self.parallel.pp_layers) if num_layers == self.model.num_layers else []
 
-    def model_at(self, num_layers=None, vocab_size=None):
-        """The GPTConfig of the run at another depth (growth) or vocabulary (the tokenizer's)."""
-        changes = {k: v for k, v in (("num_layers", num_layers), ("vocab_size", vocab_size)) if v is not None}
+    def model_at(self, num_layers=None, vocab_size=None, num_experts=None):
+        """The GPTConfig of the run at another depth or expert count (growth) or vocabulary (the tokenizer's)."""
+        changes = {k: v for k, v in (("num_layers", num_layers), ("vocab_size", vocab_size),
+                                     ("num_experts", num_experts)) if v is not None}
         return dataclasses.replace(self.model, **changes)
 
 

@@ -195,9 +195,37 @@ def _check_compile(cfg):
                           f"{t.kernel_backend!r}): inductor fuses the layer itself")
 
 
+def _check_growth(cfg):
+    """grow.num_layers / grow.num_experts, stage by stage: upcycling turns a dense model's MLPs into experts
+    (docs/moe.md), and depth growth copies layer i mod L into layer i, so an MoE model must keep every
+    copied layer's kind (dense or MoE) under model.moe_layer_freq."""
+    m = cfg.model
+    layers, experts = m.num_layers, m.num_experts
+    for index, stage in enumerate(cfg.stages):
+        where = f"stages[{index}].grow"
+        new_experts = stage.grow.get("num_experts", experts)
+        if "num_experts" in stage.grow:
+            if experts:
+                raise ConfigError(f"{where}.num_experts = {new_experts}: the model already has {experts} experts; "
+                                  "sparse upcycling starts from a dense model (model.num_experts = 0)")
+            if new_experts < m.moe_top_k:
+                raise ConfigError(f"{where}.num_experts = {new_experts} is below model.moe_top_k = {m.moe_top_k}")
+            if m.moe_ffn_hidden_size != m.ffn_hidden_size:
+                raise ConfigError(f"{where}.num_experts: the experts are copies of the dense MLP, so "
+                                  f"model.moe_ffn_hidden_size = {m.moe_ffn_hidden_size} must be "
+                                  f"model.ffn_hidden_size = {m.ffn_hidden_size} (or 0)")
+        new_layers = stage.grow.get("num_layers", layers)
+        if experts and new_layers != layers and layers % m.moe_layer_freq:
+            raise ConfigError(f"{where}.num_layers = {new_layers}: layer i copies layer i mod {layers}, which "
+                              f"under model.moe_layer_freq = {m.moe_layer_freq} may be of the other kind (dense or "
+                              f"MoE); grow from a multiple of {m.moe_layer_freq} layers")
+        layers, experts = new_layers, new_experts
+
+
 def _check_run_wide(cfg):
     p, d = cfg.parallel, cfg.data
     _check_compile(cfg)
+    _check_growth(cfg)
     stop = cfg.run.stop_after_stage
     if stop and stop not in [st.name for st in cfg.stages]:
         raise ConfigError(f"run.stop_after_stage = {stop!r} names no stage; valid: "
@@ -240,7 +268,7 @@ def _check_stage(cfg, index, world_size):
     sc = cfg.stage(index)
     p, t, m = sc.parallel, sc.training, sc.model
     dp = validate_layout(world_size, p.tp, p.pp, p.cp, p.vpp, p.dp, m.num_attention_heads, m.num_query_groups)
-    for depth in [cfg.model.num_layers] + ([stage.grow["num_layers"]] if stage.grow else []):
+    for depth in [cfg.model.num_layers] + ([stage.grow["num_layers"]] if "num_layers" in stage.grow else []):
         layer_counts(depth, p.pp, p.vpp, cfg.pp_layers_at(depth))
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ParallelConfigError(f"training.global_batch_size = {t.global_batch_size} is not divisible by "

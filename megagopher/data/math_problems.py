@@ -2,11 +2,14 @@
 
 Eight story families (shopping, travel, factory output, fractions of a collection, unit conversion,
 savings, discounts, baking) each come in four difficulty levels: the number of solution steps, one to
-four. Every step is one sentence holding one equation written ``a * b = c`` (``$`` on money, ``*`` and
-``/`` for times and divide) so a test can re-check all arithmetic, and the text ends with
-"The answer is N." Numbers are drawn so every intermediate result is whole or whole cents. Problem i of
-a split comes from ``random.Random("math-<split>-<seed>-<i>")`` (string seeds hash with SHA-512, stable
-across runs and Python versions), so the corpus is a pure function of the seed.
+four. Level 1 is one multiplication or division on small numbers (a one-digit number times a one-digit
+number, a multiple of ten or a unit's 60, 100 or 1000; at most 90 divided 2 to 10 ways), small enough for
+a tiny model to learn in minutes; levels 2-4 draw larger numbers. Every step is one sentence holding one
+equation written ``a * b = c`` (``$`` on money, ``*`` and ``/`` for times and divide) so a test can
+re-check all arithmetic, and the text ends with "The answer is N." Numbers are drawn so every
+intermediate result is whole or whole cents. Problem i of a split comes from
+``random.Random("math-<split>-<seed>-<i>")`` (string seeds hash with SHA-512, stable across runs and
+Python versions), so the corpus is a pure function of the seed.
 
 ``extract_answer(text)`` reads the final number back (from "The answer is N", else the last number),
 normalised ("1,200.50" -> "1200.5"), for final-answer accuracy on model generations.
@@ -48,7 +51,10 @@ def _shopping(r, steps):
     name, (item, plural), (item2, plural2) = r.choice(NAMES), *r.sample(
         [("notebook", "notebooks"), ("pen", "pens"), ("apple", "apples"), ("ticket", "tickets"),
          ("sticker pack", "sticker packs"), ("comic", "comics"), ("candle", "candles")], 2)
-    n1, p1 = r.randint(2, 12), Fraction(r.randint(2, 40), 4)
+    if steps == 1:   # one-digit count and whole one-digit price
+        n1, p1 = r.randint(2, 9), Fraction(r.randint(2, 9))
+    else:
+        n1, p1 = r.randint(2, 12), Fraction(r.randint(2, 40), 4)
     n2, p2 = r.randint(2, 9), Fraction(r.randint(1, 24), 2)
     c1, c2 = n1 * p1, n2 * p2
     q = [f"{name} buys {n1} {plural} at {money(p1)} each."]
@@ -73,6 +79,7 @@ def _travel(r, steps):
     v1, v2 = r.randint(2, 24) * 5, r.randint(2, 24) * 5
     t1, t2 = r.randint(2, 6), r.randint(2, 5)
     if steps == 1:
+        v1, t1 = r.randint(2, 9) * 10, r.randint(2, 9)
         return ([f"{name}'s {vehicle} travels at {v1} km per hour for {t1} hours.",
                  "How many kilometres does it travel?"], [f"It travels {v1} * {t1} = {v1 * t1} km."], v1 * t1)
     if steps == 2:
@@ -103,6 +110,8 @@ def _factory(r, steps):
     total = per_day * days
     faulty = total // bad_div   # per_hour is a multiple of bad_div, so this is exact
     if steps == 1:
+        per_hour, hours = r.randint(2, 9), r.randint(2, 9)
+        per_day = per_hour * hours
         return ([f"A machine makes {per_hour} {thing} per hour. It runs {hours} hours a day.",
                  f"How many {thing} does it make in a day?"],
                 [f"It makes {per_hour} * {hours} = {per_day} {thing} a day."], per_day)
@@ -119,6 +128,12 @@ def _factory(r, steps):
 
 def _fractions(r, steps):
     name, thing = r.choice(NAMES), r.choice(["marbles", "stickers", "cards", "stamps", "shells", "coins"])
+    if steps == 1:   # a unit fraction of a small collection: one division
+        den = r.choice([2, 3, 4, 5])
+        start = den * r.randint(2, 9)
+        return ([f"{name} has {start} {thing}. {name} gives 1/{den} of them to a friend.",
+                 f"How many {thing} does {name} give away?"],
+                [f"1/{den} of {start} is {start} / {den} = {start // den}."], start // den)
     den = r.choice([2, 3, 4, 5, 6])
     f1, f2 = Fraction(r.randint(1, den - 1), den), Fraction(1, r.choice([2, 3, 4]))
     # Start from a multiple of every denominator used, so each part is a whole number.
@@ -169,6 +184,8 @@ def _units(r, steps):
 def _savings(r, steps):
     name = r.choice(NAMES)
     weekly, weeks, had = r.randint(3, 30), r.randint(2, 12), r.randint(5, 60)
+    if steps == 1:   # one-digit amount times one-digit weeks
+        weekly, weeks = r.randint(2, 9), r.randint(2, 9)
     saved = weekly * weeks
     people = r.choice([2, 3, 4, 5])
     left = people * r.randint(1, (saved + had - 1) // people)   # what is left shares out evenly
@@ -189,6 +206,13 @@ def _savings(r, steps):
 
 def _discount(r, steps):
     name, item = r.choice(NAMES), r.choice(["jacket", "lamp", "backpack", "kettle", "board game", "chair"])
+    if steps == 1:   # a percentage that is a unit fraction makes the discount one division
+        pct = r.choice([10, 20, 25, 50])
+        off = r.randint(2, 9)
+        price = off * 100 // pct
+        return ([f"A {item} costs {money(price)}. It is on sale at {pct}% off.",
+                 "How many dollars is the discount?"],
+                [f"{pct}% of {money(price)} is {money(price)} / {100 // pct} = {money(off)}."], off)
     pct = r.choice([10, 20, 25, 30, 40, 50])
     price = 20 * r.randint(1, 20)   # a multiple of 20 keeps every one of these percentages whole
     off = Fraction(price * pct, 100)
@@ -209,6 +233,8 @@ def _discount(r, steps):
 def _baking(r, steps):
     name, food = r.choice(NAMES), r.choice(["cookies", "muffins", "rolls", "cupcakes", "pies"])
     trays, per_tray, bag = r.randint(2, 9), r.randint(6, 24), r.choice([2, 3, 4, 5, 6])
+    if steps == 1:   # one-digit trays times one-digit per tray; the later stages' numbers go unused
+        per_tray, bag = r.randint(2, 9), 2
     baked = trays * per_tray
     eaten = r.randint(1, min(9, baked - bag))
     left = baked - eaten
@@ -247,15 +273,23 @@ def generate_problems(num_problems, seed=0, split="train"):
     return [generate_problem(random.Random(f"math-{split}-{seed}-{i}")) for i in range(num_problems)]
 
 
-def make_math_splits(num_train, num_eval, seed=0):
+def make_math_splits(num_train, num_eval, seed=0, train_levels=None):
     """(train, eval) lists with no question in both and no repeated question: the evaluation split is
     drawn first from its own stream; train problems equal to an earlier one are skipped (and replaced),
-    so a model is never evaluated on a question it was trained on."""
+    so a model is never evaluated on a question it was trained on. ``train_levels`` (four weights, for
+    levels 1-4) skews the train split's levels, e.g. towards easy problems; the evaluation split always
+    draws them evenly, and without weights so does the train split."""
+    if train_levels is not None:
+        train_levels = list(train_levels)
+        if len(train_levels) != 4 or min(train_levels) < 0 or sum(train_levels) <= 0:
+            raise ValueError(f"train_levels {train_levels} must be four weights >= 0 (levels 1-4), not all 0")
     seen, splits = set(), []
-    for split, wanted in (("eval", num_eval), ("train", num_train)):
+    for split, wanted, weights in (("eval", num_eval, None), ("train", num_train, train_levels)):
         rows, i = [], 0
         while len(rows) < wanted:
-            row = generate_problem(random.Random(f"math-{split}-{seed}-{i}"))
+            rng = random.Random(f"math-{split}-{seed}-{i}")
+            steps = rng.choices((1, 2, 3, 4), weights)[0] if weights else None
+            row = generate_problem(rng, steps)
             i += 1
             if row["question"] not in seen:
                 seen.add(row["question"])

@@ -30,7 +30,7 @@ from megagopher.training import checkpoint as ckpt
 from megagopher.training.ckpt_files import fsync_dir, write_shard, write_text_durably
 from megagopher.training.ckpt_save import OPTIMIZER_KINDS
 
-VOCAB_PARALLEL = ("embedding.word.weight", "output_layer")
+VOCAB_PARALLEL = ("embedding.word.weight", "output_layer", "output_bias")
 
 
 def stage_names(names, cfg, pp, vpp=1, pp_layers=None):

@@ -6,11 +6,10 @@ come from the checkpoint rather than the config: the number of layers (progress.
 growth may have changed) and the vocabulary (the unpadded row count of the word embeddings, which is the
 tokenizer's when the run had one).
 """
-import dataclasses
 import os
 
-from megagopher.config import from_tables
 from megagopher.training.checkpoint import CheckpointCorrupt, CheckpointReader, find_checkpoints
+from megagopher.training.ckpt_load import saved_model_config, saved_run_config, saved_vocab_size
 
 
 class CheckpointNotFound(FileNotFoundError):
@@ -34,36 +33,8 @@ def open_checkpoint(path):
                              "checkpoint directory holding one")
 
 
-def run_config(reader):
-    """The run's JobConfig, as saved with the checkpoint (format 2: TOML-shaped tables; format 1 stored
-    each stage's overrides as [section, key, value] triples)."""
-    saved = reader.meta["config"]
-    if reader.meta.get("format_version", 1) < 2:
-        saved = dict(saved, stages=[_stage_table_v1(st) for st in saved.get("stages", [])])
-    return from_tables(saved)
-
-
-def _stage_table_v1(stage):
-    table = {k: v for k, v in stage.items() if k != "overrides"}
-    for section, key, value in stage.get("overrides", []):
-        table.setdefault(section, {})[key] = value
-    return table
-
-
-def vocab_size_of(reader):
-    """The real (unpadded) vocabulary of the checkpoint's model."""
-    return int(reader.meta["tensors"]["embedding.word.weight"]["full_shape"][0])
-
-
-def model_config_of(reader):
-    """The GPTConfig of the weights in ``reader``: the run's [model] at the depth reached (growth) and with
-    the context of the stage it was saved in (a long-context stage's seq_length and rope_theta)."""
-    cfg = run_config(reader)
-    progress = reader.meta.get("progress") or {}
-    stage = min(progress.get("stage_index", 0), len(cfg.stages) - 1)
-    context = {k: v for (section, k), v in cfg.stages[stage].overrides.items() if section == "model"}
-    model = cfg.model_at(num_layers=progress.get("num_layers", cfg.model.num_layers), vocab_size=vocab_size_of(reader))
-    return dataclasses.replace(model, **context)
+# Rebuilt from the metadata alone; the trainer checks a run's [model] against the same (ckpt_load.py).
+run_config, vocab_size_of, model_config_of = saved_run_config, saved_vocab_size, saved_model_config
 
 
 def tokenizer_dir_of(reader):

@@ -1,9 +1,10 @@
 """A GPT decoder built only from megagopher's tensor-parallel layers and kernels.
 
 Activations flow as [s, b, h] (sequence first, as in Megatron-LM) so that sequence parallelism splits a
-contiguous leading dimension. The flavours of docs/ARCHITECTURE.md 4.2 are all here: LayerNorm or RMSNorm, GeLU or
-SwiGLU, learned or rotary positions (partial rotary as in GPT-J/CodeGen), grouped-query attention,
-parallel residual (GPT-J: attention and MLP on the same normalised input), tied or untied embeddings.
+contiguous leading dimension. The flavours of docs/ARCHITECTURE.md 4.2 are all here: LayerNorm or RMSNorm, GeLU
+(tanh, or the exact erf form: "gelu_exact") or SwiGLU, learned or rotary positions (partial rotary as in
+GPT-J/CodeGen), grouped-query attention, parallel residual (GPT-J: attention and MLP on the same normalised
+input), tied or untied embeddings, and a bias on the logits (CodeGen's lm_head, model.output_bias).
 
 The model knows nothing of pipelines: a ``GPTModel`` is one contiguous range of layers, with the embedding
 when ``pre_process`` (first stage) and the final norm, output head and loss when ``post_process`` (last
@@ -80,6 +81,7 @@ class MLP(nn.Module):
     def __init__(self, cfg, num_layers_total, sequence_parallel):
         super().__init__()
         self.swiglu = cfg.activation == "swiglu"
+        self.approximate = "none" if cfg.activation == "gelu_exact" else "tanh"
         ffn = cfg.ffn_hidden_size
         self.fc1 = ColumnParallelLinear(cfg.hidden_size, 2 * ffn if self.swiglu else ffn, bias=cfg.bias,
                                         sequence_parallel=sequence_parallel, init_std=cfg.init_std)
@@ -95,23 +97,31 @@ class MLP(nn.Module):
         """The activation and fc2, from fc1's output."""
         if self.swiglu:
             return self.fc2(kernels.swiglu(y[..., 0::2], y[..., 1::2]))
-        return self.fc2(F.gelu(y, approximate="tanh"))
+        return self.fc2(F.gelu(y, approximate=self.approximate))
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, cfg, sequence_parallel, selective_recompute=False):
+    def __init__(self, cfg, sequence_parallel, selective_recompute=False, layer_number=0):
         super().__init__()
         self.cfg, self.sp = cfg, sequence_parallel
+        self.moe = cfg.is_moe_layer(layer_number)
         self.input_norm = Norm(cfg, sequence_parallel)
         self.attention = Attention(cfg, cfg.num_layers, sequence_parallel, selective_recompute)
         if not cfg.parallel_residual:
             self.post_attention_norm = Norm(cfg, sequence_parallel)
-        self.mlp = MLP(cfg, cfg.num_layers, sequence_parallel)
+        if self.moe:  # experts in place of the dense MLP (model/moe.py); imported here: moe.py imports MLP
+            from .moe import MoELayer
+            self.mlp = MoELayer(cfg, layer_number, sequence_parallel)
+        else:
+            self.mlp = MLP(cfg, cfg.num_layers, sequence_parallel)
 
     def forward(self, x, cos=None, sin=None, kv=None, cu_seqlens=None):
         rope = (cos, sin) if cos is not None else None
         p, training, sharded = self.cfg.dropout, self.training, self.sp
         h = self.input_norm(x)
+        if self.cfg.parallel_residual and self.moe:  # the experts take their tokens through the dispatcher
+            branch = self.attention(h, rope, kv, cu_seqlens) + self.mlp(h)
+            return x + _dropout(branch, p, training, sharded)
         if self.cfg.parallel_residual:  # one gather of h (one gradient all-reduce) for both branches
             qkv, fc1 = column_parallel_linears(h, self.attention.qkv, self.mlp.fc1)
             branch = self.attention.attend(qkv, rope, kv, cu_seqlens) + self.mlp.project(fc1)
@@ -185,7 +195,8 @@ class GPTModel(nn.Module):
         if pre_process:
             self.embedding = Embedding(cfg, sequence_parallel)
         selective = recompute == "selective"
-        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, self.sp, selective) for i in range(start, end)})
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, self.sp, selective, i)
+                                     for i in range(start, end)})
         n_full = (end - start) if recompute_num_layers is None else min(recompute_num_layers, end - start)
         self.recompute_layers = set(list(self.layers)[:n_full]) if recompute == "full" else set()
         if post_process:
@@ -202,6 +213,10 @@ class GPTModel(nn.Module):
                 set_init(self.output_layer, (cfg.vocab_size, cfg.hidden_size), partition_dim=0,
                          std=cfg.init_std, init_name="embedding.word.weight")
                 self.output_layer.shared_embedding = True
+            self.output_bias = None
+            if cfg.output_bias:  # sharded with the head's rows; the padding rows stay zero (take_shard)
+                self.output_bias = nn.Parameter(torch.empty(rows))
+                set_init(self.output_bias, (cfg.vocab_size,), partition_dim=0, fill=0.0)
 
     def _padded_vocab(self):
         from megagopher.tensor_parallel import pad_vocab_size
@@ -240,7 +255,8 @@ class GPTModel(nn.Module):
             x, comm = gather_from_sp_region(x)[-1:], None  # the last position is on the last TP rank until gathered
         # [s, b, padded_vocab / tp]; a tied head's weight is the embedding's, whose later autograd use completes
         # its gradient: no main_grad fusion. Dead after the loss, logits take its gradient; loop.py sets z_loss.
-        logits = parallel_linear(x, [(self.output_weight(), None)], comm, ps.get_tp_group() if comm else None,
+        logits = parallel_linear(x, [(self.output_weight(), self.output_bias)], comm,
+                                 ps.get_tp_group() if comm else None,
                                  fuse=not (self.cfg.tie_embeddings and self.pre_process))
         if labels is None:
             return logits.transpose(0, 1)

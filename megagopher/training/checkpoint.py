@@ -31,6 +31,13 @@ saves); a thread writes the file. Every step's all-reduce carries "my write is d
 all ranks see the same step at which every file is on disk, and rank 0 publishes the checkpoint then;
 the next save, the end of a stage and the end of the run wait for it. A crash before that leaves only
 ``iter_N.tmp``: the previous checkpoint stays the newest complete one.
+
+A checkpoint without optimizer state (has_optimizer false: a weights-only save, or tools/import_hf.py's
+iteration-0 checkpoint, ``save_weights_only``) starts a loading run's optimizer fresh, as Megatron's
+--finetune / --no-load-optim do: nothing else is needed to fine-tune from it. Its metadata leaves dp and
+world open (null) and holds no RNG state, so the run seeds itself from (training.seed, iteration). The
+run's [model] must be the checkpoint's (ckpt_load.check_model_matches: a ModelMismatch, a config error,
+names the key).
 """
 import hashlib
 import json
@@ -44,8 +51,9 @@ import torch.distributed as dist
 
 from megagopher import parallel_state as ps
 from megagopher.config import to_tables
-from megagopher.training.ckpt_files import CheckpointCorrupt, fsync_dir, write_text_durably
-from megagopher.training.ckpt_load import files_needed, load_optimizer, load_weights, verify_on_node  # noqa: F401
+from megagopher.training.ckpt_files import CheckpointCorrupt, fsync_dir, write_shard, write_text_durably
+from megagopher.training.ckpt_load import (ModelMismatch, check_model_matches, files_needed,  # noqa: F401
+                                           load_optimizer, load_weights, verify_on_node)
 from megagopher.training.ckpt_reader import CheckpointReader, metadata_digest  # noqa: F401
 from megagopher.training.ckpt_save import (ShardWriter, named_parameters, plan_pieces, rng_tensors,  # noqa: F401
                                            set_rng_tensors, snapshot)
@@ -142,6 +150,36 @@ def save_checkpoint(root, iteration, chunks, optimizer, progress, cfg, keep_last
     """A synchronous save: collective over all ranks. ``progress``: iteration, stage_index, stage_iteration,
     consumed tokens...; ``optimizer`` may be None (a weights-only checkpoint, e.g. for growth)."""
     return finish_save(begin_save(root, iteration, chunks, optimizer, progress, cfg), keep_last)
+
+
+def save_weights_only(root, iteration, model, progress, cfg, note=None):
+    """One process, no process group: ``model`` (a whole GPTModel at tp 1) as a format-3 checkpoint of
+    ``iteration`` in ``root`` with no optimizer and no RNG state, published as save_checkpoint publishes
+    (metadata last, rename, ``latest``). ``note`` goes into the metadata (where the weights came from).
+    Returns the iteration directory."""
+    final = iter_dir(root, iteration)
+    tmp_dir = final + ".tmp"
+    if os.path.exists(tmp_dir):
+        shutil.rmtree(tmp_dir)
+    os.makedirs(tmp_dir)
+    tensors, index = plan_pieces([model], None)
+    file = "rank_00000.safetensors"
+    record = write_shard({k: t.contiguous() for k, t in tensors.items()}, os.path.join(tmp_dir, file))
+    entries, files, _ = _index([(file, record, None, 0, index)])
+    meta = {"format_version": FORMAT_VERSION, "iteration": iteration, "progress": dict(progress),
+            "layout": {"tp": 1, "pp": 1, "dp": None, "vpp": 1, "cp": 1, "world": None}, "config": to_tables(cfg),
+            "has_optimizer": False, "optimizer_scalars": None,
+            "versions": {"torch": torch.__version__, "megagopher": _version()}, "tensors": entries,
+            "files": files, "rng_files": {}, "rng": "none: a loading run seeds itself", "source": note,
+            "time": time.time()}
+    meta["metadata_sha256"] = metadata_digest(meta)
+    write_text_durably(os.path.join(tmp_dir, "metadata.json"), json.dumps(meta, indent=1))
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp_dir, final)
+    fsync_dir(root)
+    write_latest(root)
+    return final
 
 
 def _index(gathered):
@@ -300,7 +338,7 @@ def agree(ok):
     return int(flag.item()) == 0
 
 
-__all__ = ["CheckpointCorrupt", "CheckpointReader", "CheckpointSaveError", "Checkpointer", "FORMAT_VERSION", "agree",
-           "files_needed", "find_checkpoints", "iter_dir", "layout", "list_checkpoints", "load_optimizer",
-           "load_weights", "named_parameters", "resume_seed", "resolve_load", "save_checkpoint", "set_rng_tensors",
-           "verify_on_node", "write_latest"]
+__all__ = ["CheckpointCorrupt", "CheckpointReader", "CheckpointSaveError", "Checkpointer", "FORMAT_VERSION",
+           "ModelMismatch", "agree", "check_model_matches", "files_needed", "find_checkpoints", "iter_dir", "layout",
+           "list_checkpoints", "load_optimizer", "load_weights", "named_parameters", "resume_seed", "resolve_load",
+           "save_checkpoint", "save_weights_only", "set_rng_tensors", "verify_on_node", "write_latest"]

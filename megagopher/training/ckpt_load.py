@@ -1,11 +1,16 @@
 """Loading a checkpoint into this rank's model chunks and optimizer shards under the current layout, and
-checking the files it needs before the trainer commits to it."""
+checking the files it needs (and that its model is the run's) before the trainer commits to it.
+
+The model a checkpoint holds is rebuilt from its metadata alone (``saved_model_config``): generation,
+evaluation and export read it the same way (export/loading.py)."""
+import dataclasses
 import socket
 
 import torch
 import torch.distributed as dist
 
 from megagopher import parallel_state as ps
+from megagopher.config import ConfigError, from_tables
 from megagopher.optimizer.optimizer import STATE_KEYS
 from megagopher.tensor_parallel.layers import take_shard
 from megagopher.training.ckpt_files import CheckpointCorrupt
@@ -102,3 +107,73 @@ def verify_on_node(reader, files):
         except CheckpointCorrupt as e:
             return e
     return None
+
+
+# -- the model a checkpoint holds ---------------------------------------------------------------------------
+# The [model] keys that decide the function the weights compute; the others (seq_length, rope_theta, which a
+# long-context stage changes, dropout, init, the attention kernel...) are the run's to choose.
+ARCHITECTURE_KEYS = ("hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size",
+                     "normalization", "activation", "position_embedding", "rotary_percent", "tie_embeddings",
+                     "output_bias", "parallel_residual", "bias", "norm_epsilon")
+
+
+class ModelMismatch(ConfigError):
+    """The run's [model] is not the model of the checkpoint it is told to load."""
+
+
+def saved_run_config(reader):
+    """The run's JobConfig, as saved with the checkpoint (format 2: TOML-shaped tables; format 1 stored
+    each stage's overrides as [section, key, value] triples)."""
+    saved = reader.meta["config"]
+    if reader.meta.get("format_version", 1) < 2:
+        saved = dict(saved, stages=[_stage_table_v1(st) for st in saved.get("stages", [])])
+    return from_tables(saved)
+
+
+def _stage_table_v1(stage):
+    table = {k: v for k, v in stage.items() if k != "overrides"}
+    for section, key, value in stage.get("overrides", []):
+        table.setdefault(section, {})[key] = value
+    return table
+
+
+def saved_vocab_size(reader):
+    """The real (unpadded) vocabulary of the checkpoint's model."""
+    return int(reader.meta["tensors"]["embedding.word.weight"]["full_shape"][0])
+
+
+def saved_model_config(reader):
+    """The GPTConfig of the weights in ``reader``: the run's [model] at the depth reached (growth) and with
+    the context of the stage it was saved in (a long-context stage's seq_length and rope_theta)."""
+    cfg = saved_run_config(reader)
+    progress = reader.meta.get("progress") or {}
+    stage = min(progress.get("stage_index", 0), len(cfg.stages) - 1)
+    context = {k: v for (section, k), v in cfg.stages[stage].overrides.items() if section == "model"}
+    model = cfg.model_at(num_layers=progress.get("num_layers", cfg.model.num_layers),
+                         vocab_size=saved_vocab_size(reader),
+                         num_experts=progress.get("num_experts", cfg.model.num_experts))  # upcycling
+    return dataclasses.replace(model, **context)
+
+
+def check_model_matches(reader, cfg, vocab_size):
+    """Raises ModelMismatch naming the first [model] key where the run ``cfg`` (whose vocabulary is
+    ``vocab_size``: its tokenizer's) differs from the checkpoint's model; the depth may be any the run
+    reaches (its own or a stage's grow.num_layers). The same verdict on every rank: metadata and config."""
+    saved = saved_model_config(reader)
+    run = dataclasses.replace(cfg.model, vocab_size=vocab_size)
+    for key in ARCHITECTURE_KEYS:
+        ours, theirs = getattr(run, key), getattr(saved, key)
+        if key == "rotary_percent" and saved.position_embedding != "rope":
+            continue
+        if ours != theirs:
+            hint = " (the run's vocabulary is its tokenizer's, data.tokenizer_dir)" if key == "vocab_size" else ""
+            raise ModelMismatch(f"model.{key} = {ours!r} but checkpoint {reader.path} holds a model with "
+                                f"{key} = {theirs!r}{hint}: set model.{key} = {theirs!r} (an imported model's "
+                                "[model] is in the config.toml beside it)")
+    if run.position_embedding == "learned" and run.max_position_embeddings != saved.max_position_embeddings:
+        raise ModelMismatch(f"model.max_position_embeddings = {run.max_position_embeddings} but checkpoint "
+                            f"{reader.path} has a learned position table of {saved.max_position_embeddings}")
+    depths = {cfg.model.num_layers} | {st.grow["num_layers"] for st in cfg.stages if "num_layers" in st.grow}
+    if saved.num_layers not in depths:
+        raise ModelMismatch(f"model.num_layers = {cfg.model.num_layers} but checkpoint {reader.path} holds "
+                            f"{saved.num_layers} layers (nor does any stage grow to it)")

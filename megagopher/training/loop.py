@@ -29,6 +29,7 @@ from megagopher import kernels
 from megagopher import parallel_state as ps
 from megagopher.distributed import finalize_model_grads, wrap_data_parallel
 from megagopher.memory import memory_report
+from megagopher.model.moe import MoEAuxLosses, attach_aux_losses, moe_step_summary
 from megagopher.optimizer import LRSchedule, build_optimizer, global_batch_size_at
 from megagopher.pipeline_parallel.schedules import forward_backward, forward_only
 from megagopher.pipeline_parallel.stages import build_model_chunks
@@ -76,18 +77,21 @@ class Trainer(CheckpointedRun):
         self.stage_samples = 0  # samples consumed in the current stage: the data position (ramp-up aware)
         self.skipped_total = 0
         self.last_z_loss = None  # the last step's mean z-loss term, logged when training.z_loss > 0
+        self.last_moe = {}  # the last step's MoE metrics (model/moe.py moe_step_summary)
         self.optimizer, self.pending_optimizer = None, None
-        self.num_layers = cfg.model.num_layers
+        self.num_layers, self.num_experts = cfg.model.num_layers, cfg.model.num_experts
         self.chunks = None
         c = cfg.checkpoint
         self.checkpointer = ckpt.Checkpointer(c.dir, c.keep_last, c.async_save, c.on_save_error)
         self._restore_or_build()
 
     # -- construction ---------------------------------------------------------------------------------
-    def _build_model(self, num_layers):
+    def _build_model(self, num_layers, num_experts=None):
         t = self.cfg.training
         self.num_layers = num_layers
-        self.model_cfg = self.cfg.model_at(num_layers=num_layers, vocab_size=self.vocab_size)
+        self.num_experts = self.num_experts if num_experts is None else num_experts
+        self.model_cfg = self.cfg.model_at(num_layers=num_layers, vocab_size=self.vocab_size,
+                                           num_experts=self.num_experts)
         chunks = build_model_chunks(self.model_cfg, sequence_parallel=self.cfg.parallel.sp, recompute=t.recompute,
                                     recompute_num_layers=t.recompute_num_layers or None,
                                     pp_layers=self.cfg.pp_layers_at(num_layers) or None)
@@ -121,10 +125,17 @@ class Trainer(CheckpointedRun):
         z_loss = ZLoss(scfg.training.z_loss) if scfg.training.z_loss > 0 else 0.0
         for chunk in self.chunks:
             unwrap_model(chunk).z_loss = z_loss
+        # The MoE aux terms: each micro-batch's weighs 1 / (the global batch's micro-batches), as its LM
+        # loss's tokens do, times the fp16 loss scale; so the objective is LM loss + the aux terms' mean.
+        moe = None
+        if self.model_cfg.num_experts:
+            moe = MoEAuxLosses(float(optimizer.scale_loss(1.0)) * scfg.training.micro_batch_size / gbs)
+            attach_aux_losses(self.chunks, moe)
         optimizer.zero_grad()
         loss_sum = forward_backward(self.chunks, mbatches, loss_fn, schedule=self.cfg.parallel.schedule,
                                     tracer=self.tracer)
         finalize_model_grads(self.chunks)
+        self.last_moe = moe_step_summary(moe, self.model_cfg, self.device) if moe else {}
         loss, bad_ranks, z_sum = self._agree_on_step(loss_sum, z_loss.pop() if z_loss else 0.0)
         loss /= global_tokens
         self.last_z_loss = z_sum / global_tokens if z_loss else None
@@ -273,10 +284,11 @@ class Trainer(CheckpointedRun):
         """Growth, data and optimizer of a stage (fresh unless the stage keeps the previous one's)."""
         stage, scfg = self.cfg.stages[stage_index], self.cfg.stage(stage_index)
         t, o = scfg.training, scfg.optimizer
-        if self.stage_iteration == 0 and stage.grow and stage.grow["num_layers"] != self.num_layers:
-            self._grow(stage.grow["num_layers"])
+        grown = (stage.grow.get("num_layers", self.num_layers), stage.grow.get("num_experts", self.num_experts))
+        if self.stage_iteration == 0 and grown != (self.num_layers, self.num_experts):
+            self._grow(*grown)
             # A grown model starts a fresh optimizer (as an uninterrupted run does): the saved state is
-            # for the old depth's parameters.
+            # for the old depth's parameters (upcycled experts start with fresh moments too).
             self.pending_optimizer = None
         self._set_context(scfg.model)
         datasets = data_lib.build_datasets(scfg, self.vocab_size, t.train_iters)
@@ -370,6 +382,7 @@ class Trainer(CheckpointedRun):
             row["params_norm"] = params_norm
         if self.last_z_loss is not None:
             row["z_loss"] = self.last_z_loss
+        row.update(self.last_moe)
         return row
 
     def _log(self, logger, row, t, clock):

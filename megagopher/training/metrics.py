@@ -81,7 +81,8 @@ class MetricsLogger:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         if self.tb is not None:
-            for key in ("loss", "lr", "grad_norm", "loss_scale", "tokens_per_s", "tflops_per_device"):
+            for key in ("loss", "lr", "grad_norm", "loss_scale", "tokens_per_s", "tflops_per_device",
+                        "moe_aux_loss", "moe_z_loss", "moe_load_max_over_mean", "moe_dropped"):
                 if row.get(key) is not None:
                     self.tb.add_scalar(f"train/{key}", row[key], row["iteration"])
         if console:
@@ -96,6 +97,11 @@ class MetricsLogger:
                   f"grad norm {_num(row['grad_norm'], '.3f')}"]
         if row.get("loss_scale") is not None:
             parts.append(f"loss scale {row['loss_scale']:.0f}")
+        if "moe_aux_loss" in row:  # MoE: the aux terms in the objective and the experts' load balance
+            parts += [f"moe aux {row['moe_aux_loss']:.4f}", f"router z {row['moe_z_loss']:.4f}",
+                      f"load max/mean {row['moe_load_max_over_mean']:.2f}"]
+            if row.get("moe_dropped"):
+                parts.append(f"dropped {row['moe_dropped']}")
         parts += [f"skipped {row.get('skipped_total', int(row['skipped']))}",
                   f"{row['step_time_s'] * 1000:.1f} ms/step", f"{row['tokens_per_s']:,.0f} tok/s",
                   f"{row['tflops_per_device']:.3f} TFLOP/s/dev"]

@@ -1,0 +1,202 @@
+"""Import a Hugging Face ``transformers`` model directory as a megagopher checkpoint (tools/import_hf.py).
+
+    OUT/iter_0000000/...   a format-3 checkpoint of iteration 0 without optimizer state (checkpoint.py's
+    OUT/latest             save_weights_only): it loads under any layout, for training (a run starts its
+                           optimizer fresh: Megatron's --finetune) and for megagopher.generate
+    OUT/config.toml        the matching [model], beside checkpoint.dir = OUT, checkpoint.load = "auto" and
+                           data.tokenizer_dir; over a base config's other sections when one is given
+    OUT/tokenizer/         vocab.json and merges.txt, when the model's tokenizer is GPT-2 BPE in those files
+
+The architectures are hf_arch.FORMATS; their config.json is read by hf_config.py and their tensors mapped
+by hf_arch.py's rules (the export's, run backwards). Weights come from model.safetensors or
+pytorch_model.bin, or the shards a ``*.index.json`` names. Every tensor of theirs must be used: one we do
+not know (a feature we lack) is an HFImportError, as is a config key we cannot compute exactly.
+"""
+import dataclasses
+import json
+import os
+import shutil
+import tomllib
+
+import torch
+
+from megagopher.config.loading import from_tables, to_toml
+from megagopher.export.hf_arch import MappingError, missing_bias_rows, rules
+from megagopher.export.hf_config import HFImportError, model_config
+from megagopher.training.ckpt_files import write_text_durably
+
+# Their tensors that are not weights: causal-mask buffers and rotary tables older versions saved.
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq", ".attn.causal_mask",
+                    ".attn.embed_positions")
+WEIGHT_FILES = (("model.safetensors", "model.safetensors.index.json"),
+                ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
+
+
+def read_config(model_dir):
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{model_dir!r} has no config.json: not a transformers model directory")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f), path
+
+
+def _load_file(path):
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_weights(model_dir):
+    """{name: tensor} of the directory's weights: one file, or the shards its index names."""
+    for single, index in WEIGHT_FILES:
+        if os.path.isfile(os.path.join(model_dir, single)):
+            return _load_file(os.path.join(model_dir, single))
+        if os.path.isfile(os.path.join(model_dir, index)):
+            with open(os.path.join(model_dir, index), encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            out = {}
+            for shard in shards:
+                out.update(_load_file(os.path.join(model_dir, shard)))
+            return out
+    raise FileNotFoundError(f"{model_dir!r} has no weights: expected one of "
+                            f"{', '.join(name for pair in WEIGHT_FILES for name in pair)}")
+
+
+def _strip_tied_head(fmt, cfg, theirs):
+    """A tied model may still save its head (the same values as the embedding): dropped after checking."""
+    heads = {"llama": ("lm_head.weight", "model.embed_tokens.weight"), "gpt_neox": ("embed_out.weight",
+             "gpt_neox.embed_in.weight"), "gpt2": ("lm_head.weight", "transformer.wte.weight"),
+             "codegen": ("lm_head.weight", "transformer.wte.weight")}
+    head, embedding = heads[fmt]
+    if cfg.tie_embeddings and head in theirs:
+        if not torch.equal(theirs[head], theirs[embedding]):
+            raise HFImportError(f"tie_word_embeddings = true but {head} differs from {embedding}")
+        del theirs[head]
+
+
+def our_tensors(fmt, cfg, theirs):
+    """Our {name: fp32-or-saved-dtype tensor} of every model tensor, from their state dict ``theirs``."""
+    theirs = {k: v for k, v in theirs.items() if not k.endswith(IGNORED_SUFFIXES)}
+    _strip_tied_head(fmt, cfg, theirs)
+    shapes = {name: t.shape for name, t in theirs.items()}
+    dtype = next(iter(theirs.values())).dtype
+    used, out = set(), {}
+
+    def get(name):
+        if name in theirs:
+            used.add(name)
+            return theirs[name]
+        rows = missing_bias_rows(name, shapes)
+        if rows is None:
+            raise HFImportError(f"the weights have no tensor {name!r} (a {fmt} model of this config has one)")
+        return torch.zeros(rows, dtype=dtype)
+
+    for rule in rules(fmt, cfg):
+        try:
+            ours = rule.to_ours(*(get(name) for name in rule.theirs))
+        except MappingError as e:
+            raise HFImportError(str(e)) from None
+        out.update({name: t.to(dtype) for name, t in zip(rule.ours, ours)})
+    unused = sorted(set(theirs) - used)
+    if unused:
+        raise HFImportError(f"{len(unused)} tensors have no place in megagopher's {fmt} model (a feature it "
+                            f"lacks): {', '.join(unused[:5])}")
+    return out
+
+
+def build_model(cfg, tensors):
+    """A tp-1 GPTModel holding ``tensors`` (shapes checked against the model's)."""
+    from megagopher.model import GPTModel
+    model = GPTModel(cfg)
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(tensors))
+    if missing:
+        raise HFImportError(f"no weights for {', '.join(missing[:5])}")
+    with torch.no_grad():
+        for name, p in params.items():
+            full = tensors[name]
+            want = tuple(p.full_shape) if hasattr(p, "full_shape") else tuple(p.shape)
+            if tuple(full.shape) != want:
+                raise HFImportError(f"{name}: their tensor has shape {tuple(full.shape)}, the model {want}")
+            p.data = torch.zeros(p.shape, dtype=full.dtype)  # the vocabulary padding rows stay zero
+            p.data[tuple(slice(0, n) for n in full.shape)] = full
+    return model
+
+
+def copy_tokenizer(model_dir, output, vocab_size):
+    """OUT/tokenizer/ from the model's vocab.json and merges.txt (GPT-2 BPE); None when it has neither."""
+    present = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(model_dir, f))]
+    if not present:
+        return None
+    if len(present) == 1:
+        raise HFImportError(f"{model_dir} has {present[0]} without its pair ({', '.join(TOKENIZER_FILES)}); "
+                            "pass --no-tokenizer to import the weights alone")
+    from megagopher.data.tokenizer import load_tokenizer
+    directory = os.path.join(output, "tokenizer")
+    os.makedirs(directory, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(os.path.join(model_dir, name), os.path.join(directory, name + ".tmp"))
+        os.replace(os.path.join(directory, name + ".tmp"), os.path.join(directory, name))
+    try:
+        tok = load_tokenizer(directory)
+    except ValueError as e:
+        raise HFImportError(f"the tokenizer files of {model_dir} are not GPT-2 BPE megagopher reads ({e}); pass "
+                            "--no-tokenizer to import the weights alone") from None
+    if tok.vocab_size > vocab_size:
+        raise HFImportError(f"the tokenizer has {tok.vocab_size} tokens, the model's vocabulary {vocab_size}")
+    return os.path.abspath(directory)
+
+
+def run_tables(cfg, output, tokenizer_dir, raw, base_config=None):
+    """The TOML tables of OUT/config.toml: the base config's (``raw``, read from ``base_config``; or none)
+    with the imported [model]; the base's [model] may set only keys that do not change the weights'
+    function (dropout, seq_length...)."""
+    from megagopher.training.ckpt_load import ARCHITECTURE_KEYS
+    model = cfg.to_dict()
+    for key, value in raw.get("model", {}).items():
+        if key in ARCHITECTURE_KEYS + ("num_layers", "max_position_embeddings") and value != model.get(key):
+            raise HFImportError(f"{base_config}: model.{key} = {value!r} is not the imported model's "
+                                f"{model.get(key)!r}; leave the architecture to the import")
+        model[key] = value
+    tables = {**raw, "model": model}
+    checkpoint = tables.setdefault("checkpoint", {})
+    checkpoint.setdefault("dir", os.path.abspath(output))
+    checkpoint.setdefault("load", "auto")
+    if tokenizer_dir:
+        tables.setdefault("data", {}).setdefault("tokenizer_dir", tokenizer_dir)
+    return tables
+
+
+def _read_toml(path):
+    with open(path, "rb") as f:
+        return tomllib.load(f)
+
+
+def import_hf(model_dir, output, base_config=None, tokenizer=True):
+    """Writes the checkpoint, config.toml and tokenizer of ``model_dir`` into ``output``; returns
+    (format, GPTConfig, iteration directory)."""
+    from megagopher.training.checkpoint import list_checkpoints, save_weights_only
+    hf, where = read_config(model_dir)
+    fmt, cfg = model_config(hf, where)
+    if list_checkpoints(output):
+        raise ValueError(f"--output {output} already holds checkpoints; import into a new directory")
+    tensors = our_tensors(fmt, cfg, read_weights(model_dir))
+    model = build_model(cfg, tensors)
+    del tensors
+    os.makedirs(output, exist_ok=True)
+    tokenizer_dir = copy_tokenizer(model_dir, output, cfg.vocab_size) if tokenizer else None
+    base = _read_toml(base_config) if base_config else {}
+    run = from_tables(run_tables(cfg, output, tokenizer_dir, base, base_config))
+    progress = {"iteration": 0, "consumed_tokens": 0, "stage_index": 0, "stage_iteration": 0, "stage_samples": 0,
+                "num_layers": cfg.num_layers, "skipped_total": 0}
+    source = {"model": os.path.abspath(model_dir), "architecture": hf["architectures"][0]}
+    path = save_weights_only(output, 0, model, progress, run, note=source)
+    header = (f"# Imported by tools/import_hf.py from {os.path.abspath(model_dir)} ({hf['architectures'][0]}).\n"
+              "# python -m megagopher.train --config THIS_FILE: checkpoint.load = \"auto\" starts from its\n"
+              "# iteration 0 with a fresh optimizer, then resumes from the run's own saves in checkpoint.dir.\n")
+    # Without [[stages]] of the base's, none are written: a file's single stage runs training.train_iters.
+    written = run if "stages" in base else dataclasses.replace(run, stages=[])
+    write_text_durably(os.path.join(output, "config.toml"), header + to_toml(written))
+    return fmt, cfg, path

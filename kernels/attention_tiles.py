@@ -62,13 +62,15 @@ def operands(meta, *tensors):
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, smallest and largest padded head dim). Every config compiles without
 # register spills and within shared memory at each head dim it may be picked for (prune_by_head_dim), bf16 and
-# fp16, causal or not, packed or not, head dims padded or not, sm_90a and sm_100a (tools/check_kernels.py checks
-# it). The big tiles spill at d=256 (128-row forward, 64-row dK/dV and 16-row dQ tiles: 8 to 288 bytes) and
-# stay for d <= 128; the 128 x 32 forward tile also spills at d=64 on sm_100a (packed), where 128 x 64 compiles
-# clean instead; sm_100a holds 8-warp 64 x 32 forward tiles to 128 registers and spills at a padded d=80, where
-# one warpgroup (4 warps) does not; 64-wide key blocks spill in the forward at d=128 and in dK/dV at any d.
-FWD_TILES = tile_configs([(128, 64, 8, 2, 16, 32), (128, 64, 4, 2, 64, 64), (128, 32, 8, 2, 128, 128), (64, 32, 4, 2, 16, 128),
-                          (64, 32, 8, 2, 256, 256), (64, 32, 8, 3, 256, 256), (32, 32, 8, 2, 16, 256)],
+# fp16, causal or not, packed or not, head dims padded or not, sm_90a and sm_100a (tools/check_kernels.py: 408
+# attention compilations, clean). Through descriptors (d <= 128) dK/dV issues wgmma at d=128 with 64-key blocks
+# of 16 queries (8 warps, 250 registers on sm_90a); 32-query blocks spill there (80-120 bytes), and at d=64
+# 8-warp 64-key tiles spill on sm_100a (4-8 bytes) where 4 warps do not. The 128 x 64 forward tile with 8 warps
+# spills at d=64 on sm_100a (8-16 bytes), with 4 warps not. The 64 x 32 dK/dV and 32 x 32 4-warp dQ tiles
+# spill at d=128 with descriptors (8-40 bytes) and stay where they are clean. At d=256 (pointer loads) the big
+# tiles spill (128-row forward, 64-row dK/dV, 16-row dQ: 8 to 288 bytes) and are not listed.
+FWD_TILES = tile_configs([(128, 64, 8, 2, 16, 32), (128, 64, 4, 2, 64, 64), (128, 32, 8, 2, 128, 128),
+                          (64, 32, 4, 2, 16, 128), (64, 32, 8, 2, 256, 256), (64, 32, 8, 3, 256, 256), (32, 32, 8, 2, 16, 256)],
                          set_block_shapes)
 DKDV_TILES = tile_configs([(32, 64, 4, 2, 16, 64), (16, 64, 8, 2, 128, 128), (64, 32, 8, 2, 16, 64),
                            (32, 32, 8, 2, 16, 256)],

@@ -3,7 +3,6 @@ save_pretrained, no download) imported as megagopher checkpoints give transforme
 and at tp2 x pp2, the same greedy generation, and survive import -> export -> import exactly; training
 resumes from an imported checkpoint under tp2 x pp2; what cannot be expressed fails naming the feature."""
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -25,8 +24,6 @@ from megagopher.testing import spawn
 from megagopher.training.ckpt_load import ModelMismatch, check_model_matches
 from train_utils import ROOT, read_metrics, run_train
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
-                                reason="transformers is a test extra (setup.py); installed in CI")
 
 
 def tf():

@@ -152,16 +152,16 @@ def score_programs(problems, turns_for, limits=None, on_case=None, run=run_progr
     if not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs = {jobs!r} must be a positive integer")
     limits = limits or Limits(wall_s=10.0)
-    todo = []
+    cases_to_run = []
     for problem in problems:
         for k, expected in enumerate(problem["outputs"]):
             prompts = filled_prompts(problem, k)
-            todo.append((str(problem["id"]), k, expected,
+            cases_to_run.append((str(problem["id"]), k, expected,
                          print_last_value(assemble(prompts, turns_for(problem, k, prompts)))))
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        results = pool.map(lambda case: run(case[3], limits), todo)
+        results = pool.map(lambda case: run(case[3], limits), cases_to_run)
         cases, per_problem = [], {}
-        for (pid, k, expected, program), result in zip(todo, results):
+        for (pid, k, expected, program), result in zip(cases_to_run, results):
             passed, why = case_passes(result, expected)
             case = {"id": pid, "input_index": k, "passed": passed, "status": result.status, "error": why,
                     "printed": (result.value_str or "")[:500], "program": program}

@@ -5,7 +5,13 @@ Ranks are laid out tp-cp-dp-pp with TP varying fastest:
     rank = tp_rank + tp * (cp_rank + cp * (dp_rank + dp * pp_rank))
 
 so the ranks of one tensor-parallel group are neighbours (on GPUs: the same node, NVLink), and pipeline
-stages are the slowest-varying coordinate (they cross nodes). This module is the one place that holds
+stages are the slowest-varying coordinate (they cross nodes).
+
+Expert parallelism (MoE, docs/moe.md) lives inside the data-parallel coordinate, as Megatron-Core's does:
+dp_rank = edp_rank * ep + ep_rank, so the ep ranks of one expert-parallel group are data-parallel
+neighbours. They hold different experts and exchange tokens (all-to-all); the ranks that hold the same
+experts (same tp, pp and ep_rank, any edp_rank and cp_rank) form the expert-data-parallel group
+("edp_cp") over which expert gradients are summed, as the dense ones are over "dp_cp". This module is the one place that holds
 the groups; everything else asks it through the getters below.
 
 The layout rule (``validate_layout``) lives with every other config rule in megagopher/config/validate.py;
@@ -26,6 +32,7 @@ class _State:
     dp: int = 1
     pp: int = 1
     vpp: int = 1
+    ep: int = 1
     coords: dict = field(default_factory=dict)  # this rank's tp/cp/dp/pp coordinates
     groups: dict = field(default_factory=dict)  # name -> (process group, list of global ranks)
 
@@ -33,33 +40,41 @@ class _State:
 _state = None
 
 
-def _coords(rank, tp, cp, dp):
-    """The (tp, cp, dp, pp) coordinates of a global rank: the inverse of the formula above."""
-    return dict(tp=rank % tp, cp=(rank // tp) % cp, dp=(rank // (tp * cp)) % dp, pp=rank // (tp * cp * dp))
+def _coords(rank, tp, cp, dp, ep=1):
+    """The (tp, cp, dp, pp) coordinates of a global rank, the inverse of the formula above, and dp's
+    expert-parallel parts (ep, edp)."""
+    c = dict(tp=rank % tp, cp=(rank // tp) % cp, dp=(rank // (tp * cp)) % dp, pp=rank // (tp * cp * dp))
+    c.update(ep=c["dp"] % ep, edp=c["dp"] // ep)
+    return c
 
 
-def initialize_model_parallel(tp=1, pp=1, vpp=1, cp=1):
+# Group name -> the coordinates its ranks may differ in. dp is (ep, edp) together: a group varying dp varies
+# both, one varying ep or edp alone also lets dp vary and fixes the other part.
+_SPECS = {"tp": ("tp",), "cp": ("cp",), "dp": ("dp", "ep", "edp"), "pp": ("pp",), "dp_cp": ("dp", "ep", "edp", "cp"),
+          "mp": ("tp", "pp"), "ep": ("ep", "dp"), "edp_cp": ("edp", "dp", "cp")}
+
+
+def initialize_model_parallel(tp=1, pp=1, vpp=1, cp=1, ep=1):
     """Creates every process group on top of the initialised default group. Collective: all ranks call it."""
     global _state
     if not dist.is_initialized():
         raise RuntimeError("initialize_model_parallel: call torch.distributed.init_process_group first")
     world = dist.get_world_size()
-    dp = validate_layout(world, tp=tp, pp=pp, cp=cp, vpp=vpp)
+    dp = validate_layout(world, tp=tp, pp=pp, cp=cp, vpp=vpp, ep=ep)
     rank = dist.get_rank()
-    state = _State(tp=tp, cp=cp, dp=dp, pp=pp, vpp=vpp)
-    state.coords = _coords(rank, tp, cp, dp)
+    state = _State(tp=tp, cp=cp, dp=dp, pp=pp, vpp=vpp, ep=ep)
+    state.coords = _coords(rank, tp, cp, dp, ep)
 
     def all_ranks(varying):
         """Groups of ranks that differ only in the coordinates named in ``varying``."""
-        fixed = [d for d in ("tp", "cp", "dp", "pp") if d not in varying]
+        fixed = [d for d in ("tp", "cp", "dp", "ep", "edp", "pp") if d not in varying]
         buckets = {}
         for r in range(world):
-            c = _coords(r, tp, cp, dp)
+            c = _coords(r, tp, cp, dp, ep)
             buckets.setdefault(tuple(c[d] for d in fixed), []).append(r)
         return list(buckets.values())
 
-    specs = {"tp": ("tp",), "cp": ("cp",), "dp": ("dp",), "pp": ("pp",), "dp_cp": ("dp", "cp"),
-             "mp": ("tp", "pp")}
+    specs = _SPECS
     # Every rank must create every group, in the same order (a requirement of new_group).
     for name, varying in specs.items():
         for ranks in all_ranks(varying):
@@ -115,6 +130,10 @@ def get_dp_group(): return _group("dp")
 def get_cp_group(): return _group("cp")
 def get_dp_cp_group(): return _group("dp_cp")
 def get_model_parallel_group(): return _group("mp")
+def get_ep_group(): return _group("ep")
+def get_expert_dp_group():
+    """The ranks holding this rank's experts (expert data parallel x context parallel)."""
+    return _group("edp_cp")
 
 
 def get_embedding_group():
@@ -137,6 +156,9 @@ def get_pp_size(): return _get().pp if _state else 1
 def get_dp_size(): return _get().dp if _state else 1
 def get_cp_size(): return _get().cp if _state else 1
 def get_vpp_size(): return _get().vpp if _state else 1
+def get_ep_size(): return _get().ep if _state else 1
+def get_ep_rank(): return _get().coords["ep"] if _state else 0
+def get_ep_ranks(): return _group_ranks("ep")
 def get_tp_rank(): return _get().coords["tp"] if _state else 0
 def get_pp_rank(): return _get().coords["pp"] if _state else 0
 def get_dp_rank(): return _get().coords["dp"] if _state else 0

@@ -58,13 +58,18 @@ def _global_name(name, param):
 
 
 def _gather_full(param, tensor):
-    """This parameter's full value from its TP shards (vocab padding rows dropped)."""
+    """This parameter's full value from its TP shards (vocab padding rows dropped), and an expert
+    parameter's from the expert-parallel ranks' blocks of experts."""
     if getattr(param, "partition_dim", None) is None or ps.get_tp_size() == 1:
         full = tensor
     else:
         parts = [torch.empty_like(tensor) for _ in range(ps.get_tp_size())]
         dist.all_gather(parts, tensor.contiguous(), group=ps.get_tp_group())
         full = torch.cat(parts, dim=param.partition_dim)
+    if hasattr(param, "expert_first") and ps.get_ep_size() > 1:
+        parts = [torch.empty_like(full) for _ in range(ps.get_ep_size())]
+        dist.all_gather(parts, full.contiguous(), group=ps.get_ep_group())
+        full = torch.cat(parts, dim=0)
     return full[:param.full_shape[0]] if param.partition_dim == 0 else full
 
 
@@ -72,26 +77,28 @@ def reduced_grads(chunks):
     """The full data-parallel-reduced gradients after finalize (ZeRO-1 shards all-gathered, TP joined)."""
     out = {}
     for ddp in chunks:
-        buffer = ddp.buffer
-        grad = buffer.grad_data.clone()
-        if buffer.shard and buffer.dp_size > 1:
-            for b in buffer.buckets:
-                lo, hi = b.shard_range(buffer.dp_rank, buffer.dp_size)
-                piece = grad[b.start:b.end]
-                all_gather_single(piece, piece[lo:hi].clone(), group=buffer.group)
+        grads = {}
+        for buffer in ddp.buffers:  # the experts' own buffer too, under expert parallelism
+            grad = grads[id(buffer)] = buffer.grad_data.clone()
+            if buffer.shard and buffer.dp_size > 1:
+                for b in buffer.buckets:
+                    lo, hi = b.shard_range(buffer.dp_rank, buffer.dp_size)
+                    piece = grad[b.start:b.end]
+                    all_gather_single(piece, piece[lo:hi].clone(), group=buffer.group)
         for name, p in ddp.module.named_parameters():
+            buffer = ddp.bucket_of[id(p)].owner
             lo, hi = buffer.param_range[id(p)]
-            out[_global_name(name, p)] = _gather_full(p, grad[lo:hi].view(p.shape))
+            out[_global_name(name, p)] = _gather_full(p, grads[id(buffer)][lo:hi].view(p.shape))
     return out
 
 
 def train(cfg, tp=None, pp=1, schedule="1f1b", distributed=False, steps=STEPS, precision="fp32", parallel=None,
-          sp=False, recompute="none", on_microbatch=None, before_step=None, vpp=1, overlap_param_gather=True):
+          sp=False, recompute="none", on_microbatch=None, before_step=None, vpp=1, overlap_param_gather=True, ep=1):
     """K steps of the training loop's contract (zero_grad, accumulate, finalize, step). tp None: the serial
     run, without parallel_state. Returns per-step (loss, updated, grad_norm, loss_scale), the full
     parameters by global name, and the first step's reduced gradients."""
     if tp is not None:
-        ps.initialize_model_parallel(tp=tp, pp=pp, vpp=vpp)
+        ps.initialize_model_parallel(tp=tp, pp=pp, vpp=vpp, ep=ep)
     model_parallel_seed(SEED, ps.get_tp_rank(), ps.get_pp_rank())
     chunks = build_model_chunks(cfg, sequence_parallel=sp, recompute=recompute, seed=SEED)
     for chunk in chunks:

@@ -1,7 +1,8 @@
 """The MoE layer (megagopher/model/moe.py): the auxiliary losses and their gradients against a float64
 reference written from the papers' formulas, capacity dropping on a crafted routing, the dispatcher's
-permutation, and a dropless top-2 MoE model under tp2 (sequence parallel), pp2 and dp with ZeRO-1 equal to
-the serial run (one spawn of 4 gloo ranks; the harness of tests/test_data_parallel.py).
+permutation, and a dropless top-2 MoE model under tp2 (sequence parallel), pp2, dp with ZeRO-1 and expert
+parallelism (ep 2 and 4, tp2 x ep2, ep2 x pp2 x expert-DP 2, recompute, bf16) equal to the serial run (one
+spawn of 4 gloo ranks and one of 8; the harness of tests/test_data_parallel.py).
 """
 import math
 
@@ -148,6 +149,14 @@ LAYOUTS = {  # name: (flavour overrides, train() keywords)
     "pp2 x dp2 zero1": (dict(), dict(tp=1, pp=2, distributed=True)),
     "dp4 zero1 (swiglu)": (dict(activation="swiglu", bias=False, normalization="rmsnorm"),
                            dict(tp=1, distributed=True)),
+    # Expert parallelism: the experts split over ep data-parallel ranks, tokens exchanged by all-to-all,
+    # expert gradients summed over expert DP (dp / ep ranks), sharded over it under ZeRO-1.
+    "ep2 x edp2 zero1": (dict(), dict(tp=1, ep=2, distributed=True)),
+    "ep2 x edp2 (no zero1)": (dict(), dict(tp=1, ep=2)),
+    "ep4 zero1 (swiglu)": (dict(activation="swiglu", bias=False, normalization="rmsnorm"),
+                           dict(tp=1, ep=4, distributed=True)),
+    "tp2 sp x ep2 zero1": (dict(), dict(tp=2, sp=True, ep=2, distributed=True)),
+    "tp2 x ep2 (no sp), full recompute": (dict(), dict(tp=2, ep=2, recompute="full")),
 }
 
 
@@ -169,6 +178,35 @@ def _layouts(rank, world_size):
 
 def test_dropless_top2_moe_layouts_equal_serial():
     for failures in spawn(_layouts, 4):
+        assert not failures, failures
+
+
+LAYOUTS_8 = {  # 8 ranks, 4 layers: every pipeline stage holds MoE layers
+    "ep2 x pp2 x edp2 zero1": dict(tp=1, pp=2, ep=2, distributed=True),
+    "tp2 sp x ep2 x pp2 zero1, selective recompute": dict(tp=2, sp=True, pp=2, ep=2, distributed=True,
+                                                           recompute="selective"),
+}
+
+
+def _layouts_8(rank, world_size):
+    cfg = _cfg(num_layers=4)
+    ref, failures = train(cfg)[0], []
+    for name, kwargs in LAYOUTS_8.items():
+        try:
+            check_equal(name, train(cfg, **kwargs)[0], ref)
+        except AssertionError as e:
+            failures.append(str(e))
+    # bf16: the same run in the same precision, to bf16's rounding (tests/test_context_parallel.py's bound).
+    ref_bf16, _ = train(cfg, precision="bf16")
+    got_bf16, _ = train(cfg, tp=1, ep=4, distributed=True, precision="bf16")
+    for (loss, *_), (ref_loss, *_) in zip(got_bf16[0], ref_bf16[0]):
+        if not math.isclose(loss, ref_loss, rel_tol=2e-2):
+            failures.append(f"bf16 ep4 x edp2 zero1: loss {loss} vs serial bf16 {ref_loss}")
+    return failures
+
+
+def test_expert_parallel_with_pipeline_and_bf16_equals_serial():
+    for failures in spawn(_layouts_8, 8):
         assert not failures, failures
 
 

@@ -39,7 +39,9 @@ class ParallelConfig:
     tp: int = option(1, "tensor-parallel size", check=_POSITIVE)
     pp: int = option(1, "pipeline-parallel size", check=_POSITIVE)
     dp: int = option(0, "data-parallel size; 0 = world size / (tp * cp * pp)", check=_NON_NEGATIVE)
-    cp: int = option(1, "context-parallel size (only 1 is implemented)", check=_POSITIVE)
+    cp: int = option(1, "context-parallel size (ring attention over the sequence)", check=_POSITIVE)
+    ep: int = option(1, "expert-parallel size: the experts of every MoE layer split over ep data-parallel ranks "
+                        "(inside dp, as Megatron's; dp must be divisible by ep)", check=_POSITIVE)
     vpp: int = option(1, "virtual pipeline stages (model chunks) per pipeline rank", check=_POSITIVE)
     sp: bool = option(False, "sequence parallelism (needs tp > 1 to take effect)")
     schedule: str = option("1f1b", "pipeline schedule", choices=SCHEDULES)

@@ -28,9 +28,10 @@ def _divisible(key, value, divisor, divisor_desc):
 
 
 def validate_layout(world_size, tp=1, pp=1, cp=1, vpp=1, dp=None, num_attention_heads=None,
-                    num_query_groups=None):
+                    num_query_groups=None, ep=1):
     """The process layout against the world size and the attention heads; returns dp."""
-    for key, value in (("parallel.tp", tp), ("parallel.pp", pp), ("parallel.cp", cp), ("parallel.vpp", vpp)):
+    for key, value in (("parallel.tp", tp), ("parallel.pp", pp), ("parallel.cp", cp), ("parallel.vpp", vpp),
+                       ("parallel.ep", ep)):
         if not is_int(value) or value < 1:
             raise ParallelConfigError(f"{key} = {value!r} must be a positive integer")
     model_parallel = tp * pp * cp
@@ -47,6 +48,10 @@ def validate_layout(world_size, tp=1, pp=1, cp=1, vpp=1, dp=None, num_attention_
         _divisible("model.num_query_groups", num_query_groups or num_attention_heads, tp, "parallel.tp")
     if vpp > 1 and pp == 1:
         raise ParallelConfigError(f"parallel.vpp = {vpp} needs parallel.pp > 1 (virtual stages interleave a pipeline)")
+    if derived % ep:
+        raise ParallelConfigError(f"parallel.ep = {ep} must divide the data-parallel size {derived} (world size "
+                                  f"{world_size} / (tp {tp} * cp {cp} * pp {pp})): the expert-parallel group lives "
+                                  "inside the data-parallel group")
     return derived
 
 
@@ -222,6 +227,24 @@ def _check_growth(cfg):
         layers, experts = new_layers, new_experts
 
 
+def _experts_at(cfg, index):
+    """model.num_experts in stage ``index``: the last grow.num_experts up to it (upcycling), else the model's."""
+    experts = cfg.model.num_experts
+    for stage in cfg.stages[:index + 1]:
+        experts = stage.grow.get("num_experts", experts)
+    return experts
+
+
+def _check_expert_parallel(ep, experts, final_experts):
+    """ep is run-wide: a dense stage before an upcycling one runs under it too (it has no experts to split)."""
+    if ep > 1 and not final_experts:
+        raise ParallelConfigError(f"parallel.ep = {ep} needs a MoE model (model.num_experts > 0, or a stage's "
+                                  "grow.num_experts)")
+    if ep > 1 and experts % ep:
+        raise ParallelConfigError(f"model.num_experts = {experts} is not divisible by parallel.ep = {ep}: every "
+                                  "expert-parallel rank holds the same number of experts")
+
+
 def _check_run_wide(cfg):
     p, d = cfg.parallel, cfg.data
     _check_compile(cfg)
@@ -267,7 +290,9 @@ def _check_stage(cfg, index, world_size):
         check_value(section, key, value)
     sc = cfg.stage(index)
     p, t, m = sc.parallel, sc.training, sc.model
-    dp = validate_layout(world_size, p.tp, p.pp, p.cp, p.vpp, p.dp, m.num_attention_heads, m.num_query_groups)
+    dp = validate_layout(world_size, p.tp, p.pp, p.cp, p.vpp, p.dp, m.num_attention_heads, m.num_query_groups,
+                         p.ep)
+    _check_expert_parallel(p.ep, _experts_at(cfg, index), _experts_at(cfg, len(cfg.stages) - 1))
     for depth in [cfg.model.num_layers] + ([stage.grow["num_layers"]] if "num_layers" in stage.grow else []):
         layer_counts(depth, p.pp, p.vpp, cfg.pp_layers_at(depth))
     if t.global_batch_size % (t.micro_batch_size * dp):

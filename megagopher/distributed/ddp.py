@@ -10,6 +10,13 @@ The wrapper moves the chunk's parameters into a ParamAndGradBuffer (contiguous p
   launched asynchronously, so it runs while the backward pass carries on with earlier layers;
 - every earlier micro-batch runs under ``no_sync()`` and only accumulates.
 
+Under expert parallelism (MoE, parallel.ep > 1) a chunk has two buffers: ``buffer`` for the parameters
+every data-parallel rank holds, reduced over the data-parallel (x context-parallel) group, and
+``expert_buffer`` for the experts, which differ between the ranks of an expert-parallel group and are
+reduced over the expert-data-parallel group (parallel_state.get_expert_dp_group), sharded over it under
+ZeRO-1. Both reductions are sums, so the expert gradients need no rescaling (invariant 3: each rank's
+loss is already normalised by the global batch's tokens).
+
 ``finish_grad_sync()`` (called by finalize_model_grads after the schedule) launches whatever is left and
 waits for everything. ``param.accumulate_main_grad(grad)`` is the same entry point for gradients computed
 outside autograd's accumulation (the zero-bubble schedule's deferred weight-gradient GEMMs), so bucket
@@ -40,7 +47,7 @@ class DistributedDataParallel(nn.Module):
     prefix, so checkpoints do not depend on the wrapping); other attributes fall through to the chunk."""
 
     def __init__(self, module, bucket_size_mb=25.0, overlap_grad_reduce=True, use_distributed_optimizer=False,
-                 data_parallel_group=None, isolate_params=(), overlap_param_gather=True):
+                 data_parallel_group=None, isolate_params=(), overlap_param_gather=True, expert_group=None):
         super().__init__()
         bucket_size_mb = check_value("parallel", "bucket_size_mb", bucket_size_mb)
         self.module = module
@@ -53,15 +60,25 @@ class DistributedDataParallel(nn.Module):
         for n, p in named:  # a second wrapper would hook the same parameters and count gradients twice
             if hasattr(p, "accumulate_main_grad"):
                 raise ValueError(f"parameter {n} already belongs to a DistributedDataParallel wrapper")
-        self.buffer = ParamAndGradBuffer([p for _, p in named], bucket_numel, data_parallel_group,
-                                         shard=use_distributed_optimizer, isolate=isolate_params,
-                                         param_names={id(p): n for n, p in named})
+        names = {id(p): n for n, p in named}
+        # expert_group given (expert parallelism): the experts get a buffer of their own over it.
+        is_expert = [expert_group is not None and hasattr(p, "expert_first") for _, p in named]
+        self.buffer = ParamAndGradBuffer([p for (_, p), e in zip(named, is_expert) if not e], bucket_numel,
+                                         data_parallel_group, shard=use_distributed_optimizer,
+                                         isolate=isolate_params, param_names=names)
+        self.expert_buffer = None
+        if any(is_expert):
+            self.expert_buffer = ParamAndGradBuffer([p for (_, p), e in zip(named, is_expert) if e], bucket_numel,
+                                                    expert_group, shard=use_distributed_optimizer, param_names=names,
+                                                    expert=True)
+        self.buffers = [b for b in (self.buffer, self.expert_buffer) if b is not None]
+        self.bucket_of = {k: v for b in self.buffers for k, v in b.bucket_of.items()}
         self.sync_enabled = True  # False inside no_sync(): micro-batches before the last only accumulate
         self._hooks = []
         for _, p in named:
             self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_hook))
             p.accumulate_main_grad = functools.partial(self._accumulate_main_grad, p)
-        if self.buffer.shard and self.buffer.dp_size > 1:
+        if use_distributed_optimizer and any(b.dp_size > 1 for b in self.buffers):
             self._register_param_gather_hooks()
 
     def forward(self, *args, **kwargs):
@@ -87,9 +104,9 @@ class DistributedDataParallel(nn.Module):
             self._accumulate_main_grad(param, grad)
 
     def _accumulate_main_grad(self, param, grad):
-        bucket = self.buffer.bucket_of[id(param)]
+        bucket = self.bucket_of[id(param)]
         if bucket.launched:
-            raise RuntimeError(f"gradient of {self.buffer.name(param)} arrived after bucket {bucket.index}'s "
+            raise RuntimeError(f"gradient of {bucket.owner.name(param)} arrived after bucket {bucket.index}'s "
                                "reduction started: a parameter used again after its gradient was final?")
         if grad is not None:  # None: a fused layer wrote main_grad itself (weight_grad.py); only mark it ready
             param.main_grad.add_(grad.detach())  # no autograd history into the buffer
@@ -100,14 +117,14 @@ class DistributedDataParallel(nn.Module):
             self._start_bucket_sync(bucket)
 
     def _start_bucket_sync(self, bucket):
-        self.buffer.start_bucket_sync(bucket)
+        bucket.owner.start_bucket_sync(bucket)
 
     # -- parameter all-gather (distributed optimizer) -----------------------------------------------
 
     def _register_param_gather_hooks(self):
         """A forward pre-hook on each module that owns parameters: it waits for the buckets holding that
         module's own parameters (not its children's, whose hooks wait for theirs when they run)."""
-        bucket_of = self.buffer.bucket_of
+        bucket_of = self.bucket_of
         for module in self.module.modules():
             buckets = {id(bucket_of[id(p)]): bucket_of[id(p)] for p in module.parameters(recurse=False)
                        if id(p) in bucket_of}
@@ -117,20 +134,22 @@ class DistributedDataParallel(nn.Module):
 
     def _wait_for_params(self, buckets, module, args):
         for bucket in buckets:
-            self.buffer.finish_bucket_param_sync(bucket)
+            bucket.owner.finish_bucket_param_sync(bucket)
 
     def start_param_gather(self):
         """After the optimizer updated this rank's shards: all-gathers every bucket's parameters,
         asynchronously under overlap_param_gather (waited on at first use), else before returning."""
-        self.buffer.start_param_sync()
+        for buffer in self.buffers:
+            buffer.start_param_sync()
         if not self.overlap_param_gather:
-            self.buffer.finish_param_sync()
+            self.finish_param_gather()
 
     def finish_param_gather(self):
         """Waits for every parameter all-gather in flight; call before reading or writing the parameters
         outside a forward pass, and before destroying the process groups (a gloo or NCCL group destroyed
         under a pending all-gather aborts the process; Trainer.close does it)."""
-        self.buffer.finish_param_sync()
+        for buffer in self.buffers:
+            buffer.finish_param_sync()
 
     # -- the step's protocol -----------------------------------------------------------------------
 
@@ -145,21 +164,24 @@ class DistributedDataParallel(nn.Module):
 
     def start_grad_sync(self):
         """Launches every bucket not launched yet (all of them when overlap_grad_reduce is off)."""
-        for bucket in self.buffer.buckets:
-            if not bucket.launched:
-                self._start_bucket_sync(bucket)
+        for buffer in self.buffers:
+            for bucket in buffer.buckets:
+                if not bucket.launched:
+                    self._start_bucket_sync(bucket)
 
     def finish_grad_sync(self):
         """Waits until every bucket is reduced; main_grad then holds the data-parallel sum (or, with the
         distributed optimizer, this rank's shards of it)."""
         self.start_grad_sync()
-        self.buffer.finish_grad_sync()
+        for buffer in self.buffers:
+            buffer.finish_grad_sync()
 
     def zero_grad_buffer(self):
         """Zeros main_grad before a step's first micro-batch."""
-        for p in self.buffer.params:
-            p.grad = None
-        self.buffer.reset()
+        for buffer in self.buffers:
+            for p in buffer.params:
+                p.grad = None
+            buffer.reset()
 
     def state_dict(self, *args, **kwargs):
         self.finish_param_gather()  # the tensors returned are the parameters themselves
@@ -182,6 +204,7 @@ def wrap_data_parallel(model_chunks, parallel_cfg=None, distributed_optimizer=Fa
     dtype."""
     cfg = coerce("parallel", parallel_cfg)
     group = ps.get_dp_cp_group() if ps.is_initialized() else None
+    expert_group = ps.get_expert_dp_group() if ps.is_initialized() and ps.get_ep_size() > 1 else None
     wrapped = []
     for chunk in model_chunks:
         if isinstance(chunk, DistributedDataParallel):
@@ -190,5 +213,6 @@ def wrap_data_parallel(model_chunks, parallel_cfg=None, distributed_optimizer=Fa
         isolate = tied_embedding_params(chunk) if ps.get_pp_size() > 1 else []
         wrapped.append(DistributedDataParallel(chunk, cfg.bucket_size_mb, cfg.overlap_grad_reduce,
                                                distributed_optimizer, group, isolate_params=isolate,
-                                               overlap_param_gather=overlap_param_gather))
+                                               overlap_param_gather=overlap_param_gather,
+                                               expert_group=expert_group))
     return wrapped

@@ -50,6 +50,7 @@ class Bucket:
 
     def __init__(self, index, params, start, end, buffer):
         self.index, self.params, self.start, self.end = index, params, start, end
+        self.owner = buffer       # the ParamAndGradBuffer it is a range of
         self.param_data = buffer.param_data[start:end]
         self.grad_data = buffer.grad_data[start:end]
         self.ready = set()        # parameters whose last-micro-batch gradient has arrived
@@ -79,7 +80,7 @@ class ParamAndGradBuffer:
     unset (a model without the wrapper keeps using ``.grad``)."""
 
     def __init__(self, params, bucket_numel=None, data_parallel_group=None, shard=False, isolate=(),
-                 param_names=None, expose_main_grad=True):
+                 param_names=None, expose_main_grad=True, expert=False):
         if not params:
             raise ValueError("ParamAndGradBuffer: the model has no trainable parameters")
         dtypes = {p.dtype for p in params}
@@ -93,6 +94,7 @@ class ParamAndGradBuffer:
         self.dp_size = dist.get_world_size(data_parallel_group) if data_parallel_group is not None else 1
         self.dp_rank = dist.get_rank(data_parallel_group) if data_parallel_group is not None else 0
         self.shard = shard
+        self.expert = expert  # the experts of expert parallelism, reduced over expert DP (distributed/ddp.py)
         self.names = param_names or {}
         isolate = {id(p) for p in isolate}
 

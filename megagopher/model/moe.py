@@ -32,6 +32,7 @@ from megagopher import parallel_state as ps
 from megagopher.tensor_parallel import reduce_from_tp_region, set_init
 
 from .gpt import MLP
+from .moe_dispatch import AllToAllDispatcher
 from .moe_experts import GroupedExperts, LocalDispatcher
 
 
@@ -163,12 +164,16 @@ class MoELayer(nn.Module):
         super().__init__()
         self.cfg, self.layer_number, self.sp = cfg, layer_number, sequence_parallel
         self.router = Router(cfg, sequence_parallel)
-        tp = ps.get_tp_size()
-        # Expert parallelism will give this rank the contiguous range [first, first + local) of the experts.
-        self.first_expert, self.num_local_experts = 0, cfg.num_experts
-        self.experts = GroupedExperts(cfg, self.num_local_experts, cfg.num_layers, tp)
-        self.dispatcher = LocalDispatcher(cfg.num_experts, self.first_expert, self.num_local_experts,
-                                          sequence_parallel, tp)
+        tp, ep = ps.get_tp_size(), ps.get_ep_size()
+        if cfg.num_experts % ep:
+            raise ValueError(f"model.num_experts = {cfg.num_experts} is not divisible by parallel.ep = {ep}")
+        # Expert parallelism gives this rank the contiguous range [first, first + local) of the experts.
+        self.num_local_experts = cfg.num_experts // ep
+        self.first_expert = ps.get_ep_rank() * self.num_local_experts
+        experts = (cfg.num_experts, self.first_expert, self.num_local_experts)
+        self.experts = GroupedExperts(cfg, experts, cfg.num_layers, tp)
+        dispatcher = AllToAllDispatcher if ep > 1 else LocalDispatcher
+        self.dispatcher = dispatcher(cfg.num_experts, self.first_expert, self.num_local_experts, sequence_parallel, tp)
         self.shared = None
         if cfg.moe_shared_experts:
             shared_cfg = dataclasses.replace(cfg, ffn_hidden_size=cfg.moe_shared_experts * cfg.moe_ffn_hidden_size)

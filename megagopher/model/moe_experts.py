@@ -27,25 +27,31 @@ from megagopher.tensor_parallel.mappings import gather_sequence
 
 
 class _ExpertLinear(nn.Module):
-    """weight (experts, out / tp or out, in / tp or in) and an optional bias (experts, out-shard)."""
+    """weight (local experts, out / tp or out, in / tp or in) and an optional bias (local experts, out-shard):
+    experts [first, first + local) of ``total``. ``full_shape`` and ``expert_first`` say where the local
+    block sits in the whole (total, out, in) tensor, which initialisation and checkpoints work on (the
+    whole tensor's draw does not depend on the layout; tensor_parallel.layers.take_shard cuts it)."""
 
     def __init__(self, experts, out_features, in_features, split_dim, bias, init_std, tp):
         super().__init__()
-        shape = [experts, out_features, in_features]
+        total, first, count = experts
+        shape = [total, out_features, in_features]
         if shape[split_dim] % tp:
             raise ValueError(f"MoE experts: dimension {shape[split_dim]} of the expert weight {tuple(shape)} "
                              f"is not divisible by tp {tp}")
-        local = list(shape)
+        local = [count] + shape[1:]
         local[split_dim] //= tp
         self.weight = nn.Parameter(torch.empty(*local))
         set_init(self.weight, shape, partition_dim=split_dim, std=init_std)
         self.bias = None
         if bias:
             bias_split = 1 if split_dim == 1 else None
-            self.bias = nn.Parameter(torch.empty(experts, local[1]))
-            set_init(self.bias, (experts, out_features), partition_dim=bias_split, fill=0.0)
+            self.bias = nn.Parameter(torch.empty(count, local[1]))
+            set_init(self.bias, (total, out_features), partition_dim=bias_split, fill=0.0)
             # A row-parallel bias is added on TP rank 0 only: sum its gradient over TP (finalize.py).
             self.bias.sequence_parallel = bias_split is None and tp > 1
+        for p in self.parameters():
+            p.expert_first = first
 
     def forward(self, x, tokens_per_expert, add_bias=True):
         """x [N, in] grouped by expert -> [N, out]. A call, not a method, so ZeRO-1's forward pre-hook (the
@@ -63,15 +69,16 @@ class _ExpertLinear(nn.Module):
 class GroupedExperts(nn.Module):
     """num_local_experts MLPs (fc1, activation, fc2) applied to the rows of each expert."""
 
-    def __init__(self, cfg, num_local_experts, num_layers_total, tp):
+    def __init__(self, cfg, experts, num_layers_total, tp):
+        """``experts``: (total, first, local), the local experts being [first, first + local)."""
         super().__init__()
         self.swiglu = cfg.activation == "swiglu"
         self.approximate = "none" if cfg.activation == "gelu_exact" else "tanh"
         ffn, h = cfg.moe_ffn_hidden_size, cfg.hidden_size
         self.tp = tp
-        self.fc1 = _ExpertLinear(num_local_experts, 2 * ffn if self.swiglu else ffn, h, 1, cfg.bias,
+        self.fc1 = _ExpertLinear(experts, 2 * ffn if self.swiglu else ffn, h, 1, cfg.bias,
                                  cfg.init_std, tp)
-        self.fc2 = _ExpertLinear(num_local_experts, h, ffn, 2, cfg.bias,
+        self.fc2 = _ExpertLinear(experts, h, ffn, 2, cfg.bias,
                                  cfg.init_std / (2 * num_layers_total) ** 0.5, tp)
 
     def forward(self, x, tokens_per_expert):
@@ -85,20 +92,39 @@ class GroupedExperts(nn.Module):
 
 
 class LocalDispatcher:
-    """Dispatch and combine without expert parallelism (see the module docstring)."""
+    """Dispatch and combine without expert parallelism (see the module docstring); its tensor-parallel
+    steps are AllToAllDispatcher's too (model/moe_dispatch.py)."""
 
     def __init__(self, num_experts, first_expert, num_local_experts, sequence_parallel, tp):
         self.num_experts, self.first, self.local = num_experts, first_expert, num_local_experts
         self.sp, self.tp = sequence_parallel and tp > 1, tp
         self._state = None
 
-    def dispatch(self, hidden, probs, routing_map):
-        """hidden [T, h], probs [T, E] (fp32, zero off the routing), routing_map [T, E] bool."""
+    def tensor_parallel_input(self, hidden, probs, routing_map):
+        """The TP group's tokens, weights and map on every TP rank (the experts are TP-split)."""
         if self.sp:
             hidden, probs = gather_from_sp_region(hidden), gather_from_sp_region(probs)
             routing_map = gather_sequence(routing_map.to(torch.uint8), ps.get_tp_group()).bool()
         elif self.tp > 1:
             hidden, probs = copy_to_tp_region(hidden), copy_to_tp_region(probs)
+        return hidden, probs, routing_map
+
+    def weighted_sum(self, rows, weight, token_index, shape):
+        """Each row times its routing weight, summed into its token (fp32), then the TP reduction of the
+        experts' partial sums."""
+        weighted = rows.float() * weight.unsqueeze(-1)
+        out = torch.zeros(shape, dtype=torch.float32, device=rows.device)
+        # index_put (not index_add, which keeps its [rows, h] source for the backward) keeps only the index.
+        out = out.index_put((token_index,), weighted, accumulate=True).to(rows.dtype)
+        if self.sp:
+            return reduce_scatter_to_sp_region(out)
+        if self.tp > 1:
+            return reduce_from_tp_region(out)
+        return out
+
+    def dispatch(self, hidden, probs, routing_map):
+        """hidden [T, h], probs [T, E] (fp32, zero off the routing), routing_map [T, E] bool."""
+        hidden, probs, routing_map = self.tensor_parallel_input(hidden, probs, routing_map)
         local_map = routing_map[:, self.first:self.first + self.local]
         expert_index, token_index = local_map.t().nonzero(as_tuple=True)  # grouped by expert, tokens in order
         weight = probs[:, self.first:self.first + self.local][token_index, expert_index]
@@ -108,12 +134,4 @@ class LocalDispatcher:
     def combine(self, expert_output):
         token_index, weight, shape = self._state
         self._state = None
-        weighted = expert_output.float() * weight.unsqueeze(-1)
-        out = torch.zeros(shape, dtype=torch.float32, device=expert_output.device)
-        # index_put (not index_add, which keeps its [rows, h] source for the backward) keeps only the index.
-        out = out.index_put((token_index,), weighted, accumulate=True).to(expert_output.dtype)
-        if self.sp:
-            return reduce_scatter_to_sp_region(out)
-        if self.tp > 1:
-            return reduce_from_tp_region(out)
-        return out
+        return self.weighted_sum(expert_output, weight, token_index, shape)

@@ -36,7 +36,7 @@ from megagopher.common import PRECISION_DTYPES
 from megagopher.config.schema import coerce
 from megagopher.distributed.ddp import DistributedDataParallel
 from megagopher.distributed.param_and_grad_buffer import ParamAndGradBuffer
-from megagopher.optimizer.clip import clip_by_norm, counts_once, global_norm
+from megagopher.optimizer.clip import clip_by_norm, counts_once, global_norm_of_parts
 from megagopher.optimizer.grad_scaler import DynamicLossScaler
 
 STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
@@ -97,7 +97,7 @@ class Optimizer:
                 if chunk.use_distributed_optimizer != distributed:
                     raise ValueError(f"optimizer.distributed = {distributed} but the model chunks were wrapped "
                                      f"with distributed_optimizer={chunk.use_distributed_optimizer}")
-                self.buffers.append(chunk.buffer)
+                self.buffers.extend(chunk.buffers)
             else:
                 # A model without the data-parallel wrapper: give it a local buffer (no communication)
                 # and copy its .grad in at step time.
@@ -109,10 +109,21 @@ class Optimizer:
                 self.buffers.append(buffer)
                 self._unwrapped.append(buffer)
         self.shards = [_Shard(b, lo, hi) for b in self.buffers for lo, hi in b.owned_ranges()]
-        # Shards of a distributed optimizer are disjoint across DP: norms and inf checks sum over DP too.
-        self._norm_groups = [ps.get_dp_cp_group()] if distributed and ps.get_dp_size() * ps.get_cp_size() > 1 \
-            else []
         self.step_count = 0
+
+    def _norm(self, tensor_of):
+        """The global L2 norm of ``tensor_of(shard)`` over the counted ranges (clip.global_norm). Shards of
+        a distributed optimizer are disjoint over their buffer's group (dense: DP x CP, experts: expert DP
+        x CP), and the ranks of an expert-parallel group hold different experts: the squares are summed
+        over those groups too."""
+        dense, expert = [], []
+        for s in self.shards:
+            (expert if s.buffer.expert else dense).extend(tensor_of(s)[lo:hi] for lo, hi in s.norm_ranges)
+        sharded = self.distributed and ps.get_dp_size() * ps.get_cp_size() > 1
+        parts = [(dense, [ps.get_dp_cp_group()] if sharded else [])]
+        if any(s.buffer.expert for s in self.shards):
+            parts.append((expert, ([ps.get_expert_dp_group()] if self.distributed else []) + [ps.get_ep_group()]))
+        return global_norm_of_parts(parts)
 
     # -- the trainer's interface -------------------------------------------------------------------
 
@@ -148,18 +159,18 @@ class Optimizer:
             self.scaler.update(found_inf)
             if found_inf:  # every rank agrees, so every rank skips, and the parameters stay replicated
                 return False, None
-        norm = global_norm([s.grad[lo:hi] for s in self.shards for lo, hi in s.norm_ranges], self._norm_groups)
+        norm = self._norm(lambda s: s.grad)
         clip_by_norm(grads, norm, self.clip_grad)
         self.step_count += 1
         for shard in self.shards:
             self._adamw(shard)
             if shard.has_master_copy:
                 shard.model_params.copy_(shard.master)
-        for chunk, buffer in zip(self.chunks, self.buffers):  # chunk 0 first: its forward runs first
+        for chunk in self.chunks:  # chunk 0 first: its forward runs first
             if isinstance(chunk, DistributedDataParallel):
                 chunk.start_param_gather()
-            else:
-                buffer.all_gather_params()
+        for buffer in self._unwrapped:
+            buffer.all_gather_params()
         return True, float(norm)
 
     def finish_param_gather(self):
@@ -177,8 +188,7 @@ class Optimizer:
     def params_norm(self):
         """The global L2 norm of the (master) parameters, each counted once. Collective."""
         self._finish_gather_if_master_is_model()
-        return float(global_norm([s.master[lo:hi] for s in self.shards for lo, hi in s.norm_ranges],
-                                 self._norm_groups))
+        return float(self._norm(lambda s: s.master))
 
     # -- internals ---------------------------------------------------------------------------------
 

@@ -108,7 +108,11 @@ def init_parameters(module, seed, tp_rank=None, tp_size=None):
 def take_shard(param, full, tp_rank, tp_size):
     """This TP rank's slice of ``full`` (the unpadded whole of ``param``) along its split dimension, after
     padding the vocabulary with zero rows that no token ever uses. Used for initialisation and for loading
-    a checkpoint saved under any layout."""
+    a checkpoint saved under any layout. An expert parameter (model/moe_experts.py) first keeps its
+    experts' block of dimension 0 (expert parallelism)."""
+    first = getattr(param, "expert_first", None)
+    if first is not None:
+        full = full.narrow(0, first, param.shape[0])
     dim = getattr(param, "partition_dim", None)
     if dim is None:
         return full

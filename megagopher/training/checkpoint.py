@@ -70,8 +70,11 @@ def iter_dir(root, iteration):
 
 
 def layout():
-    return {"tp": ps.get_tp_size(), "pp": ps.get_pp_size(), "dp": ps.get_dp_size(), "vpp": ps.get_vpp_size(),
-            "cp": ps.get_cp_size(), "world": dist.get_world_size()}
+    out = {"tp": ps.get_tp_size(), "pp": ps.get_pp_size(), "dp": ps.get_dp_size(), "vpp": ps.get_vpp_size(),
+           "cp": ps.get_cp_size(), "world": dist.get_world_size()}
+    if ps.get_ep_size() > 1:  # named only when used, so checkpoints from before expert parallelism compare equal
+        out["ep"] = ps.get_ep_size()
+    return out
 
 
 def resume_seed(seed, iteration):

@@ -14,15 +14,16 @@ from megagopher.config import ConfigError, from_tables
 from megagopher.optimizer.optimizer import STATE_KEYS
 from megagopher.tensor_parallel.layers import take_shard
 from megagopher.training.ckpt_files import CheckpointCorrupt
-from megagopher.training.ckpt_save import named_parameters
+from megagopher.training.ckpt_save import expert_offset, named_parameters, saved_local_shape
 
 
 def _same_cut(reader, name, p):
-    """True when this rank's local tensor of ``p`` is exactly a saved TP rank's: then it is read as it is."""
-    entry = reader.entry(name)
+    """True when this rank's local tensor of ``p`` is (a block of experts of) a saved TP rank's: then it is
+    read as it is."""
+    entry, shape = reader.entry(name), saved_local_shape(p)
     if entry["partition_dim"] is None:
-        return list(p.shape) == reader.local_shape(name, 0)
-    return entry["tp_size"] == ps.get_tp_size() and list(p.shape) == reader.local_shape(name, ps.get_tp_rank())
+        return shape == reader.local_shape(name, 0)
+    return entry["tp_size"] == ps.get_tp_size() and shape == reader.local_shape(name, ps.get_tp_rank())
 
 
 def read_slice(reader, name, kind, p, lo, out):
@@ -31,7 +32,7 @@ def read_slice(reader, name, kind, p, lo, out):
     joins the one tensor, re-pads the vocabulary and cuts it for this layout."""
     if _same_cut(reader, name, p):
         tp_rank = 0 if reader.entry(name)["partition_dim"] is None else ps.get_tp_rank()
-        reader.read_local(name, kind, tp_rank, out, lo)
+        reader.read_local(name, kind, tp_rank, out, lo + expert_offset(p))
         return
     local = take_shard(p, reader.full_tensor(name, kind), ps.get_tp_rank(), ps.get_tp_size())
     if local.shape != p.shape:

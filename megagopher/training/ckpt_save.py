@@ -12,9 +12,13 @@ and optimizer state, each a view of the memory the training already holds (no ga
   - The rank's RNG states go in the same file ("rng/...").
 
 A piece is named ``kind/name/tp_rank/lo``: ``kind`` one of PIECE_KINDS, ``name`` the layout-independent
-parameter name, elements [lo, hi) of the flattened tensor that TP rank ``tp_rank`` holds. The index of all
+parameter name, elements [lo, hi) of the flattened tensor that TP rank ``tp_rank`` holds. Expert parameters
+under expert parallelism are written as if ep were 1: a rank's experts are a block of dimension 0 of the
+TP rank's (experts, out, in) tensor, i.e. one contiguous range of its flattening, so their pieces are
+indexed in that whole tensor (``expert_offset``) and a reader under any ep reads the range it holds. The index of all
 pieces goes into the checkpoint's metadata.json, so a reader under any layout finds the ranges it needs.
 """
+import math
 import threading
 
 import torch
@@ -40,19 +44,35 @@ def named_parameters(chunks):
     return out
 
 
+def saved_local_shape(p):
+    """The TP rank's tensor of ``p`` as a checkpoint holds it: an expert parameter's with all the experts."""
+    if not hasattr(p, "expert_first"):
+        return list(p.shape)
+    return [p.full_shape[0]] + list(p.shape[1:])
+
+
+def expert_offset(p):
+    """Where this rank's flattened ``p`` starts in the flattened ``saved_local_shape(p)`` (0 but for the
+    experts of an expert-parallel rank)."""
+    return getattr(p, "expert_first", 0) * math.prod(p.shape[1:])
+
+
 def tensor_meta(p):
     """What a reader under another layout needs to re-cut ``p``: its unpadded full shape, split dimension,
     the TP size and this TP rank's local shape."""
     return {"full_shape": list(getattr(p, "full_shape", p.shape)), "partition_dim": getattr(p, "partition_dim", None),
-            "tp_size": ps.get_tp_size(), "dtype": str(p.dtype).replace("torch.", ""), "local_shape": list(p.shape)}
+            "tp_size": ps.get_tp_size(), "dtype": str(p.dtype).replace("torch.", ""),
+            "local_shape": saved_local_shape(p)}
 
 
-def _write_ranges(buffer):
+def _write_ranges(buffer, expert=False):
     """The [lo, hi) ranges of ``buffer`` this rank writes (see the module docstring)."""
     if buffer.shard:
         return buffer.owned_ranges()
-    if buffer.group is None:  # a model without the data-parallel wrapper: DP rank 0 writes it all
-        return [(0, buffer.numel)] if ps.get_dp_rank() == 0 and ps.get_cp_rank() == 0 else []
+    if buffer.group is None:  # a model without the data-parallel wrapper: DP rank 0 writes it all (its
+        # experts: every rank of DP rank 0's expert-parallel group, the first ep ranks of DP)
+        first = ps.get_dp_rank() < (ps.get_ep_size() if expert else 1)
+        return [(0, buffer.numel)] if first and ps.get_cp_rank() == 0 else []
     n, r, d = buffer.numel, buffer.dp_rank, buffer.dp_size
     return [(n * r // d, n * (r + 1) // d)]
 
@@ -60,7 +80,7 @@ def _write_ranges(buffer):
 def _pieces_of(p, buffer, shards):
     """(kind, lo, hi, flat view) of ``p`` this rank writes; lo/hi index the flattened local tensor."""
     p_lo, p_hi = buffer.param_range[id(p)]
-    for w_lo, w_hi in _write_ranges(buffer):
+    for w_lo, w_hi in _write_ranges(buffer, hasattr(p, "expert_first")):
         lo, hi = max(p_lo, w_lo), min(p_hi, w_hi)
         if lo >= hi:
             continue
@@ -84,7 +104,8 @@ class _Alone:
 def plan_pieces(chunks, optimizer):
     """(tensors, index): {key: flat tensor view} this rank writes, and {name: {**tensor_meta, "pieces":
     [[kind, lo, hi, key], ...]}} for every parameter it holds (pieces may be empty)."""
-    buffers = list(optimizer.buffers) if optimizer is not None else [c.buffer for c in chunks if hasattr(c, "buffer")]
+    buffers = list(optimizer.buffers) if optimizer is not None else \
+        [b for c in chunks for b in getattr(c, "buffers", ())]
     where = {id(p): b for b in buffers for p in b.params}
     shards = {}
     for s in optimizer.shards if optimizer is not None else ():
@@ -98,7 +119,9 @@ def plan_pieces(chunks, optimizer):
         buffer = where.get(id(p))
         if buffer is None:  # a weights-only save of chunks without the wrapper: a buffer of its own
             buffer = _Alone(p)
+        offset = expert_offset(p)
         for kind, lo, hi, flat in _pieces_of(p, buffer, shards.get(id(buffer), [])):
+            lo, hi = lo + offset, hi + offset
             key = f"{kind}/{name}/{tp_rank}/{lo}"
             tensors[key] = flat
             entry["pieces"].append([kind, lo, hi, key])

@@ -69,7 +69,7 @@ class Trainer(CheckpointedRun):
         self.eod = data_lib.eod_id_of(cfg)  # None unless some stage masks documents
         self.device = setup_distributed(cfg)
         p = cfg.parallel
-        ps.initialize_model_parallel(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp)
+        ps.initialize_model_parallel(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep)
         self.rank = dist.get_rank()
         model_parallel_seed(cfg.training.seed, ps.get_tp_rank(), ps.get_pp_rank(), self.device)
         self.tracer = Tracer(enabled=p.trace, device=self.device)

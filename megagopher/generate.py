@@ -3,6 +3,7 @@
     python -m megagopher.generate --checkpoint DIR (--prompt TEXT | --prompt-ids 5,17,42) \\
            [--max-new-tokens N] [--greedy | --temperature T --top-p P [--top-k K]] [--seed S]
     torchrun --nproc-per-node 2 -m megagopher.generate --checkpoint DIR --prompt-ids 5,17,42 --tp 2
+    torchrun --nproc-per-node 4 -m megagopher.generate --checkpoint MOE_DIR --prompt-ids 5,17 --tp 2 --ep 2
 
 DIR is a checkpoint root (``latest`` names the newest) or one ``iter_NNNNNNN`` directory. The weights load
 into a GPTModel at the requested TP size (pp = 1) from any saved layout. With ``--prompt-ids`` the last
@@ -26,7 +27,12 @@ ranks hold the same full logits. The token is chosen on TP rank 0 (its generator
 and broadcast, so every rank extends the same sequence whatever the floating-point ties. Logits past the
 real vocabulary (TP padding) are dropped before choosing and can never be sampled.
 
-Python API (used by megagopher.evaluate): ``load_model(checkpoint, tp)``, ``generate(model, ids, ...)``
+Expert parallelism (a MoE checkpoint, ``--ep``): the world is tp x ep processes, every one running the same
+sequence; each expert-parallel rank holds 1/ep of every MoE layer's experts and the tokens reach them by
+all-to-all (model/moe_dispatch.py), so a model too large for one device's experts still generates. The
+token is then chosen on global rank 0 and broadcast to every rank.
+
+Python API (used by megagopher.evaluate): ``load_model(checkpoint, tp, ep=1)``, ``generate(model, ids, ...)``
 -> new ids, ``score(model, context_ids, continuation_ids)`` -> log-likelihood of the continuation.
 """
 import argparse
@@ -60,35 +66,37 @@ def _unwrap(model):
 
 
 # -- loading --------------------------------------------------------------------------------------------
-def setup_tensor_parallel(tp, device):
-    """Process groups for ``tp`` ranks (pp = 1). One process needs none; under torchrun the world must be
-    exactly ``tp`` processes. Returns the TP size."""
+def setup_tensor_parallel(tp, device, ep=1):
+    """Process groups for ``tp`` x ``ep`` ranks (pp = 1, dp = ep). One process needs none; under torchrun
+    the world must be exactly tp * ep processes. Returns the TP size."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if dist.is_initialized():
         world = dist.get_world_size()
-    tp = world if tp is None else tp
-    if not isinstance(tp, int) or tp < 1:
-        raise ValueError(f"--tp {tp!r} must be a positive integer")
-    if tp != world:
-        hint = f"run under torchrun --nproc-per-node {tp}" if world == 1 else f"use --tp {world}"
-        raise ValueError(f"--tp {tp} needs {tp} processes but there are {world}: {hint}")
+    for flag, value in (("--ep", ep), ("--tp", tp)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{flag} {value!r} must be a positive integer")
+    tp = world // ep if tp is None else tp
+    if tp * ep != world:
+        hint = f"run under torchrun --nproc-per-node {tp * ep}" if world == 1 else \
+            f"use --tp {world // ep}" if world % ep == 0 else f"--ep {ep} does not divide {world}"
+        raise ValueError(f"--tp {tp} --ep {ep} needs {tp * ep} processes but there are {world}: {hint}")
     if ps.is_initialized():
-        if ps.get_tp_size() != tp or ps.get_pp_size() != 1:
-            raise ValueError(f"parallel state already set up with tp {ps.get_tp_size()}, pp {ps.get_pp_size()}; "
-                             f"generation needs tp {tp}, pp 1")
+        if ps.get_tp_size() != tp or ps.get_pp_size() != 1 or ps.get_ep_size() != ep:
+            raise ValueError(f"parallel state already set up with tp {ps.get_tp_size()}, pp {ps.get_pp_size()}, "
+                             f"ep {ps.get_ep_size()}; generation needs tp {tp}, pp 1, ep {ep}")
         return tp
-    if tp == 1:
+    if world == 1:
         return 1  # one process: the parallel layers need no process group
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    ps.initialize_model_parallel(tp=tp)
+    ps.initialize_model_parallel(tp=tp, ep=ep)
     return tp
 
 
-def load_model(checkpoint, tp=None, device="auto", dtype="fp32", tokenizer_dir=None, need_tokenizer=False):
-    """Builds a GPTModel for ``tp`` ranks (collective under TP: every rank calls it) and loads the weights
+def load_model(checkpoint, tp=None, device="auto", dtype="fp32", tokenizer_dir=None, need_tokenizer=False, ep=1):
+    """Builds a GPTModel for ``tp`` x ``ep`` ranks (collective: every rank calls it) and loads the weights
     of ``checkpoint`` (a root with ``latest`` or an iter_ directory), saved under any layout."""
     from megagopher.export.loading import load_run_tokenizer, model_config_of, open_checkpoint
     from megagopher.model import GPTModel
@@ -99,7 +107,10 @@ def load_model(checkpoint, tp=None, device="auto", dtype="fp32", tokenizer_dir=N
     reader = open_checkpoint(checkpoint)
     cfg = model_config_of(reader)
     tokenizer = load_run_tokenizer(reader, tokenizer_dir, required=need_tokenizer)
-    tp = setup_tensor_parallel(tp, device)
+    if ep > 1 and (not cfg.num_experts or cfg.num_experts % ep):
+        raise ValueError(f"--ep {ep}: the checkpoint's model has model.num_experts = {cfg.num_experts}, which "
+                         "must be a positive multiple of it")
+    tp = setup_tensor_parallel(tp, device, ep)
     if cfg.num_query_groups % tp or cfg.num_attention_heads % tp:
         raise ValueError(f"--tp {tp}: model.num_query_groups = {cfg.num_query_groups} and "
                          f"model.num_attention_heads = {cfg.num_attention_heads} must be divisible by it")
@@ -158,11 +169,15 @@ class Sampler:
 
 
 def _agree(token, device):
-    """Every TP rank continues with TP rank 0's token."""
-    if ps.get_tp_size() == 1:
+    """Every TP rank continues with TP rank 0's token; under expert parallelism every rank with global
+    rank 0's (the ranks of an expert-parallel group must run the same steps, all-to-all for all-to-all)."""
+    if ps.get_tp_size() == 1 and ps.get_ep_size() == 1:
         return token
     t = torch.tensor([token], dtype=torch.long, device=device)
-    dist.broadcast(t, src=ps.get_tp_ranks()[0], group=ps.get_tp_group())
+    if ps.get_ep_size() > 1:
+        dist.broadcast(t, src=0)
+    else:
+        dist.broadcast(t, src=ps.get_tp_ranks()[0], group=ps.get_tp_group())
     return int(t.item())
 
 
@@ -258,7 +273,9 @@ def build_parser():
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (samples)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
-    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: the number of processes)")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: the number of processes "
+                                                         "/ --ep)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size of a MoE checkpoint (processes = tp * ep)")
     p.add_argument("--eod", type=int, default=None, help="stop id (default: the tokenizer's end-of-document; "
                                                          "-1 never stops early)")
     p.add_argument("--tokenizer-dir", default=None, help="tokenizer directory (default: the run's data.tokenizer_dir)")
@@ -277,7 +294,7 @@ def main(argv=None):
             raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be >= 0")
         sampling = args.temperature is not None or args.top_p is not None or args.top_k > 0
         lm = load_model(args.checkpoint, tp=args.tp, device=args.device, dtype=args.dtype,
-                        tokenizer_dir=args.tokenizer_dir, need_tokenizer=args.prompt is not None)
+                        tokenizer_dir=args.tokenizer_dir, need_tokenizer=args.prompt is not None, ep=args.ep)
         ids = lm.tokenizer.encode(args.prompt) if args.prompt is not None else parse_ids(args.prompt_ids)
         eod = lm.eod if args.eod is None else (None if args.eod < 0 else args.eod)
         new = generate(lm.model, ids, args.max_new_tokens, greedy=not sampling,
@@ -289,6 +306,7 @@ def main(argv=None):
         return 2
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"megagopher.generate: {lm.path} (iteration {lm.iteration}), tp {ps.get_tp_size()}, "
+              f"ep {ps.get_ep_size()}, "
               f"{len(ids)} prompt tokens, {len(new)} new", file=sys.stderr, flush=True)
         if args.prompt is not None:
             print(lm.tokenizer.decode(new), flush=True)

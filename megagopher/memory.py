@@ -49,7 +49,7 @@ def _padded_vocab(cfg, tp):
     return int(math.ceil(cfg.vocab_size / multiple) * multiple)
 
 
-def layer_params(cfg, tp=1, moe=False):
+def layer_params(cfg, tp=1, moe=False, ep=1):
     """Parameters of one transformer layer on one TP rank (``moe``: with experts in place of the MLP)."""
     h, d, a, g, f = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_query_groups, cfg.ffn_hidden_size
     norm = h * (2 if cfg.normalization == "layernorm" else 1)
@@ -58,7 +58,7 @@ def layer_params(cfg, tp=1, moe=False):
     n += qkv * h + (qkv if cfg.bias else 0)                         # fused QKV, column-parallel
     n += h * a * d // tp + (h if cfg.bias else 0)                   # output projection, row-parallel
     if moe:
-        return n + moe_params(cfg, tp)
+        return n + moe_params(cfg, tp, ep)
     return n + _mlp_params(cfg, f, tp)
 
 
@@ -68,21 +68,27 @@ def _mlp_params(cfg, f, tp):
     return n + h * f // tp + (h if cfg.bias else 0)                 # fc2
 
 
-def moe_params(cfg, tp=1):
+def moe_params(cfg, tp=1, ep=1):
     """A MoE layer's router (E x h, replicated), its experts (each an MLP of moe_ffn_hidden_size, TP-split
-    like the MLP; fc2's bias per expert) and its shared experts' MLP, on one TP rank."""
+    like the MLP; fc2's bias per expert; E / ep of them on an expert-parallel rank) and its shared
+    experts' MLP, on one TP rank."""
     e, h, f = cfg.num_experts, cfg.hidden_size, cfg.moe_ffn_hidden_size
-    n = e * h + e * _mlp_params(cfg, f, tp)
+    n = e * h + expert_params(cfg, tp, ep)
     if cfg.moe_shared_experts:
         n += _mlp_params(cfg, cfg.moe_shared_experts * f, tp)
     return n
 
 
-def stage_params(cfg, tp, num_layers, pre_process, post_process, pp=1, first_layer=0):
+def expert_params(cfg, tp=1, ep=1):
+    """The routed experts of one MoE layer on one TP and expert-parallel rank."""
+    return cfg.num_experts // ep * _mlp_params(cfg, cfg.moe_ffn_hidden_size, tp)
+
+
+def stage_params(cfg, tp, num_layers, pre_process, post_process, pp=1, first_layer=0, ep=1):
     """Parameters of one model chunk of layers first_layer .. first_layer + num_layers - 1, as GPTModel builds
     them."""
     h = cfg.hidden_size
-    n = sum(layer_params(cfg, tp, cfg.is_moe_layer(i)) for i in range(first_layer, first_layer + num_layers))
+    n = sum(layer_params(cfg, tp, cfg.is_moe_layer(i), ep) for i in range(first_layer, first_layer + num_layers))
     vocab_rows = _padded_vocab(cfg, tp) // tp
     if pre_process:
         n += vocab_rows * h + (cfg.max_position_embeddings * h if cfg.position_embedding == "learned" else 0)
@@ -96,7 +102,7 @@ def stage_params(cfg, tp, num_layers, pre_process, post_process, pp=1, first_lay
 
 # -- activations -----------------------------------------------------------------------------------------
 
-def layer_activations(cfg, s, b, tp=1, sp=False, recompute="none", e=2, mask_bytes=1, moe=False):
+def layer_activations(cfg, s, b, tp=1, sp=False, recompute="none", e=2, mask_bytes=1, moe=False, ep=1):
     """Bytes one transformer layer (``moe``: a MoE layer) saves for the backward pass of one micro-batch,
     itemised.
 
@@ -144,7 +150,7 @@ def layer_activations(cfg, s, b, tp=1, sp=False, recompute="none", e=2, mask_byt
     if not (cfg.core_attention == "flash" and recompute != "selective"):
         out["output projection input"] = n * a * d // tp * e
     if moe:
-        out.update(moe_activations(cfg, n, n_sp, tp, e))
+        out.update(moe_activations(cfg, n, n_sp, tp, e, ep))
     else:
         out["MLP (activation input(s), fc2 input)"] = (3 if swiglu else 2) * n * f // tp * e
     if cfg.dropout > 0:
@@ -152,12 +158,14 @@ def layer_activations(cfg, s, b, tp=1, sp=False, recompute="none", e=2, mask_byt
     return out
 
 
-def moe_activations(cfg, n, n_sp, tp, e):
+def moe_activations(cfg, n, n_sp, tp, e, ep=1):
     """What a MoE layer keeps for its backward (model/moe.py, moe_experts.py): the router's fp32 input and
     probabilities, top-k and normalisers, the permuted rows (n * k of them: every token the experts see,
     gathered over TP, times top-k), the experts' MLP tensors on those rows and the grouped GEMMs' int32
     offsets, the combine's fp32 expert outputs and routing weights, the permutation's int64 indices (the
-    (expert, token) pairs, and the copies two gathers keep); and the shared experts' MLP."""
+    (expert, token) pairs, and the copies two gathers keep); and the shared experts' MLP. Under expert
+    parallelism a rank's experts see n * k rows when the load is balanced (the count assumes it), and the
+    all-to-all dispatcher keeps its two int64 regrouping permutations (model/moe_dispatch.py)."""
     h, k, experts, f = cfg.hidden_size, cfg.moe_top_k, cfg.num_experts, cfg.moe_ffn_hidden_size
     rows, swiglu = n * k, cfg.activation == "swiglu"
     out = {"MoE router (fp32 input, probabilities, top-k)": n_sp * (h * 4 + 2 * experts * 4 + k * 12 + 8)
@@ -166,6 +174,8 @@ def moe_activations(cfg, n, n_sp, tp, e):
            "MoE experts (activation input(s), fc2 input, offsets)": (3 if swiglu else 2) * rows * f // tp * e
            + 2 * (experts + 1) * 4,
            "MoE combine (fp32 outputs, weights, indices)": rows * (h * 4 + 4 + 32)}
+    if ep > 1:
+        out["MoE all-to-all permutations (int64)"] = 2 * rows * 8
     if cfg.moe_shared_experts:
         fs = cfg.moe_shared_experts * f
         # Its input is the norm output the router keeps, unless the router's is an fp32 copy or (under
@@ -234,7 +244,7 @@ def _chunk_activations(cfg, chunk, t, p, e, mask_bytes):
     for i in range(layers):  # the first ``full`` layers are recomputed (GPTModel.recompute_layers)
         mode = "full" if i < full else (t.recompute if t.recompute != "full" else "none")
         for k, v in layer_activations(cfg, s, t.micro_batch_size, p.tp, p.sp, mode, e, mask_bytes,
-                                      cfg.is_moe_layer(start + i)).items():
+                                      cfg.is_moe_layer(start + i), p.ep).items():
             items[k] = items.get(k, 0) + v
     for k, v in extra_activations(cfg, s, t.micro_batch_size, p.tp, p.sp, pre, post, e,
                                   mask_bytes).items():
@@ -265,8 +275,11 @@ def memory_report(model_cfg, parallel=None, training=None, optimizer=None, world
     state_bytes = 8 if t.precision == "fp32" else 12  # moments, plus the fp32 master copy for 16-bit params
     reports = []
     for rank, chunks in enumerate(_stage_layout(cfg, p.pp, p.vpp, p.pp_layers)):
-        n_params = sum(stage_params(cfg, p.tp, layers, pre, post, first_layer=start)
+        n_params = sum(stage_params(cfg, p.tp, layers, pre, post, first_layer=start, ep=p.ep)
                        for layers, pre, post, start in chunks)
+        # Under expert parallelism ZeRO-1 shards the experts' state over expert DP (dp * cp / ep ranks).
+        moe_layers = sum(cfg.is_moe_layer(i) for layers, _, _, start in chunks for i in range(start, start + layers))
+        n_experts = moe_layers * expert_params(cfg, p.tp, p.ep) if p.ep > 1 else 0
         per_chunk, items = [], {}
         for chunk in chunks:
             chunk_items = _chunk_activations(cfg, chunk, t, p, e, mask_bytes)
@@ -277,7 +290,8 @@ def memory_report(model_cfg, parallel=None, training=None, optimizer=None, world
         # Chunks are held in turn; count the average chunk once per micro-batch-chunk in flight.
         activations = int(sum(per_chunk) / len(per_chunk) * in_flight)
         model_states = {"params": n_params * e, "grads": n_params * 4,
-                        "optimizer": n_params * state_bytes // (dp * p.cp if o.distributed else 1)}
+                        "optimizer": (n_params - n_experts) * state_bytes // (dp * p.cp if o.distributed else 1)
+                        + n_experts * state_bytes // (dp * p.cp // p.ep if o.distributed else 1)}
         reports.append({**model_states, "activations": activations, "total": sum(model_states.values()) + activations,
                         "num_params": n_params, "pp_rank": rank, "in_flight": in_flight, "activation_items": items})
     report = reports[pp_rank] if pp_rank is not None else max(reports, key=lambda r: r["total"])

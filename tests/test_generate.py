@@ -76,6 +76,27 @@ def test_cli_greedy_tp1_and_tp2_match_the_model_logits(ckpt):
     assert len(tp2.stdout.strip().splitlines()) == 1  # rank 0 alone prints
 
 
+@pytest.fixture(scope="module")
+def moe_ckpt(tmp_path_factory):
+    """TINY with every MLP a MoE layer of 4 experts, top-2, trained 2 steps."""
+    tmp = tmp_path_factory.mktemp("gen_moe")
+    run_train(write_config(tmp), str(tmp / "run"), f"--checkpoint.dir={tmp / 'ckpt'}", "--training.train_iters=2",
+              "--model.num_layers=2", "--model.init_std=0.5", "--model.num_experts=4", "--model.moe_top_k=2")
+    return str(tmp / "ckpt")
+
+
+def test_moe_generation_serial_and_tp2_x_ep2_match_the_model_logits(moe_ckpt):
+    """A MoE checkpoint generates the reference greedy tokens alone and under tp2 x ep2 (4 processes: each
+    expert-parallel rank holds 2 of the 4 experts of every layer, the tokens reach them by all-to-all)."""
+    model = reference_model(moe_ckpt)
+    assert type(model.layers["0"].mlp).__name__ == "MoELayer"
+    expected = reference_greedy(model, PROMPT, NEW)
+    args = ["--checkpoint", moe_ckpt, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", str(NEW)]
+    assert last_ids(run_cli(args)) == expected
+    parallel = run_cli(args + ["--tp", "2", "--ep", "2"], nproc=4)
+    assert last_ids(parallel) == expected and "tp 2, ep 2" in parallel.stderr
+
+
 def cached_logits(model, ids, prefill):
     """Full-vocabulary logits at positions prefill - 1 .. len(ids) - 1 through GPTModel.forward's KV cache:
     one causal pass over ids[:prefill], then one token at a time."""
@@ -252,5 +273,6 @@ def test_cli_errors(ckpt, tmp_path, capsys):
     fails(["--checkpoint", ckpt, "--prompt", "hello"], "had no tokenizer")
     fails(["--checkpoint", str(tmp_path / "none"), "--prompt-ids", "1"], "does not exist")
     fails(["--checkpoint", ckpt, "--prompt-ids", "1", "--tp", "2"], "torchrun --nproc-per-node 2")
+    fails(["--checkpoint", ckpt, "--prompt-ids", "1", "--ep", "2"], "model.num_experts = 0")
     fails(["--checkpoint", ckpt, "--prompt-ids", "1,x"], "comma-separated integers")
     fails(["--checkpoint", ckpt, "--prompt-ids", ",".join(["1"] * 16)], "leaving no room")

@@ -220,3 +220,22 @@ def test_memory_report_counts_experts_and_dispatch_buffers():
                                   {"distributed": False})
     assert any(k.startswith("MoE permuted") for k in predicted["activation_items"])
     assert predicted["activations"] == measured["activations"]
+
+
+def test_expert_parallel_config_rules(tmp_path):
+    """parallel.ep: inside dp, a divisor of the experts, and only for a model that has (or grows) experts;
+    each rule fails on every rank before any collective (config/validate.py)."""
+    from megagopher.config import load_config, validate
+    from megagopher.config.validate import ParallelConfigError
+    from train_utils import TINY, write_config
+    path = write_config(tmp_path, TINY.replace("num_layers = 4", "num_layers = 2\nnum_experts = 4"))
+    assert validate(load_config(path, {"parallel.ep": 4}), 4) == 4
+    for overrides, world, message in (({"parallel.ep": 3}, 6, "num_experts = 4 is not divisible by parallel.ep = 3"),
+                                      ({"parallel.ep": 4, "parallel.tp": 2}, 4, "parallel.ep = 4 must divide the "
+                                                                                "data-parallel size 2"),
+                                      ({"parallel.ep": 2, "model.num_experts": 0}, 2, "needs a MoE model")):
+        with pytest.raises(ParallelConfigError, match=message):
+            validate(load_config(path, overrides), world)
+    upcycled = write_config(tmp_path, TINY + '[[stages]]\nname = "dense"\ntrain_iters = 1\n[[stages]]\n'
+                            'name = "moe"\ntrain_iters = 1\ngrow.num_experts = 4\n', "upcycled.toml")
+    assert validate(load_config(upcycled, {"parallel.ep": 2}), 2) == 2  # the dense stage runs under ep too

@@ -10,6 +10,9 @@ import os
 
 import pytest
 
+from megagopher.config import load_config
+from megagopher.training.checkpoint import CheckpointReader
+from megagopher.training.ckpt_load import ModelMismatch, check_model_matches
 from train_utils import TINY, read_metrics, run_train, write_config
 
 BASE = TINY.replace("num_layers = 4", "num_layers = 2").replace("train_iters = 4\n", "").replace(
@@ -86,3 +89,11 @@ def test_expert_parallel_checkpoint_reshards_across_ep(tmp_path):
         assert sorted(rows) == [3, 4], name
         assert rows[3] == pytest.approx(expected[3], rel=1e-5), name
         assert rows[4] == pytest.approx(expected[4], rel=1e-4), name
+    # The run's MoE architecture must be the checkpoint's: a clear error naming the key, before any step.
+    reader = CheckpointReader(os.path.join(ckpt, "iter_0000002"))
+    for key, value, named in (("num_experts", 8, "holds a model with 4 experts"), ("moe_top_k", 1, "moe_top_k = 1"),
+                              ("moe_router", "sigmoid", "moe_router = 'sigmoid'")):
+        run_cfg = load_config(cfg, {f"model.{key}": value})
+        with pytest.raises(ModelMismatch, match=named):
+            check_model_matches(reader, run_cfg, run_cfg.model.vocab_size)
+    check_model_matches(reader, load_config(cfg), 90)

@@ -174,7 +174,27 @@ def check_model_matches(reader, cfg, vocab_size):
     if run.position_embedding == "learned" and run.max_position_embeddings != saved.max_position_embeddings:
         raise ModelMismatch(f"model.max_position_embeddings = {run.max_position_embeddings} but checkpoint "
                             f"{reader.path} has a learned position table of {saved.max_position_embeddings}")
+    _check_experts_match(reader, cfg, saved)
     depths = {cfg.model.num_layers} | {st.grow["num_layers"] for st in cfg.stages if "num_layers" in st.grow}
     if saved.num_layers not in depths:
         raise ModelMismatch(f"model.num_layers = {cfg.model.num_layers} but checkpoint {reader.path} holds "
                             f"{saved.num_layers} layers (nor does any stage grow to it)")
+
+
+MOE_KEYS = ("moe_top_k", "moe_ffn_hidden_size", "moe_layer_freq", "moe_shared_experts", "moe_router")
+
+
+def _check_experts_match(reader, cfg, saved):
+    """The experts of the checkpoint's model: as many as the run has at some stage (its own or a
+    grow.num_experts), and, when it has any, the same MoE architecture keys."""
+    counts = {cfg.model.num_experts} | {st.grow["num_experts"] for st in cfg.stages if "num_experts" in st.grow}
+    if saved.num_experts not in counts:
+        raise ModelMismatch(f"model.num_experts = {cfg.model.num_experts} but checkpoint {reader.path} holds a "
+                            f"model with {saved.num_experts} experts per MoE layer (nor does any stage upcycle to it)")
+    if not saved.num_experts:
+        return
+    for key in MOE_KEYS:
+        ours, theirs = getattr(cfg.model, key), getattr(saved, key)
+        if ours != theirs:
+            raise ModelMismatch(f"model.{key} = {ours!r} but checkpoint {reader.path} holds a MoE model with "
+                                f"{key} = {theirs!r}: set model.{key} = {theirs!r}")

@@ -71,7 +71,7 @@ class AllToAllDispatcher(LocalDispatcher):
         send = routing_map.sum(0)  # [E]: rows for each expert; rank j's experts are block j
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)  # [ep * local]: from each source, per expert
-        send_cpu, recv_cpu = send.cpu().view(self.ep, self.local), recv.cpu().view(self.ep, self.local)
+        send_cpu, recv_cpu = torch.stack([send, recv]).cpu().view(2, self.ep, self.local)  # one host sync
         in_splits, out_splits = send_cpu.sum(1).tolist(), recv_cpu.sum(1).tolist()
         rows = all_to_all(hidden[token_index], out_splits, in_splits, self.group)
         # Arrived as (source, expert) blocks; the grouped GEMM wants (expert, source).
@@ -88,10 +88,11 @@ class AllToAllDispatcher(LocalDispatcher):
 
 
 def _regroup_index(counts):
-    """counts [sources, experts] of rows laid out source-major -> the index that lists them expert-major
-    (sources in order within an expert)."""
-    starts = torch.cumsum(counts.reshape(-1), 0) - counts.reshape(-1)
-    starts = starts.view(counts.shape)
-    pieces = [torch.arange(int(starts[s, e]), int(starts[s, e] + counts[s, e]))
-              for e in range(counts.shape[1]) for s in range(counts.shape[0])]
-    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+    """counts [sources, experts] (CPU) of rows laid out source-major -> the index that lists them
+    expert-major, sources in order within an expert (one vectorised pass: no loop over the blocks)."""
+    flat = counts.reshape(-1)
+    starts = (torch.cumsum(flat, 0) - flat).view(counts.shape).t().reshape(-1)  # each block, expert-major
+    lengths = counts.t().reshape(-1)
+    ends = torch.cumsum(lengths, 0)
+    # Row i of the expert-major list is row (i - where its block starts there) + the block's start.
+    return torch.arange(int(ends[-1]) if len(ends) else 0) + torch.repeat_interleave(starts - (ends - lengths), lengths)

@@ -2,7 +2,7 @@
 loss after upcycling equals the loss the dense model logs on that step without it (serially, under tp2 x pp2
 with sequence parallelism and under tp2 x ep2, combined with depth growth), and the MoE metrics (aux loss,
 router z-loss, load, tokens per expert) reach metrics.jsonl from every pipeline stage; a checkpoint saved
-under expert parallelism loads under another ep.
+under expert parallelism loads under another ep; cp2 x ep2 trains as the serial run does.
 """
 import json
 import math
@@ -97,3 +97,18 @@ def test_expert_parallel_checkpoint_reshards_across_ep(tmp_path):
         with pytest.raises(ModelMismatch, match=named):
             check_model_matches(reader, run_cfg, run_cfg.model.vocab_size)
     check_model_matches(reader, load_config(cfg), 90)
+
+
+def test_context_and_expert_parallel_training_logs_the_serial_losses(tmp_path):
+    """cp2 x ep2 with ZeRO-1 (4 ranks): the ranks of an expert-parallel group share a CP rank, so each CP
+    chunk's tokens reach the experts by its own all-to-all, and the experts' gradients sum over expert DP x
+    CP; every step's loss is the serial run's."""
+    cfg = write_config(tmp_path, MOE.replace("moe_aux_loss_coeff", 'core_attention = "flash"\nmoe_aux_loss_coeff'))
+    losses = {}
+    for name, nproc, layout in (("serial", 1, ()), ("cp2 ep2", 4, ("--parallel.cp=2", "--parallel.ep=2",
+                                                                    "--optimizer.distributed=true"))):
+        run_dir = str(tmp_path / name.replace(" ", "_"))
+        run_train(cfg, run_dir, *layout, nproc=nproc)
+        losses[name] = [r["loss"] for r in read_metrics(run_dir)]
+    assert len(losses["serial"]) == 4
+    assert losses["cp2 ep2"] == pytest.approx(losses["serial"], rel=1e-5)

@@ -78,7 +78,7 @@ def reduced_grads(chunks):
     out = {}
     for ddp in chunks:
         grads = {}
-        for buffer in ddp.buffers:  # the experts' own buffer too, under expert parallelism
+        for buffer in ddp.grad_buffers:  # the experts' own buffer too, under expert parallelism
             grad = grads[id(buffer)] = buffer.grad_data.clone()
             if buffer.shard and buffer.dp_size > 1:
                 for b in buffer.buckets:

@@ -52,7 +52,7 @@ def measure(model_cfg, parallel, training, optimizer):
                         generator=torch.Generator().manual_seed(0))
     with kernels.use_backend("triton"):
         _, activations, _ = saved_activation_bytes(lambda: chunks[0](ids, labels=ids), list(model.parameters()))
-    buffers = chunks[0].buffers  # the experts' own buffer too, under expert parallelism
+    buffers = chunks[0].grad_buffers  # the experts' own buffer too, under expert parallelism
     measured = {"params": sum(b.param_data.numel() * b.param_data.element_size() for b in buffers),
                 "grads": sum(b.grad_data.numel() * b.grad_data.element_size() for b in buffers),
                 "optimizer": opt.state_bytes(), "activations": activations,

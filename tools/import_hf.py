@@ -4,8 +4,8 @@
     python tools/import_hf.py --model HF_DIR --output DIR [--base-config FILE.toml] [--no-tokenizer]
 
 HF_DIR holds config.json and model.safetensors or pytorch_model.bin (or their sharded *.index.json) of a
-LlamaForCausalLM (GQA included), GPTNeoXForCausalLM, GPT2LMHeadModel or CodeGenForCausalLM. DIR receives
-an iteration-0 checkpoint without optimizer state (it loads under any layout, for training and for
+LlamaForCausalLM (GQA included), GPTNeoXForCausalLM, GPT2LMHeadModel, CodeGenForCausalLM or
+MixtralForCausalLM. DIR receives an iteration-0 checkpoint without optimizer state (it loads under any layout, for training and for
 megagopher.generate), DIR/config.toml with the matching [model] (over FILE.toml's other sections when
 --base-config is given; checkpoint.dir = DIR and checkpoint.load = "auto" unless FILE sets them) and,
 when the model's tokenizer is GPT-2 BPE (vocab.json + merges.txt), DIR/tokenizer/. A model megagopher

@@ -10,9 +10,9 @@ The wrapper moves the chunk's parameters into a ParamAndGradBuffer (contiguous p
   launched asynchronously, so it runs while the backward pass carries on with earlier layers;
 - every earlier micro-batch runs under ``no_sync()`` and only accumulates.
 
-Under expert parallelism (MoE, parallel.ep > 1) a chunk has two buffers: ``buffer`` for the parameters
-every data-parallel rank holds, reduced over the data-parallel (x context-parallel) group, and
-``expert_buffer`` for the experts, which differ between the ranks of an expert-parallel group and are
+Under expert parallelism (MoE, parallel.ep > 1) a chunk has two buffers (``grad_buffers``, not ``buffers``,
+which is nn.Module's method): ``buffer`` for the parameters every data-parallel rank holds, reduced over
+the data-parallel (x context-parallel) group, and ``expert_buffer`` for the experts, which differ between the ranks of an expert-parallel group and are
 reduced over the expert-data-parallel group (parallel_state.get_expert_dp_group), sharded over it under
 ZeRO-1. Both reductions are sums, so the expert gradients need no rescaling (invariant 3: each rank's
 loss is already normalised by the global batch's tokens).
@@ -71,14 +71,14 @@ class DistributedDataParallel(nn.Module):
             self.expert_buffer = ParamAndGradBuffer([p for (_, p), e in zip(named, is_expert) if e], bucket_numel,
                                                     expert_group, shard=use_distributed_optimizer, param_names=names,
                                                     expert=True)
-        self.buffers = [b for b in (self.buffer, self.expert_buffer) if b is not None]
-        self.bucket_of = {k: v for b in self.buffers for k, v in b.bucket_of.items()}
+        self.grad_buffers = [b for b in (self.buffer, self.expert_buffer) if b is not None]
+        self.bucket_of = {k: v for b in self.grad_buffers for k, v in b.bucket_of.items()}
         self.sync_enabled = True  # False inside no_sync(): micro-batches before the last only accumulate
         self._hooks = []
         for _, p in named:
             self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_hook))
             p.accumulate_main_grad = functools.partial(self._accumulate_main_grad, p)
-        if use_distributed_optimizer and any(b.dp_size > 1 for b in self.buffers):
+        if use_distributed_optimizer and any(b.dp_size > 1 for b in self.grad_buffers):
             self._register_param_gather_hooks()
 
     def forward(self, *args, **kwargs):
@@ -139,7 +139,7 @@ class DistributedDataParallel(nn.Module):
     def start_param_gather(self):
         """After the optimizer updated this rank's shards: all-gathers every bucket's parameters,
         asynchronously under overlap_param_gather (waited on at first use), else before returning."""
-        for buffer in self.buffers:
+        for buffer in self.grad_buffers:
             buffer.start_param_sync()
         if not self.overlap_param_gather:
             self.finish_param_gather()
@@ -148,7 +148,7 @@ class DistributedDataParallel(nn.Module):
         """Waits for every parameter all-gather in flight; call before reading or writing the parameters
         outside a forward pass, and before destroying the process groups (a gloo or NCCL group destroyed
         under a pending all-gather aborts the process; Trainer.close does it)."""
-        for buffer in self.buffers:
+        for buffer in self.grad_buffers:
             buffer.finish_param_sync()
 
     # -- the step's protocol -----------------------------------------------------------------------
@@ -164,7 +164,7 @@ class DistributedDataParallel(nn.Module):
 
     def start_grad_sync(self):
         """Launches every bucket not launched yet (all of them when overlap_grad_reduce is off)."""
-        for buffer in self.buffers:
+        for buffer in self.grad_buffers:
             for bucket in buffer.buckets:
                 if not bucket.launched:
                     self._start_bucket_sync(bucket)
@@ -173,12 +173,12 @@ class DistributedDataParallel(nn.Module):
         """Waits until every bucket is reduced; main_grad then holds the data-parallel sum (or, with the
         distributed optimizer, this rank's shards of it)."""
         self.start_grad_sync()
-        for buffer in self.buffers:
+        for buffer in self.grad_buffers:
             buffer.finish_grad_sync()
 
     def zero_grad_buffer(self):
         """Zeros main_grad before a step's first micro-batch."""
-        for buffer in self.buffers:
+        for buffer in self.grad_buffers:
             for p in buffer.params:
                 p.grad = None
             buffer.reset()

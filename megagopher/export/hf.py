@@ -2,7 +2,7 @@
 and, when the run had a tokenizer, GPT-2 tokenizer files (vocab.json, merges.txt, tokenizer_config.json,
 special_tokens_map.json).
 
-Four formats cover megagopher's model flavours; ``choose_format`` picks the first that expresses the
+Five formats cover megagopher's model flavours; ``choose_format`` picks the first that expresses the
 model exactly and an explicit choice is checked the same way:
 
   llama     LlamaForCausalLM:   rmsnorm, swiglu, rope on the whole head, sequential residual; GQA kept;
@@ -13,6 +13,9 @@ model exactly and an explicit choice is checked the same way:
                                 no GQA.
   codegen   CodeGenForCausalLM: layernorm, gelu, rope (rotary_dim, base 10000), parallel residual, no
                                 attention biases, an output bias (lm_head.bias); no GQA, heads % 4 == 0.
+  mixtral   MixtralForCausalLM: Llama's layer without biases, a MoE block in every layer: softmax
+                                router, top-k renormalised, dropless, no shared experts; GQA kept. The
+                                only format for a model with experts (the others have none).
 
 The weight mapping, both ways, is hf_arch.py's (the import, hf_import.py, reads it backwards). GeLU is
 "gelu_pytorch_tanh" (GPT-2's "gelu_new" formula) for ours, "gelu" for gelu_exact. A model without biases
@@ -38,6 +41,8 @@ class ExportError(ValueError):
 
 def format_problems(cfg, fmt):
     """Why ``fmt`` cannot express the model ``cfg`` (an empty list when it can)."""
+    if fmt not in FORMATS:
+        raise ExportError(f"format {fmt!r}; valid: {', '.join(FORMATS)}")
     problems = []
 
     def need(ok, text):
@@ -49,9 +54,11 @@ def format_problems(cfg, fmt):
     rope = f"needs position_embedding 'rope', not {cfg.position_embedding!r}"
     layernorm = f"needs normalization 'layernorm', not {cfg.normalization!r}"
     gelu = f"needs activation 'gelu' or 'gelu_exact', not {cfg.activation!r}"
-    if fmt in ("llama", "gpt_neox", "gpt2"):
+    if fmt in ("llama", "gpt_neox", "gpt2", "mixtral"):
         need(not cfg.output_bias, "has no output-layer bias (model.output_bias)")
-    if fmt == "llama":
+    if fmt != "mixtral":
+        need(not cfg.num_experts, f"has no experts (model.num_experts = {cfg.num_experts}; format 'mixtral' has)")
+    if fmt in ("llama", "mixtral"):
         need(cfg.normalization == "rmsnorm", f"needs normalization 'rmsnorm', not {cfg.normalization!r}")
         need(cfg.activation == "swiglu", f"needs activation 'swiglu', not {cfg.activation!r}")
         need(cfg.position_embedding == "rope", rope)
@@ -59,6 +66,8 @@ def format_problems(cfg, fmt):
              f"rotates the whole head; rotary_percent = {cfg.rotary_percent} rotates {cfg.rotary_dim} of "
              f"{cfg.head_dim}")
         need(not cfg.parallel_residual, "has no parallel residual")
+    if fmt == "mixtral":
+        problems += _mixtral_problems(cfg)
     elif fmt == "gpt_neox":
         need(cfg.normalization == "layernorm", layernorm)
         need(cfg.activation in GELUS, gelu)
@@ -80,9 +89,22 @@ def format_problems(cfg, fmt):
         need(cfg.num_query_groups == cfg.num_attention_heads, no_gqa)
         need(cfg.num_attention_heads % CODEGEN_MP_NUM == 0,
              f"needs num_attention_heads divisible by {CODEGEN_MP_NUM}, not {cfg.num_attention_heads}")
-    else:
-        raise ExportError(f"format {fmt!r}; valid: {', '.join(FORMATS)}")
     return problems
+
+
+def _mixtral_problems(cfg):
+    """What Mixtral's MoE block (every layer, softmax top-k renormalised, dropless) cannot express."""
+    checks = [(cfg.num_experts > 0, "needs experts (model.num_experts > 0); a dense model is 'llama'"),
+              (not cfg.bias, "has no biases (model.bias = true)"),
+              (cfg.moe_layer_freq == 1, f"has experts in every layer, not model.moe_layer_freq = "
+                                        f"{cfg.moe_layer_freq} (dense layers between)"),
+              (not cfg.moe_shared_experts, f"has no shared experts (model.moe_shared_experts = "
+                                           f"{cfg.moe_shared_experts})"),
+              (cfg.moe_router == "softmax", f"routes by softmax, not model.moe_router = {cfg.moe_router!r}"),
+              # Capacity drops assignments in every forward, evaluation included: another function.
+              (not cfg.moe_capacity_factor, f"is dropless, not model.moe_capacity_factor = "
+                                            f"{cfg.moe_capacity_factor}")]
+    return [text for ok, text in checks if not ok]
 
 
 def choose_format(cfg, fmt=None):
@@ -98,9 +120,11 @@ def choose_format(cfg, fmt=None):
         if not reasons[candidate]:
             return candidate
     detail = "; ".join(f"{f} {', '.join(r)}" for f, r in reasons.items())
+    experts = f", {cfg.num_experts} experts" if cfg.num_experts else ""
     raise ExportError(f"no Hugging Face format expresses this model ({cfg.normalization}, {cfg.activation}, "
                       f"{cfg.position_embedding} positions, parallel_residual = {cfg.parallel_residual}, "
-                      f"{cfg.num_query_groups} query groups of {cfg.num_attention_heads} heads): {detail}")
+                      f"{cfg.num_query_groups} query groups of {cfg.num_attention_heads} heads{experts}): "
+                      f"{detail}")
 
 
 # -- weights ----------------------------------------------------------------------------------------------
@@ -152,6 +176,8 @@ def hf_config(cfg, fmt, dtype, eod=None):
                 "rope_theta": float(cfg.rope_theta), "rope_parameters": _rope(cfg), "rope_scaling": None,
                 "attention_bias": bool(cfg.bias), "mlp_bias": bool(cfg.bias), "attention_dropout": 0.0,
                 "pretraining_tp": 1}
+    if fmt == "mixtral":
+        return _mixtral_config(cfg, common)
     if fmt == "gpt_neox":
         factor = cfg.rotary_dim / cfg.head_dim
         if int(cfg.head_dim * factor) != cfg.rotary_dim:
@@ -181,6 +207,25 @@ def hf_config(cfg, fmt, dtype, eod=None):
                 "activation_function": HF_ACT[cfg.activation], "layer_norm_epsilon": cfg.norm_epsilon,
                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
     raise ExportError(f"format {fmt!r}; valid: {', '.join(FORMATS)}")
+
+
+def _mixtral_config(cfg, common):
+    """Mixtral's config.json. The aux-loss coefficients are training hyperparameters, kept for a round
+    trip, not a function: transformers' load-balancing loss (added only with output_router_logits) is
+    taken once over every layer's tokens together and counts top-k assignments without dividing by k,
+    ours is a sum of per-layer terms. What Mixtral has no key for rides along in the "megagopher" table for
+    the import: the z-loss and the dense ffn_hidden_size (unused with experts in every layer, but part of
+    the [model] a run resuming the import is checked against)."""
+    return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", **common,
+            "hidden_size": cfg.hidden_size, "intermediate_size": cfg.moe_ffn_hidden_size,
+            "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_attention_heads,
+            "num_key_value_heads": cfg.num_query_groups, "head_dim": cfg.head_dim, "hidden_act": "silu",
+            "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.norm_epsilon,
+            "rope_theta": float(cfg.rope_theta), "rope_parameters": _rope(cfg), "rope_scaling": None,
+            "sliding_window": None, "attention_dropout": 0.0, "num_local_experts": cfg.num_experts,
+            "num_experts_per_tok": cfg.moe_top_k, "router_jitter_noise": 0.0, "output_router_logits": False,
+            "router_aux_loss_coef": cfg.moe_aux_loss_coeff,
+            "megagopher": {"ffn_hidden_size": cfg.ffn_hidden_size, "moe_z_loss_coeff": cfg.moe_z_loss_coeff}}
 
 
 # -- tokenizer files -----------------------------------------------------------------------------------------
@@ -223,7 +268,8 @@ def export_hf(checkpoint, output, fmt=None, dtype=None, tokenizer_dir=None, toke
     tensors = hf_tensors(_Source(reader, dtype), fmt, cfg)
     os.makedirs(output, exist_ok=True)
     config = hf_config(cfg, fmt, dtype, tok.eod if tok is not None else None)
-    config["megagopher"] = {"checkpoint": os.path.abspath(reader.path), "iteration": reader.meta["iteration"]}
+    config["megagopher"] = {**config.get("megagopher", {}), "checkpoint": os.path.abspath(reader.path),
+                            "iteration": reader.meta["iteration"]}
     with open(os.path.join(output, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     # safetensors refuses tensors that share memory (a tied head is the embedding): each gets its own copy.

@@ -23,14 +23,23 @@ tensor is the same function (a bias the format always has, or a model without bi
     branch, so the norm is written twice, and read back only when both copies are equal.
   - CodeGen's attention has no biases: ours must be zero to be exported, and are zero when imported.
   - Tied embeddings have no separate output matrix. The vocabulary is the real one (no TP padding).
+  - Mixtral is Llama's attention and norms with a MoE block in every layer. On disk (what transformers'
+    save_pretrained writes, 4.x and 5.x, and the Hub's checkpoints) each layer has
+    block_sparse_moe.gate.weight (E, h), our router.weight; and per expert e, block_sparse_moe.experts.e.
+    w1.weight (ffn, h) = gate, w3.weight (ffn, h) = up, w2.weight (h, ffn) = down. Our experts.fc1.weight
+    (E, 2 ffn, h) interleaves gate and up rows as the dense fc1 (GroupedExperts.forward: swiglu(y[0::2],
+    y[1::2])): w1 of expert e is fc1[e, 0::2], w3 is fc1[e, 1::2]; w2 is experts.fc2.weight[e]. transformers
+    5 loads that into mlp.gate.weight, mlp.experts.gate_up_proj (E, 2 ffn, h) = [w1; w3] (gate half first,
+    concatenated, not interleaved) and mlp.experts.down_proj (E, h, ffn): a state dict in those names is
+    read through ``unfuse_mixtral`` first. Both routers are softmax over the E experts, top-k, renormalised.
 """
 from typing import Callable, NamedTuple
 
 import torch
 
-FORMATS = ("llama", "gpt_neox", "gpt2", "codegen")
+FORMATS = ("llama", "gpt_neox", "gpt2", "codegen", "mixtral")
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "GPTNeoXForCausalLM": "gpt_neox", "GPT2LMHeadModel": "gpt2",
-                 "CodeGenForCausalLM": "codegen"}
+                 "CodeGenForCausalLM": "codegen", "MixtralForCausalLM": "mixtral"}
 CODEGEN_MP_NUM = 4  # transformers' CodeGenAttention.mp_num
 # Our activation -> their ACT2FN name, and back (gelu_fast and quick_gelu are other functions).
 HF_ACT = {"gelu": "gelu_pytorch_tanh", "gelu_exact": "gelu", "swiglu": "silu"}
@@ -215,7 +224,59 @@ def _codegen(cfg):
     return out + [_same("output_bias", "lm_head.bias")]
 
 
-RULES = {"llama": _llama, "gpt_neox": _neox, "gpt2": _gpt2, "codegen": _codegen}
+def _experts_rules(cfg, p, o):
+    """One MoE layer: the router and the experts, per expert on their side (see the module docstring)."""
+    e = cfg.num_experts
+    w = [f"{o}block_sparse_moe.experts.{j}.w{n}.weight" for n in (1, 3, 2) for j in range(e)]
+
+    def fc1_to_ours(*gate_up):  # gate_up: the E gates (w1), then the E ups (w3)
+        gate, up = torch.stack(gate_up[:e]), torch.stack(gate_up[e:])
+        return (torch.stack([gate, up], dim=2).reshape(e, -1, gate.shape[-1]),)
+
+    def fc1_to_theirs(t):
+        return tuple(t[j, 0::2].contiguous() for j in range(e)) + tuple(t[j, 1::2].contiguous() for j in range(e))
+
+    fc1 = Rule((p + "mlp.experts.fc1.weight",), tuple(w[:2 * e]), fc1_to_theirs, fc1_to_ours)
+    fc2 = Rule((p + "mlp.experts.fc2.weight",), tuple(w[2 * e:]), lambda t: tuple(t.unbind(0)),
+               lambda *down: (torch.stack(down),))
+    return [_same(p + "mlp.router.weight", o + "block_sparse_moe.gate.weight"), fc1, fc2]
+
+
+def _mixtral(cfg):
+    out = [_same("embedding.word.weight", "model.embed_tokens.weight")]
+    for i in range(cfg.num_layers):
+        p, o = f"layers.{i}.", f"model.layers.{i}."
+        qkv = tuple(f"{o}self_attn.{n}_proj.weight" for n in "qkv")
+        out += [_same(p + "input_norm.weight", o + "input_layernorm.weight"),
+                _same(p + "post_attention_norm.weight", o + "post_attention_layernorm.weight"),
+                _qkv_split_rule(cfg, f"{p}attention.qkv.weight", qkv),
+                _same(f"{p}attention.proj.weight", f"{o}self_attn.o_proj.weight")]
+        out += _experts_rules(cfg, p, o)
+    return out + [_same("final_norm.weight", "model.norm.weight")] + _head(cfg, "lm_head.weight")
+
+
+def unfuse_mixtral(theirs):
+    """A Mixtral state dict in transformers 5's in-memory names (mlp.gate, mlp.experts.gate_up_proj with
+    the gate half first, mlp.experts.down_proj) as the on-disk per-expert names the rules read; other
+    names, the on-disk ones included, pass through."""
+    out = {}
+    for name, t in theirs.items():
+        layer, fused, rest = name.partition(".mlp.experts.")
+        if fused and rest == "gate_up_proj":
+            gate, up = t.chunk(2, dim=1)
+            for j in range(t.shape[0]):
+                out[f"{layer}.block_sparse_moe.experts.{j}.w1.weight"] = gate[j]
+                out[f"{layer}.block_sparse_moe.experts.{j}.w3.weight"] = up[j]
+        elif fused and rest == "down_proj":
+            out.update({f"{layer}.block_sparse_moe.experts.{j}.w2.weight": t[j] for j in range(t.shape[0])})
+        elif name.endswith(".mlp.gate.weight"):
+            out[name[:-len(".mlp.gate.weight")] + ".block_sparse_moe.gate.weight"] = t
+        else:
+            out[name] = t
+    return out
+
+
+RULES = {"llama": _llama, "gpt_neox": _neox, "gpt2": _gpt2, "codegen": _codegen, "mixtral": _mixtral}
 
 
 def rules(fmt, cfg):

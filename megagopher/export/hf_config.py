@@ -6,6 +6,7 @@ the key, never an approximation.
 transformers 5 writes RoPE as ``rope_parameters`` ({rope_type, rope_theta, partial_rotary_factor}),
 4.x as rope_theta / rope_scaling / rotary_pct / rotary_emb_base: both are read. A key config.json omits
 takes transformers' default for that architecture (``DEFAULTS``; the tests compare them with its classes).
+Mixtral is read as Llama's attention plus experts in every layer (``_mixtral``).
 """
 from megagopher.export.hf_arch import ARCHITECTURES, CODEGEN_MP_NUM, OUR_GELU
 from megagopher.model import GPTConfig
@@ -22,6 +23,10 @@ DEFAULTS = {
              "add_cross_attention": False, "initializer_range": 0.02},
     "codegen": {"activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "tie_word_embeddings": False,
                 "n_inner": None, "n_positions": 2048, "rotary_dim": 64, "initializer_range": 0.02},
+    "mixtral": {"hidden_act": "silu", "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+                "max_position_embeddings": 131072, "num_key_value_heads": 8, "head_dim": None,
+                "initializer_range": 0.02, "sliding_window": None, "num_local_experts": 8, "num_experts_per_tok": 2,
+                "router_aux_loss_coef": 0.001},
 }
 _ROPE_KEYS = {"rope_type", "rope_theta", "partial_rotary_factor"}
 
@@ -84,6 +89,8 @@ def model_config(hf, where):
         kw.update(_neox(hf, get, where))
     elif fmt == "gpt2":
         kw.update(_gpt2(hf, get, where))
+    elif fmt == "mixtral":
+        kw.update(_mixtral(hf, get, where))
     else:
         kw.update(_codegen(hf, get, where))
     rotary_dim = kw.pop("_rotary_dim", None)
@@ -109,6 +116,26 @@ def _llama(hf, get, where):
             "max_position_embeddings": get("max_position_embeddings"), "norm_epsilon": float(get("rms_norm_eps")),
             # One switch for every linear: a side without biases reads as zeros (the same function).
             "bias": bool(get("attention_bias") or get("mlp_bias"))}
+
+
+def _mixtral(hf, get, where):
+    """Llama's attention without biases (Mixtral has none) and a MoE block in every layer: softmax over
+    the experts, top-k renormalised, dropless (transformers' MixtralSparseMoeBlock is ours exactly).
+    router_jitter_noise, like dropout, only perturbs training and is not kept. Our export's "megagopher"
+    table gives back what Mixtral has no key for (hf.py's _mixtral_config)."""
+    window = get("sliding_window")
+    _need(window is None or window >= get("max_position_embeddings"), where, f"sliding_window = {window} is "
+          "not supported (megagopher's attention is full causal)")
+    kw = _llama(hf, get, where)
+    experts, top_k = get("num_local_experts"), get("num_experts_per_tok")
+    _need(0 < top_k <= experts, where, f"num_experts_per_tok = {top_k} is not in [1, num_local_experts = "
+          f"{experts}]")
+    ours, ffn = hf.get("megagopher") or {}, kw["ffn_hidden_size"]
+    return {**kw, "bias": False, "num_experts": experts, "moe_top_k": top_k, "moe_ffn_hidden_size": ffn,
+            "ffn_hidden_size": ours.get("ffn_hidden_size", ffn),
+            "moe_layer_freq": 1, "moe_shared_experts": 0, "moe_router": "softmax", "moe_capacity_factor": 0.0,
+            "moe_aux_loss_coeff": float(get("router_aux_loss_coef")),
+            "moe_z_loss_coeff": float(ours.get("moe_z_loss_coeff", 0.0))}
 
 
 def _neox(hf, get, where):

@@ -7,7 +7,8 @@
                            data.tokenizer_dir; over a base config's other sections when one is given
     OUT/tokenizer/         vocab.json and merges.txt, when the model's tokenizer is GPT-2 BPE in those files
 
-The architectures are hf_arch.FORMATS; their config.json is read by hf_config.py and their tensors mapped
+The architectures are hf_arch.FORMATS (Mixtral's experts in either the on-disk per-expert names or
+transformers 5's fused ones); their config.json is read by hf_config.py and their tensors mapped
 by hf_arch.py's rules (the export's, run backwards). Weights come from model.safetensors or
 pytorch_model.bin, or the shards a ``*.index.json`` names. Every tensor of theirs must be used: one we do
 not know (a feature we lack) is an HFImportError, as is a config key we cannot compute exactly.
@@ -21,10 +22,13 @@ import tomllib
 import torch
 
 from megagopher.config.loading import from_tables, to_toml
-from megagopher.export.hf_arch import MappingError, missing_bias_rows, rules
+from megagopher.export.hf_arch import MappingError, missing_bias_rows, rules, unfuse_mixtral
 from megagopher.export.hf_config import HFImportError, model_config
 from megagopher.training.ckpt_files import write_text_durably
 
+# The [model] keys of experts a base config may not change (the weights' function depends on them).
+MOE_KEYS = ("num_experts", "moe_top_k", "moe_ffn_hidden_size", "moe_layer_freq", "moe_shared_experts", "moe_router",
+            "moe_capacity_factor")
 # Their tensors that are not weights: causal-mask buffers and rotary tables older versions saved.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq", ".attn.causal_mask",
                     ".attn.embed_positions")
@@ -68,7 +72,8 @@ def _strip_tied_head(fmt, cfg, theirs):
     """A tied model may still save its head (the same values as the embedding): dropped after checking."""
     heads = {"llama": ("lm_head.weight", "model.embed_tokens.weight"), "gpt_neox": ("embed_out.weight",
              "gpt_neox.embed_in.weight"), "gpt2": ("lm_head.weight", "transformer.wte.weight"),
-             "codegen": ("lm_head.weight", "transformer.wte.weight")}
+             "codegen": ("lm_head.weight", "transformer.wte.weight"),
+             "mixtral": ("lm_head.weight", "model.embed_tokens.weight")}
     head, embedding = heads[fmt]
     if cfg.tie_embeddings and head in theirs:
         if not torch.equal(theirs[head], theirs[embedding]):
@@ -79,6 +84,8 @@ def _strip_tied_head(fmt, cfg, theirs):
 def our_tensors(fmt, cfg, theirs):
     """Our {name: fp32-or-saved-dtype tensor} of every model tensor, from their state dict ``theirs``."""
     theirs = {k: v for k, v in theirs.items() if not k.endswith(IGNORED_SUFFIXES)}
+    if fmt == "mixtral":  # transformers 5's in-memory expert names, as the on-disk ones the rules read
+        theirs = unfuse_mixtral(theirs)
     _strip_tied_head(fmt, cfg, theirs)
     shapes = {name: t.shape for name, t in theirs.items()}
     dtype = next(iter(theirs.values())).dtype
@@ -156,7 +163,8 @@ def run_tables(cfg, output, tokenizer_dir, raw, base_config=None):
     from megagopher.training.ckpt_load import ARCHITECTURE_KEYS
     model = cfg.to_dict()
     for key, value in raw.get("model", {}).items():
-        if key in ARCHITECTURE_KEYS + ("num_layers", "max_position_embeddings") and value != model.get(key):
+        fixed = ARCHITECTURE_KEYS + MOE_KEYS + ("num_layers", "max_position_embeddings")
+        if key in fixed and value != model.get(key):
             raise HFImportError(f"{base_config}: model.{key} = {value!r} is not the imported model's "
                                 f"{model.get(key)!r}; leave the architecture to the import")
         model[key] = value

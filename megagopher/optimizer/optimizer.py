@@ -97,7 +97,7 @@ class Optimizer:
                 if chunk.use_distributed_optimizer != distributed:
                     raise ValueError(f"optimizer.distributed = {distributed} but the model chunks were wrapped "
                                      f"with distributed_optimizer={chunk.use_distributed_optimizer}")
-                self.buffers.extend(chunk.buffers)
+                self.buffers.extend(chunk.grad_buffers)
             else:
                 # A model without the data-parallel wrapper: give it a local buffer (no communication)
                 # and copy its .grad in at step time.

@@ -105,7 +105,7 @@ def plan_pieces(chunks, optimizer):
     """(tensors, index): {key: flat tensor view} this rank writes, and {name: {**tensor_meta, "pieces":
     [[kind, lo, hi, key], ...]}} for every parameter it holds (pieces may be empty)."""
     buffers = list(optimizer.buffers) if optimizer is not None else \
-        [b for c in chunks for b in getattr(c, "buffers", ())]
+        [b for c in chunks for b in getattr(c, "grad_buffers", ())]
     where = {id(p): b for b in buffers for p in b.params}
     shards = {}
     for s in optimizer.shards if optimizer is not None else ():

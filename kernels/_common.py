@@ -7,11 +7,10 @@ import contextlib
 import torch
 import triton
 
-from megagopher.common import PRECISION_DTYPES
+from megagopher.common import PRECISION_DTYPES, dtype_name
 
-from .dispatch import Unsupported, interpreter_on
+from .dispatch import KERNEL_DTYPES, Unsupported, interpreter_on
 
-FLOAT_DTYPES = tuple(PRECISION_DTYPES.values())
 DTYPE_NAMES = {dtype: name for name, dtype in PRECISION_DTYPES.items()}
 
 # Value every output buffer is filled with before a kernel writes it; None (the default) means
@@ -40,9 +39,9 @@ def new_empty(shape, dtype, device):
 def check_float(op, *tensors):
     """The Triton kernels take fp32, fp16 and bf16; anything else (float64 included) goes to PyTorch."""
     for t in tensors:
-        if t is not None and t.dtype not in FLOAT_DTYPES:
+        if t is not None and t.dtype not in KERNEL_DTYPES:
             raise Unsupported(f"{op}: dtype {t.dtype} is not supported by the Triton kernel "
-                              f"(supported: float32, float16, bfloat16)")
+                              f"(supported: {', '.join(dtype_name(d) for d in KERNEL_DTYPES)})")
 
 
 def check_device(op, *tensors):

@@ -185,6 +185,14 @@ def _bwd_dq_kernel(Q, stride_qb, stride_qs, stride_qh, K, stride_kb, stride_ks, 
                dq * sm_scale)
 
 
+def delta_launch(head_dim):
+    """The delta kernel's rows per program and warps at a padded head dim: what ``backward`` launches and
+    tools/check_kernels.py compiles. Two (rows, head_dim) fp32 tiles stay in registers: 8192 elements each up
+    to d = 128, but at d = 256 the 32-row tiles spill on sm_90a and sm_100a (fp16: 232 and 236 bytes), so 16
+    rows there. Each row is still summed by one warp in the same order: the result does not change."""
+    return dict(BLOCK_M=min(128, (8192 if head_dim <= 128 else 4096) // head_dim), num_warps=4)
+
+
 def dkdv_split(b, h_kv, group, sk):
     """How many programs share one kv head's group of query heads: the smallest divisor of the group that
     brings the dK/dV grid to DKDV_MIN_PROGRAMS (1: no split, the group's sum stays in registers)."""
@@ -224,9 +232,9 @@ def backward(q, k, v, o, lse, do, causal, scale, cu_seqlens, left, docs, query_d
     meta["VARLEN"] = meta["VARLEN"] or bounds
     query_docs = query_docs if bounds else docs
     delta = new_empty((b, h, sq), torch.float32, q.device)
-    block_m = min(128, 8192 // meta["HEAD_DIM"])  # two (block_m, d) fp32 tiles in registers
-    _bwd_delta_kernel[(triton.cdiv(sq, block_m), b * h)](o, do, delta, *strides(o), *strides(do), h, sq,
-                                                        HEAD_DIM=meta["HEAD_DIM"], D=d, BLOCK_M=block_m)
+    launch = delta_launch(meta["HEAD_DIM"])
+    _bwd_delta_kernel[(triton.cdiv(sq, launch["BLOCK_M"]), b * h)](o, do, delta, *strides(o), *strides(do), h, sq,
+                                                                  HEAD_DIM=meta["HEAD_DIM"], D=d, **launch)
     dk, dv = _dkdv(q, k, v, do, lse, delta, scale, docs, query_docs, meta, window, bucket)
     dq = new_empty(q.shape, q.dtype, q.device)
     grid_q = lambda cfg: (triton.cdiv(sq, cfg["BLOCK_M"]), b * h)

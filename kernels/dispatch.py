@@ -7,13 +7,21 @@ reference implementations. A per-call ``backend=`` argument overrides the contex
 "apex" is optional: NVIDIA apex's fused layer norm, RMS norm and Megatron softmax run when apex is
 importable and the tensor is on CUDA; every other case (another op, a CPU tensor, no apex, an input apex's
 kernels do not take) behaves as "auto". apex is never a dependency.
+
+``resolve`` is the one decision of which backend runs: the public kernels ask it per call, the
+vocabulary-parallel cross entropy asks it (through ``runs_triton``) to choose between its fused and
+PyTorch local parts, and ``memory_report`` asks it, with a device instead of a tensor, which kernels the
+run it predicts will use.
 """
 import contextlib
 import importlib.util
 import os
 import warnings
 
+from megagopher.common import TRAINING_DTYPES
+
 BACKENDS = ("auto", "triton", "torch", "apex")
+KERNEL_DTYPES = TRAINING_DTYPES  # the Triton kernels take the training dtypes (megagopher/common.py's table)
 APEX_OPS = ("layer_norm", "rms_norm", "scaled_masked_softmax")
 _current = ["auto"]
 
@@ -76,14 +84,21 @@ class Unsupported(ValueError):
     a fallback to PyTorch under "auto"."""
 
 
-def resolve(tensor, backend=None, op=None):
-    """Returns (backend, strict): which implementation to run for ``tensor`` (in op ``op``), and whether an
-    unsupported input must raise (an explicit "triton") rather than fall back (auto)."""
+def _on_cuda(where):
+    """A tensor's is_cuda, or whether a device ("cuda", "cuda:1", torch.device, "cpu") is a CUDA device."""
+    return where.is_cuda if hasattr(where, "is_cuda") else str(where).split(":")[0] == "cuda"
+
+
+def resolve(where, backend=None, op=None):
+    """Returns (backend, strict): which implementation to run for ``where`` (in op ``op``), and whether an
+    unsupported input must raise (an explicit "triton") rather than fall back (auto). ``where`` is the
+    input tensor, or the device of tensors to come."""
+    on_cuda = _on_cuda(where)
     name = backend or _current[0]
     if name not in BACKENDS:
         raise ValueError(f"kernels: unknown backend {name!r}; valid: {', '.join(BACKENDS)}")
     if name == "apex":
-        if op in APEX_OPS and tensor.is_cuda and apex_available():
+        if op in APEX_OPS and on_cuda and apex_available():
             return "apex", False
         name = "auto"
     if name == "torch":
@@ -91,9 +106,16 @@ def resolve(tensor, backend=None, op=None):
     if name == "triton":
         if not triton_available():
             raise RuntimeError("kernels: backend 'triton' requested but triton is not installed")
-        if not tensor.is_cuda and not interpreter_on():
+        if not on_cuda and not interpreter_on():
             raise RuntimeError(
                 "kernels: backend 'triton' on a CPU tensor needs the Triton interpreter: set "
                 "TRITON_INTERPRET=1 in the environment before triton is imported (or use 'auto'/'torch')")
         return "triton", True
-    return ("triton", False) if tensor.is_cuda and triton_available() else ("torch", False)
+    return ("triton", False) if on_cuda and triton_available() else ("torch", False)
+
+
+def runs_triton(tensor, op, backend=None):
+    """Whether ``op`` on ``tensor`` runs Triton: ``resolve`` picks it and the dtype is one the kernels take
+    (KERNEL_DTYPES). For callers that hold both paths themselves (tensor_parallel/cross_entropy.py): an
+    input the kernels cannot take goes to PyTorch without an error, whatever the backend."""
+    return tensor.dtype in KERNEL_DTYPES and resolve(tensor, backend, op)[0] == "triton"

@@ -16,9 +16,14 @@ import triton.language as tl
 from ._common import autotuned, check_device, check_float, dot_in_fp32, dot_precision, new_empty
 from .dispatch import Unsupported
 
+# Each compiles spill-free for sm_90a and sm_100a, bf16 and fp16, in both kernels (tools/check_kernels.py); the
+# list is unchanged since before that was checked on sm_100a, where the forward's 128 x 128 tile spilled 44
+# bytes until the kernel addressed its tiles by int32 offsets (below). 128 x 128 with 4 warps spills (144 to 672
+# bytes, sm_90a forward and sm_100a dW). 128 x 128 x 64 with 8 warps is now clean too, but is not added
+# untimed: only a GPU run can say whether it beats the 32-deep K block.
 _GPU_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
                 for m, n, k, w, s in ((64, 128, 32, 8, 4), (128, 128, 32, 8, 3), (64, 64, 64, 4, 4),
-                                      (128, 64, 32, 8, 4))]  # each compiles spill-free for sm_90a (check_kernels)
+                                      (128, 64, 32, 8, 4))]
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)
 
 
@@ -44,19 +49,25 @@ def _grouped_fwd_kernel(X, W, Y, OFFS, num_experts, n_out, k_in, stride_xm, stri
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     row_ok, col_ok = rows < row_end, cols < n_out
-    x_ptr = X + rows.to(tl.int64)[:, None] * stride_xm + ks[None, :]
-    w_ptr = W + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None] * stride_wk
+    # Each tile is addressed as an int64 base (N * K and N * out may pass 2^31) plus int32 offsets inside it (one
+    # expert's weight, a block of rows): tensors of int64 offsets cost twice the registers, and at 128 x 128 with
+    # 8 warps (sm_100a) or 64 x 64 x 64 with 4 warps they made the kernel spill.
+    local = tl.arange(0, BLOCK_M)
+    x_tile = X + row_start.to(tl.int64) * stride_xm
+    w_tile = W + expert.to(tl.int64) * stride_we
+    x_off = local[:, None] * stride_xm + ks[None, :]
+    w_off = cols[None, :] * stride_wn + ks[:, None] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, k_in, BLOCK_K):
         k_ok = ks + k0 < k_in
-        a = tl.load(x_ptr, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptr, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        a = tl.load(x_tile + x_off, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_tile + w_off, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if DOT_FP32:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc += tl.dot(a, b, input_precision=PRECISION)
-        x_ptr += BLOCK_K
-        w_ptr += BLOCK_K * stride_wk
-    y_ptr = Y + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :]
+        x_tile += BLOCK_K
+        w_tile += BLOCK_K * stride_wk
+    y_ptr = Y + row_start.to(tl.int64) * stride_ym + (local[:, None] * stride_ym + cols[None, :])
     tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 

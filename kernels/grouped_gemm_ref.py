@@ -45,3 +45,10 @@ def grouped_mm_native_applies(x, weight):
     return (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == weight.dtype == torch.bfloat16
             and torch.cuda.get_device_capability(x.device)[0] >= 9
             and x.shape[1] % 8 == 0 and weight.shape[1] % 8 == 0)
+
+
+def grouped_mm(x, weight, tokens_per_expert):
+    """The "torch" backend of kernels.grouped_mm: ``torch._grouped_mm`` where it applies, else the loop."""
+    if grouped_mm_native_applies(x, weight):
+        return grouped_mm_torch(x, weight, tokens_per_expert)
+    return grouped_mm_loop(x, weight, tokens_per_expert)

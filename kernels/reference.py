@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from . import attention_args
+from .grouped_gemm_ref import grouped_mm  # noqa: F401 (torch._grouped_mm where it applies)
 
 
 def _compute_dtype(t):

@@ -101,12 +101,23 @@ def _softmax_bwd_kernel(Y, DY, DX, scale, SEQ_K, BLOCK: tl.constexpr, SINGLE_BLO
             tl.store(DX + row + start + offs, (scale * y * (dy - dot)).to(DX.dtype.element_ty), mask=ok)
 
 
-def _block(sk):
-    # GPU: up to 4096 fp32 scores per row in registers, longer rows loop. The interpreter uses 128 so that
-    # test rows of a few hundred keys exercise the looping path too.
-    cap = 128 if interpreter_on() else 4096
-    block = min(next_pow2(sk), cap)
-    return block, block >= sk, (4 if block <= 1024 else 8)
+def launch(sk, forward, interpreted):
+    """BLOCK, SINGLE_BLOCK and num_warps of the forward (or backward) kernel for rows of sk keys. GPU: up to
+    4096 fp32 scores per row in registers, longer rows loop. The looping forward carries a running max and sum
+    per lane through the loop: at 4096 lanes over 8 warps that spills on sm_100a (8 bytes, causal), so it takes
+    16 warps there. The lanes, and so each lane's running max and sum, stay the same; only the final sum over
+    the lanes is grouped by 16 warps instead of 8. The interpreter uses 128 so that test rows of a few hundred
+    keys exercise the looping path too."""
+    block = min(next_pow2(sk), 128 if interpreted else 4096)
+    single = block >= sk
+    warps = 4 if block <= 1024 else (16 if forward and not single and block >= 4096 else 8)
+    return dict(BLOCK=block, SINGLE_BLOCK=single, num_warps=warps)
+
+
+def gpu_launches(sk):
+    """(kernel name, constexprs and num_warps) of the forward and backward launches for rows of sk keys on a
+    GPU, as the wrappers below pick them: what tools/check_kernels.py compiles."""
+    return [("_softmax_fwd_kernel", launch(sk, True, False)), ("_softmax_bwd_kernel", launch(sk, False, False))]
 
 
 def _forward(x, mask, scale, causal):
@@ -117,9 +128,8 @@ def _forward(x, mask, scale, causal):
         strides = mask.stride()
     else:
         mask, strides = x, (0, 0, 0, 0)  # never read: HAS_MASK is False
-    block, single, warps = _block(sk)
     _softmax_fwd_kernel[(b * h * sq,)](x, mask, y, scale, h, sq, sk, *strides, HAS_MASK=mask is not x,
-                                       CAUSAL=causal, BLOCK=block, SINGLE_BLOCK=single, num_warps=warps)
+                                       CAUSAL=causal, **launch(sk, True, interpreter_on()))
     return y
 
 
@@ -137,9 +147,7 @@ class ScaledMaskedSoftmaxFunction(torch.autograd.Function):
         dy = dy.contiguous()
         dx = new_empty(y.shape, y.dtype, y.device)
         sk = y.shape[-1]
-        block, single, warps = _block(sk)
-        _softmax_bwd_kernel[(y.numel() // sk,)](y, dy, dx, ctx.scale, sk, BLOCK=block, SINGLE_BLOCK=single,
-                                                num_warps=warps)
+        _softmax_bwd_kernel[(y.numel() // sk,)](y, dy, dx, ctx.scale, sk, **launch(sk, False, interpreter_on()))
         return dx, None, None, None
 
 

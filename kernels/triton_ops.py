@@ -10,6 +10,7 @@ The SwiGLU and cross-entropy modules are named fused_*.py: a submodule called ``
 from .add_norm import add_layer_norm, add_rms_norm
 from .attention import flash_attention, flash_attention_backward, flash_attention_forward
 from .fused_cross_entropy import cross_entropy
+from .grouped_gemm import grouped_mm
 from .norms import layer_norm, rms_norm
 from .rope import apply_rope
 from .softmax import scaled_masked_softmax
@@ -17,4 +18,4 @@ from .fused_swiglu import swiglu
 
 __all__ = ["flash_attention", "flash_attention_forward", "flash_attention_backward",
            "scaled_masked_softmax", "rms_norm", "layer_norm", "apply_rope", "swiglu",
-           "cross_entropy", "add_rms_norm", "add_layer_norm"]
+           "cross_entropy", "add_rms_norm", "add_layer_norm", "grouped_mm"]

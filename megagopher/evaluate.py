@@ -31,6 +31,8 @@ import time
 import torch.distributed as dist
 
 from megagopher import parallel_state as ps
+from megagopher.common import DEVICES, PRECISIONS
+from megagopher.errors import EXIT_INPUT_ERROR
 from megagopher.evaluation import mtpb
 from megagopher.evaluation.choice import choice_accuracy, model_loglik, parse_choice_row  # noqa: F401 (API)
 from megagopher.evaluation.common import append_metrics, read_json, read_jsonl, write_json_atomic
@@ -63,8 +65,8 @@ def build_parser():
     p.add_argument("--show", type=int, default=0, help="print the first N examples")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: the number of processes)")
     p.add_argument("--tokenizer-dir", default=None, help="tokenizer directory (default: the run's data.tokenizer_dir)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--dtype", default="fp32", choices=PRECISIONS)
     return p
 
 
@@ -156,7 +158,7 @@ def main(argv=None):
                         tokenizer_dir=args.tokenizer_dir, need_tokenizer=True) if needs_model else None
     except (ValueError, FileNotFoundError, KeyError, IsADirectoryError) as e:
         print(f"megagopher.evaluate: error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return EXIT_INPUT_ERROR
     leader = not dist.is_initialized() or dist.get_rank() == 0
 
     def show(record):

@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from megagopher import parallel_state as ps
-from megagopher.common import PRECISION_DTYPES, PRECISIONS, pick_device
+from megagopher.common import DEVICES, EXIT_INPUT_ERROR, PRECISION_DTYPES, PRECISIONS, pick_device
 from megagopher.model.attention import KVCache
 
 
@@ -279,7 +279,7 @@ def build_parser():
     p.add_argument("--eod", type=int, default=None, help="stop id (default: the tokenizer's end-of-document; "
                                                          "-1 never stops early)")
     p.add_argument("--tokenizer-dir", default=None, help="tokenizer directory (default: the run's data.tokenizer_dir)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--dtype", default="fp32", choices=PRECISIONS)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
     return p
@@ -303,7 +303,7 @@ def main(argv=None):
                        eod=eod, use_cache=not args.no_cache)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"megagopher.generate: error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return EXIT_INPUT_ERROR
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"megagopher.generate: {lm.path} (iteration {lm.iteration}), tp {ps.get_tp_size()}, "
               f"ep {ps.get_ep_size()}, "

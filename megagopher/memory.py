@@ -35,9 +35,10 @@ import weakref
 
 import torch
 
-from megagopher.common import element_bytes
+from megagopher.common import device_type, element_bytes
 from megagopher.config.model import GPTConfig
 from megagopher.config.schema import coerce
+from megagopher.kernels import dispatch
 from megagopher.pipeline_parallel.plan import build_plan, memory_bookkeeping
 from megagopher.pipeline_parallel.stages import stage_layer_ranges
 
@@ -260,16 +261,20 @@ def memory_report(model_cfg, parallel=None, training=None, optimizer=None, world
     (section objects, or dicts of some of their keys). parallel.pp_layers must be the split of this depth
     (JobConfig.pp_layers_at). dp comes from parallel.dp, else from ``world_size``. device: "cuda" or "cpu"
     (dropout masks are 1 byte per element on CUDA, an activation element on CPU); default
-    training.device, "auto" meaning CUDA when available.
+    training.device, "auto" resolved by common.device_type. The activations are counted for the Triton
+    kernels; "kernels" names the backend the kernels' one decision (kernels/dispatch.py ``resolve``)
+    picks for this device and training.kernel_backend, and the line says so when it is another.
     Returns {"params", "grads", "optimizer", "activations", "total": bytes; "num_params": this rank's
-    parameter count; "pp_rank"; "activation_items": the per-micro-batch breakdown; "line": a summary}."""
+    parameter count; "pp_rank"; "activation_items": the per-micro-batch breakdown; "kernels": the backend the
+    kernels will run; "line": a summary}."""
     cfg = model_cfg if isinstance(model_cfg, GPTConfig) else GPTConfig(**model_cfg)
     p, t, o = coerce("parallel", parallel), coerce("training", training), coerce("optimizer", optimizer)
     dp = p.dp or (world_size // (p.tp * p.pp * p.cp) if world_size else 1)
     num_microbatches = max(1, t.global_batch_size // (t.micro_batch_size * dp))
     device = device or t.device
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = device_type("auto")
+    kernels = dispatch.resolve(device, t.kernel_backend, "flash_attention")[0]
     e = element_bytes(t.precision)
     mask_bytes = 1 if str(device).startswith("cuda") else e
     state_bytes = 8 if t.precision == "fp32" else 12  # moments, plus the fp32 master copy for 16-bit params
@@ -295,6 +300,7 @@ def memory_report(model_cfg, parallel=None, training=None, optimizer=None, world
         reports.append({**model_states, "activations": activations, "total": sum(model_states.values()) + activations,
                         "num_params": n_params, "pp_rank": rank, "in_flight": in_flight, "activation_items": items})
     report = reports[pp_rank] if pp_rank is not None else max(reports, key=lambda r: r["total"])
+    report["kernels"] = kernels
     report["line"] = _line(report, p.pp, dp, o.distributed, t.precision, t.recompute, p.schedule)
     return report
 
@@ -310,9 +316,11 @@ def _line(r, pp, dp, distributed, precision, recompute, schedule):
     where = f" (pipeline rank {r['pp_rank']} of {pp}, {schedule}: {r['in_flight']} micro-batch(es) in flight)" \
         if pp > 1 else ""
     zero = f" (ZeRO-1 over dp {dp})" if distributed else ""
+    # Counted for the Triton kernels; on another backend (PyTorch's references on CPU) the saved tensors differ.
+    counted = "" if r["kernels"] == "triton" else f"; counted for the Triton kernels, these run {r['kernels']}"
     return (f"memory per rank{where}: params {_fmt(r['params'])} ({r['num_params'] / 1e6:.2f}M {precision}) "
             f"+ grads {_fmt(r['grads'])} (fp32) + optimizer {_fmt(r['optimizer'])}{zero} "
-            f"+ activations {_fmt(r['activations'])} (recompute {recompute}) = {_fmt(r['total'])} predicted")
+            f"+ activations {_fmt(r['activations'])} (recompute {recompute}{counted}) = {_fmt(r['total'])} predicted")
 
 
 # -- measurement -----------------------------------------------------------------------------------------

@@ -19,9 +19,9 @@ The layout rule (``validate_layout``) lives with every other config rule in mega
 """
 from dataclasses import dataclass, field
 
-import torch
 import torch.distributed as dist
 
+from megagopher.common import pick_device
 from megagopher.config.validate import ParallelConfigError, validate_layout  # noqa: F401 (re-exported)
 
 
@@ -142,13 +142,7 @@ def get_embedding_group():
     return entry[0] if entry else None
 
 
-def get_embedding_ranks():
-    entry = _get().groups.get("embedding")
-    return entry[1] if entry else []
-
-
 def get_pp_ranks(): return _group_ranks("pp")
-def get_dp_ranks(): return _group_ranks("dp")
 def get_tp_ranks(): return _group_ranks("tp")
 
 def get_tp_size(): return _get().tp if _state else 1
@@ -158,7 +152,6 @@ def get_cp_size(): return _get().cp if _state else 1
 def get_vpp_size(): return _get().vpp if _state else 1
 def get_ep_size(): return _get().ep if _state else 1
 def get_ep_rank(): return _get().coords["ep"] if _state else 0
-def get_ep_ranks(): return _group_ranks("ep")
 def get_tp_rank(): return _get().coords["tp"] if _state else 0
 def get_pp_rank(): return _get().coords["pp"] if _state else 0
 def get_dp_rank(): return _get().coords["dp"] if _state else 0
@@ -180,8 +173,6 @@ def get_pp_prev_rank():
 
 
 def get_device():
-    """cuda:<local device> when the default group runs NCCL, else CPU (invariant 7: no torch.cuda call on
-    a CPU run)."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """The device of this rank's collectives: its CUDA device when the default group runs NCCL, else CPU
+    (common.pick_device, the one device resolution; invariant 7: no torch.cuda call on a CPU run)."""
+    return pick_device("cuda" if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu")

@@ -1,11 +1,13 @@
-"""Helpers for multi-process tests on CPU: spawn gloo ranks on a free port and collect their results.
+"""Helpers for multi-process tests on CPU: run a function on gloo ranks and collect their results.
 
 Used by megagopher's own tests and usable by anyone testing code built on the parallel layers. Each rank
 runs ``fn(rank, world_size, *args)`` with one intra-op thread; the return values come back as a list
-indexed by rank, and an exception on any rank is re-raised in the caller with that rank's traceback.
+indexed by rank, and an exception on any rank is re-raised in the caller with that rank's traceback. By
+default the ranks are a long-lived pool per world size (``worker_pool.py``), so a suite pays the start of
+8 ranks once rather than once per test; ``reuse=False`` starts fresh processes (a benchmark that measures
+a process's peak memory wants those).
 """
 import os
-import socket
 import tempfile
 import traceback
 
@@ -13,11 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megagopher import worker_pool
+from megagopher.worker_pool import free_port  # noqa: F401 - part of this module's API
 
 
 def _worker(rank, fn, world_size, port, result_dir, args, timeout_s):
@@ -42,12 +41,25 @@ def _worker(rank, fn, world_size, port, result_dir, args, timeout_s):
             dist.destroy_process_group()
 
 
-def spawn(fn, world_size, *args, timeout_s=120, join_timeout_s=900):
+def spawn(fn, world_size, *args, timeout_s=120, join_timeout_s=900, reuse=True):
     """Runs fn(rank, world_size, *args) on ``world_size`` gloo ranks; returns the per-rank results.
 
     A rank that fails alone can leave the others waiting in a collective; gloo's own timeout
     (``timeout_s``) ends most such waits, and ``join_timeout_s`` bounds the whole run: past it every rank
-    is killed and the call fails, instead of hanging the test session."""
+    is killed and the call fails, instead of hanging the test session. ``fn`` must be a module-level
+    function (it is sent by name); under ``reuse`` it must not destroy the default process group."""
+    if reuse:
+        # one collective timeout per pool: the longest any caller has asked for, so the pool is not restarted
+        pool = worker_pool.pool(world_size, max(timeout_s, POOL_TIMEOUT_S))
+        return pool.run(fn, args, join_timeout_s)
+    return _spawn_fresh(fn, world_size, args, timeout_s, join_timeout_s)
+
+
+# A pooled rank's gloo timeout: what the slowest multi-process tests pass (a hung collective fails after it).
+POOL_TIMEOUT_S = 300
+
+
+def _spawn_fresh(fn, world_size, args, timeout_s, join_timeout_s):
     import pickle
     import time
     with tempfile.TemporaryDirectory() as result_dir:

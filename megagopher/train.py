@@ -45,21 +45,16 @@ def main(argv=None):
 
 def _run(trainer):
     """Trains, then ends the run's communication in order; the exit status."""
-    from megagopher.common import EXIT_INPUT_ERROR, EXIT_NON_FINITE, EXIT_SAVE_FAILED, InputError, SaveFailed
+    from megagopher.errors import ENDING_ERRORS, exit_status
     from megagopher.training.distributed import end_distributed
-    from megagopher.training.loop import NonFiniteLoss
     status = 0
+    # NonFiniteLoss and SaveFailed are agreed by every rank (one all-reduce), and every rank reads the same
+    # data files (InputError), so every rank is here: the run ends in order with the outcome's status.
     try:
         trainer.run()
-    except NonFiniteLoss as e:  # every rank agreed on it (one all-reduce), so every rank is here
+    except ENDING_ERRORS as e:
         print(f"megagopher.train: {e}", file=sys.stderr, flush=True)
-        status = EXIT_NON_FINITE
-    except InputError as e:  # every rank reads the same data files, so every rank raises it
-        print(f"megagopher.train: {e}", file=sys.stderr, flush=True)
-        status = EXIT_INPUT_ERROR
-    except SaveFailed as e:  # agreed by every rank (checkpoint.on_save_error = "stop")
-        print(f"megagopher.train: {e}", file=sys.stderr, flush=True)
-        status = EXIT_SAVE_FAILED
+        status = exit_status(e)
     end_distributed(trainer.close)  # the watchdog stops before the groups are destroyed
     return status
 

@@ -12,6 +12,9 @@ signal-at PHASE SIGNAL [RANK] the process sends itself SIGNAL (TERM, INT or KILL
                               of the second stage)
 fsize-limit-at ITERATION BYTES from ITERATION's checkpoint on, files may not grow past BYTES (setrlimit
                               RLIMIT_FSIZE, with SIGXFSZ ignored so writes fail with EFBIG, as on a full disk)
+exit-at ITERATION RANK ROUND [ITERATION RANK ROUND ...]
+                              RANK's process exits at once (os._exit(1), as a crashed worker) when the step of
+                              ITERATION begins, in round ROUND of a torchrun job (TORCHELASTIC_RESTART_COUNT)
 """
 import os
 import resource
@@ -74,7 +77,7 @@ def signal_at(phase, name, rank=None):
     elif phase == "data":
         wrap(loop.data_lib, "build_datasets")
     elif phase == "step":
-        wrap(loop.Trainer, "train_step", lambda trainer, *a: trainer.iteration == 2)
+        wrap(loop.Trainer, "train_step", lambda trainer, *a: trainer.state.iteration == 2)
     elif phase == "eval":
         wrap(loop.Trainer, "evaluate")
     elif phase == "save":
@@ -97,7 +100,22 @@ def fsize_limit_at(iteration, limit):
     checkpoint.begin_save = limited
 
 
-FAULTS = {"kill-in-save": kill_in_save, "signal-at": signal_at, "fsize-limit-at": fsize_limit_at}
+def exit_at(*triples):
+    """Each (iteration, rank, round) triple: that rank dies when that iteration's step begins in that round."""
+    here = (int(os.environ.get("RANK", "0")), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+    deaths = {int(it) for it, rank, rnd in zip(triples[::3], triples[1::3], triples[2::3])
+              if (int(rank), int(rnd)) == here}
+    original = loop.Trainer.train_step
+
+    def step_or_die(trainer, *args, **kwargs):
+        if trainer.state.iteration in deaths:
+            os._exit(1)
+        return original(trainer, *args, **kwargs)
+
+    loop.Trainer.train_step = step_or_die
+
+
+FAULTS = {"kill-in-save": kill_in_save, "signal-at": signal_at, "fsize-limit-at": fsize_limit_at, "exit-at": exit_at}
 
 if __name__ == "__main__":
     args = sys.argv[1:]

@@ -175,3 +175,63 @@ def test_files_and_their_directories_are_fsynced(tmp_path, monkeypatch):
     ckpt_files.write_text_durably(latest, "7\n")
     assert synced == [os.stat(latest).st_ino, os.stat(str(tmp_path)).st_ino]
     assert open(latest).read() == "7\n" and not os.path.exists(latest + ".tmp")
+
+
+def test_every_writer_records_the_digest_the_one_reader_checks(tmp_path):
+    """All writers go through training/ckpt_format.py: a Hugging Face import (save_weights_only) and its
+    conversion to tp 2 x pp 2 (export/convert.py) carry metadata_sha256 over their content, open with the
+    one reader and verify every file, with the same tensors; a converted checkpoint whose metadata.json is
+    changed but still valid JSON (the iteration) is reported as damaged, not loaded."""
+    import transformers
+    from megagopher.export.convert import convert
+    from megagopher.export.hf_import import import_hf
+    from megagopher.training.ckpt_format import metadata_digest
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=32, vocab_size=70,
+                                     bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(str(tmp_path / "hf"))
+    _, _, imported = import_hf(str(tmp_path / "hf"), str(tmp_path / "imported"), tokenizer=False)
+    converted = convert(imported, str(tmp_path / "converted"), tp=2, pp=2)
+    for path in (imported, converted):
+        meta = json.load(open(os.path.join(path, "metadata.json")))
+        assert meta["metadata_sha256"] == metadata_digest(meta), path
+        assert meta["format_version"] == ckpt.FORMAT_VERSION and meta["rng_files"] == {} and "rng" in meta
+        assert meta["layout"]["cp"] == 1 and meta["layout"]["dp"] is None and not meta["has_optimizer"]
+        reader = ckpt.CheckpointReader(path)
+        for file in reader.meta["files"]:
+            reader.verify(file)
+        assert open(os.path.join(os.path.dirname(path), "latest")).read() == "0\n"
+    a, b = ckpt.CheckpointReader(imported), ckpt.CheckpointReader(converted)
+    assert sorted(a.names()) == sorted(b.names())
+    assert all(torch.equal(a.full_tensor(n), b.full_tensor(n)) for n in a.names())
+
+    def change_iteration(d):
+        path = os.path.join(d, "metadata.json")
+        text = open(path).read()
+        assert '"iteration": 0' in text
+        open(path, "w").write(text.replace('"iteration": 0', '"iteration": 9', 1))
+    damaged = _damaged_copy(converted, str(tmp_path / "damaged" / "iter_0000000"), change_iteration)
+    with pytest.raises(ckpt.CheckpointCorrupt, match="does not match its digest") as info:
+        ckpt.CheckpointReader(damaged)
+    assert damaged in str(info.value)
+
+
+def test_latest_and_find_checkpoints_agree(tmp_path):
+    """The one policy (ARCHITECTURE 4.6): find_checkpoints lists every iter_N directory, newest first (never
+    iter_N.tmp); one without metadata.json was damaged (a save renames only complete ones into place), so
+    its reader says so and the loader falls back; ``latest`` names the newest with metadata.json, which is
+    the checkpoint that fallback reaches. Publishing a checkpoint moves ``latest`` to it."""
+    root = str(tmp_path / "ckpt")
+    model = GPTModel(CFG).initialize(3)
+    for it in (1, 2):
+        ckpt.save_weights_only(root, it, model, {"iteration": it}, JobConfig())
+    assert open(os.path.join(root, "latest")).read() == "2\n"
+    os.makedirs(ckpt.iter_dir(root, 3))  # damaged: no metadata.json
+    os.makedirs(ckpt.iter_dir(root, 4) + ".tmp")  # a save killed before its rename
+    ckpt.write_latest(root)
+    assert ckpt.find_checkpoints(root) == [ckpt.iter_dir(root, i) for i in (3, 2, 1)]
+    assert ckpt.list_checkpoints(root) == [1, 2] and open(os.path.join(root, "latest")).read() == "2\n"
+    with pytest.raises(ckpt.CheckpointCorrupt, match="no metadata.json"):
+        ckpt.CheckpointReader(ckpt.find_checkpoints(root)[0])
+    assert ckpt.CheckpointReader(ckpt.find_checkpoints(root)[1]).meta["iteration"] == 2
+    assert ckpt.find_checkpoints(ckpt.iter_dir(root, 1)) == [ckpt.iter_dir(root, 1)]

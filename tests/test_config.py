@@ -1,8 +1,10 @@
 """The typed config: every key documented and listed by --help-config, and every validation rule firing
 the same message on every rank of a 4-rank run before any collective (invariant 6), table-driven."""
 import contextlib
+import inspect
 import io
 import os
+import re
 import subprocess
 import sys
 
@@ -115,8 +117,17 @@ RULES = [
      "grow from a multiple of 3 layers"),
     ("grow key", STAGED, ["--stages.deep.grow.width=2"], "valid keys: num_layers, num_experts"),
 ]
-COLLECTIVES = ("all_reduce", "all_gather_object", "barrier", "broadcast", "new_group", "batch_isend_irecv",
-               "all_gather", "reduce_scatter", "init_process_group")
+# Every function of torch.distributed that talks to other ranks (group set-up, collectives, object
+# collectives, point-to-point): a rule that fires after any of them fails the test below.
+COLLECTIVES = ("init_process_group", "new_group", "new_subgroups", "barrier", "monitored_barrier",
+               "broadcast", "broadcast_object_list", "all_reduce", "all_reduce_coalesced", "reduce",
+               "all_gather", "all_gather_into_tensor", "all_gather_object", "gather", "gather_object",
+               "scatter", "scatter_object_list", "reduce_scatter", "reduce_scatter_tensor", "all_to_all",
+               "all_to_all_single", "send", "recv", "isend", "irecv", "batch_isend_irecv", "send_object_list",
+               "recv_object_list")
+# What megagopher calls on torch.distributed without talking to other ranks.
+LOCAL_CALLS = {"get_rank", "get_world_size", "is_initialized", "is_available", "get_backend",
+               "get_process_group_ranks", "destroy_process_group"}
 
 
 def _refuse(name):
@@ -160,6 +171,19 @@ def test_every_rule_fires_the_same_message_on_every_rank(tmp_path):
         status, message = verdicts.pop()
         assert status == 2, f"{name} ({overrides}): exit {status!r}, {message}"
         assert message.startswith("megagopher.train: config error: ") and expected in message, (name, message)
+
+
+def test_the_refused_list_covers_every_call_megagopher_makes():
+    """A collective the library starts using joins COLLECTIVES (or LOCAL_CALLS), so the test above refuses it."""
+    called = set()
+    for folder, _, files in os.walk(os.path.join(ROOT, "megagopher")):
+        for name in files:
+            if name.endswith(".py"):
+                called |= set(re.findall(r"\bdist\.([a-z_]+)\b", open(os.path.join(folder, name)).read()))
+    functions = {name for name in called if inspect.isfunction(getattr(dist, name, None))}  # not dist.group
+    assert {"all_reduce", "all_gather_into_tensor", "all_to_all_single", "isend"} <= functions  # the scan works
+    assert functions - set(COLLECTIVES) - LOCAL_CALLS == set()
+    assert all(callable(getattr(dist, name)) for name in COLLECTIVES)
 
 
 def test_help_config_lists_every_key_with_a_doc():

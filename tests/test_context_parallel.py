@@ -8,7 +8,8 @@
    and ZB-H1), cp2 x pp2 interleaved and GPipe (with full recompute), and cp2 with ZeRO-1 log the serial
    run's losses and gradient norms, with and without document masking; bf16 and fp16 with recompute at cp2
    stay within the format's rounding of the serial run; a checkpoint saved at cp2 resumes at cp1 and cp4
-   with the next losses equal.
+   with the next losses equal. bf16 at cp2 through the training harness of tests/layouts.py: losses,
+   first-step gradients and final parameters within bf16's rounding of the serial bf16 run.
 3. Memory: the activations autograd saves per rank at cp = 2 are half those at cp = 1 for the same sequence,
    and memory.py's report agrees within 10%.
 """
@@ -20,21 +21,16 @@ from megagopher import parallel_state as ps
 from megagopher.data.document_mask import document_mask
 from megagopher.context_parallel import split_for_cp_rank
 from megagopher.model import GPTConfig, GPTModel
-from megagopher.testing import gather_tensor_parallel, spawn
+from megagopher.testing import spawn
+from layouts import FP32_ATOL as ATOL, FP32_RTOL as RTOL, check_close_bf16, gather_full, model_config, train
 from train_utils import TINY, read_metrics, run_train, write_config
 
-RTOL, ATOL = 1e-5, 1e-6  # fp32: only the order of sums differs
 EOD = 3
-FLAVOURS = {
-    "gpt2": dict(normalization="layernorm", activation="gelu", position_embedding="learned", tie_embeddings=True),
-    "llama": dict(normalization="rmsnorm", activation="swiglu", position_embedding="rope", num_query_groups=2,
-                  tie_embeddings=False, bias=False),
-}
+FLAVOURS = ("gpt2", "llama")
 
 
 def _cfg(flavour):
-    return GPTConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=32, vocab_size=40,
-                     make_vocab_size_divisible_by=8, **FLAVOURS[flavour])
+    return model_config(flavour, seq_length=32, vocab_size=40)
 
 
 def _batch(cfg, masked):
@@ -69,7 +65,7 @@ def _loss_and_grads(cfg, tp, cp, sp, masked):
             dist.all_reduce(g, group=ps.get_cp_group())
         if getattr(p, "sequence_parallel", False) and tp > 1:
             dist.all_reduce(g, group=ps.get_tp_group())
-        grads[name] = gather_tensor_parallel(p, g)
+        grads[name] = gather_full(p, g)
     total = loss.detach().clone()
     if cp > 1:
         dist.all_reduce(total, group=ps.get_cp_group())
@@ -158,6 +154,24 @@ def test_context_parallel_training_logs_the_serial_losses_and_reshards(tmp_path)
         assert sorted(runs[name]) == [3, 4]
         assert runs[name][3]["loss"] == pytest.approx(runs["cp2"][3]["loss"], rel=1e-5), name
         assert runs[name][4]["loss"] == pytest.approx(runs["cp2"][4]["loss"], rel=1e-4), name
+
+
+def _bf16_cp2(rank, world):
+    """bf16 at cp 2 (selective recompute; the ring merges its blocks in fp32) against the serial bf16 run
+    through the training harness: every step's loss, every first-step gradient and every final parameter
+    within bf16's rounding (tests/layouts.py's bounds)."""
+    checked = []
+    for flavour in FLAVOURS:
+        cfg = _cfg(flavour)
+        ref, _ = train(cfg, precision="bf16")
+        got, _ = train(cfg, tp=1, cp=2, recompute="selective", precision="bf16")
+        check_close_bf16(f"{flavour} bf16 cp2 selective", got, ref)
+        checked.append(flavour)
+    return checked
+
+
+def test_bf16_cp2_gradients_and_parameters_within_bf16_rounding_of_serial():
+    assert spawn(_bf16_cp2, 2) == [list(FLAVOURS)] * 2
 
 
 def _activation_bytes(rank, world):

@@ -1,7 +1,7 @@
 """tools/convert_checkpoint.py: resharding tp1 -> tp2 -> tp1 and onto pipeline layouts keeps every full
 tensor (weights and optimizer state) bit for bit, the files follow save_checkpoint's structure and
 stages.py's layer split, and a tp2 run resumed from the converted checkpoint logs the losses the
-unconverted run logged."""
+unconverted run logged and saves its per-parameter gradients, weights and Adam moments."""
 import hashlib
 import json
 import os
@@ -15,14 +15,17 @@ from safetensors import safe_open
 from megagopher.export.convert import convert, to_full
 from megagopher.pipeline_parallel.stages import stage_layer_ranges
 from megagopher.training.checkpoint import CheckpointReader
-from train_utils import ROOT, read_metrics, run_train, write_config
+from train_utils import (GOLDEN, GRAD_RTOL, STATE_RTOL, ROOT, assert_same_training_state, read_metrics, run_train,
+                         write_config)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """4 steps of TINY (4 layers, tied embeddings, vocab 90 padded per TP), a checkpoint after step 2."""
+    """4 steps of TINY (4 layers, tied embeddings, vocab 90 padded per TP), a checkpoint after every step;
+    the one of step 2 is converted."""
     tmp = tmp_path_factory.mktemp("convert")
-    run_train(write_config(tmp), str(tmp / "run"), f"--checkpoint.dir={tmp / 'ckpt'}", "--checkpoint.save_interval=2")
+    run_train(write_config(tmp), str(tmp / "run"), *GOLDEN, f"--checkpoint.dir={tmp / 'ckpt'}",
+              "--checkpoint.save_interval=1")
     return tmp, str(tmp / "ckpt" / "iter_0000002")
 
 
@@ -87,7 +90,7 @@ def test_pipeline_layouts_follow_the_stage_split(trained):
             assert ("embedding.word.weight" in names) == (pp_rank == 0)
             assert ("final_norm.weight" in names) == (pp_rank == pp - 1)
         meta = json.load(open(os.path.join(path, "metadata.json")))
-        assert meta["layout"] == {"tp": 2, "pp": pp, "dp": None, "vpp": vpp, "world": None}
+        assert meta["layout"] == {"tp": 2, "pp": pp, "dp": None, "vpp": vpp, "cp": 1, "world": None}
     with pytest.raises(ValueError, match=r"num_attention_heads = 4 is not divisible by parallel\.tp = 3"):
         convert(source, str(tmp / "bad"), tp=3, pp=1)
     with pytest.raises(ValueError, match=r"pp_layers = \[1, 2\] sums to 3"):
@@ -107,7 +110,8 @@ def test_resuming_the_converted_checkpoint_at_tp2_continues_the_run(trained):
     tmp, source = trained
     converted = convert(source, str(tmp / "resume_tp2"), tp=2, pp=1)
     run_dir = str(tmp / "resumed")
-    run_train(write_config(tmp), run_dir, f"--checkpoint.load={converted}", "--parallel.tp=2", nproc=2)
+    run_train(write_config(tmp), run_dir, *GOLDEN, f"--checkpoint.load={converted}", "--parallel.tp=2",
+              f"--checkpoint.dir={tmp / 'resumed_ckpt'}", "--checkpoint.save_interval=1", nproc=2)
     original = {r["iteration"]: r for r in read_metrics(str(tmp / "run"))}
     resumed = read_metrics(run_dir)
     assert [r["iteration"] for r in resumed] == [3, 4]
@@ -115,3 +119,9 @@ def test_resuming_the_converted_checkpoint_at_tp2_continues_the_run(trained):
     for r in resumed:
         assert r["loss"] == pytest.approx(original[r["iteration"]]["loss"], rel=1e-5)
         assert r["grad_norm"] == pytest.approx(original[r["iteration"]]["grad_norm"], rel=1e-4)
+    # Step 3 starts from the converted state bit for bit, so its exp_avg (beta1 m + (1 - beta1) g) compares
+    # step 3's per-parameter gradients with the unconverted run's; step 4's checkpoint the whole state.
+    resumed, unconverted = tmp / "resumed_ckpt", tmp / "ckpt"
+    assert_same_training_state(resumed, unconverted, 3, GRAD_RTOL, kinds=("exp_avg",), what="tp2")
+    assert_same_training_state(resumed, unconverted, 4, STATE_RTOL, kinds=("param", "exp_avg", "exp_avg_sq"),
+                               what="tp2")

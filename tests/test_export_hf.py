@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import transformers
 
 from megagopher.data.bpe_trainer import count_words, train_bpe, write_tokenizer_files
 from megagopher.data.math_problems import generate_problems
@@ -17,8 +18,6 @@ from megagopher.export.loading import model_config_of, open_checkpoint
 from megagopher.model import GPTConfig, GPTModel
 from megagopher.training.checkpoint import load_weights
 from train_utils import ROOT, run_train, write_config
-
-transformers = pytest.importorskip("transformers")  # a test extra (setup.py); installed in CI
 
 FORMATS = {
     # Llama as released: no biases, untied output head; GQA (2 groups of 4 heads); with a tokenizer.
@@ -131,3 +130,20 @@ def test_formats_that_cannot_express_a_model():
         choose_format(cfg(**codegen, num_attention_heads=2), "codegen")
 
 
+
+
+def test_transformers_builds_a_model_from_the_repository_root():
+    """Regression (issue 24): run from the repository root, as README's ``python -m pytest tests`` is, the root
+    is on sys.path; our top-level ``kernels/`` folder must not shadow Hugging Face's ``kernels``
+    distribution, which transformers' model code imports (ImportError: cannot import name 'CUDAProperties')."""
+    script = ("import torch, transformers\n"
+              "cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,"
+              " num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)\n"
+              "model = transformers.LlamaForCausalLM(cfg).eval()\n"
+              "with torch.no_grad():\n"
+              "    logits = model(torch.arange(8).view(1, 8)).logits\n"
+              "assert logits.shape == (1, 8, 64) and torch.isfinite(logits).all()\n"
+              "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

@@ -3,6 +3,7 @@
 [model]; a MoE model Mixtral cannot express fails naming the key."""
 import pytest
 import torch
+import transformers
 
 from megagopher.export.hf import ExportError, choose_format, export_hf
 from megagopher.export.hf_import import import_hf
@@ -12,7 +13,6 @@ from megagopher.model import GPTConfig
 from megagopher.training.ckpt_load import ARCHITECTURE_KEYS, MOE_KEYS
 from train_utils import run_train, write_config
 
-transformers = pytest.importorskip("transformers")
 MOE = ["--model.num_experts=4", "--model.moe_top_k=2", "--model.moe_ffn_hidden_size=24", "--model.bias=false",
        "--model.tie_embeddings=false", "--model.moe_aux_loss_coeff=0.01", "--model.moe_z_loss_coeff=0.001"]
 

@@ -167,11 +167,13 @@ def _damage_and_resume(reference, tmp_path, artifact, damage, seed):
 @pytest.mark.parametrize("damage", DAMAGES, ids=lambda d: d.__name__)
 def test_every_checkpoint_damage_is_caught_before_use(reference, tmp_path, artifact, damage):
     """In-process, every artifact x damage: the reader refuses the damaged checkpoint naming the file, or
-    the damage left it readable and equal (root ignores permissions; a byte that stays JSON whitespace)."""
+    the damage left it readable and equal (root ignores permissions; a byte of metadata.json that stays JSON
+    whitespace). A rank shard's sha256 leaves no other way: any changed byte of it must be caught."""
     root = str(tmp_path / "ckpt")
     shutil.copytree(str(reference["dir"] / "ckpt"), root)
     original = ckpt.CheckpointReader(ckpt.iter_dir(root, 4)).meta
     path = ARTIFACTS[artifact](root, None)
+    before = open(path, "rb").read()
     damage(path, random.Random(RNG_SEED))
     assert ckpt.find_checkpoints(root)[1] == ckpt.iter_dir(root, 4)  # still a candidate: reported, not skipped
     try:
@@ -181,7 +183,19 @@ def test_every_checkpoint_damage_is_caught_before_use(reference, tmp_path, artif
     except ckpt.CheckpointCorrupt as e:
         assert ckpt.iter_dir(root, 4) in str(e)
         return
-    assert reader.meta == original and (damage is no_permission or damage is flip_byte), damage.__name__
+    assert reader.meta == original, damage.__name__
+    if damage is no_permission:
+        assert _readable(path)  # root reads it whatever its mode
+    else:
+        assert artifact == "metadata.json" and _only_whitespace_changed(before, open(path, "rb").read()), (
+            f"{damage.__name__} of the {artifact} went undetected")
+
+
+def _only_whitespace_changed(before, after):
+    """Whether every byte that differs is JSON whitespace on both sides (the parsed document is the same)."""
+    space = b" \t\n\r"
+    return len(before) == len(after) and before != after and all(
+        a in space and b in space for a, b in zip(before, after) if a != b)
 
 
 @pytest.mark.parametrize("artifact, damage", [("metadata.json", flip_byte), ("rank shard", truncate),

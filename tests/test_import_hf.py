@@ -22,6 +22,8 @@ from megagopher.generate import generate, load_model
 from megagopher.model import GPTConfig
 from megagopher.testing import spawn
 from megagopher.training.ckpt_load import ModelMismatch, check_model_matches
+from megagopher.training.resume import check_load_paths
+from megagopher.config import ConfigError
 from train_utils import ROOT, read_metrics, run_train
 
 
@@ -110,6 +112,7 @@ def test_tokenizer_and_config_toml(imported):
     cfg = load_config(os.path.join(mg_dir, "config.toml"))
     assert cfg.model == model_config_of(open_checkpoint(mg_dir))
     assert cfg.checkpoint.load == "auto" and cfg.checkpoint.dir == os.path.abspath(mg_dir)
+    assert cfg.checkpoint.initial_load == os.path.join(os.path.abspath(mg_dir), "iter_0000000")
     assert cfg.data.tokenizer_dir == os.path.join(os.path.abspath(mg_dir), "tokenizer")
     assert "tokenizer" not in os.listdir(imported["llama"][2])  # its directory had no tokenizer files
 
@@ -191,6 +194,50 @@ def test_training_from_an_import_resumes_under_tp2_pp2(imported, tmp_path):
     assert sorted(resumed) == [3, 4]
     for it in (3, 4):
         assert resumed[it] == pytest.approx(first[it], rel=1e-5), it
+
+
+def test_an_import_starts_from_its_weights_whatever_checkpoint_dir(imported, tmp_path):
+    """The bug: run with another checkpoint.dir, load = "auto" found nothing there and the run trained from
+    random initialisation without a word. The import's config.toml starts from its weights (initial_load,
+    logged) whatever checkpoint.dir is set: step 1's loss is that of a run resuming from the import itself
+    (checkpoint.load naming it), not an initialised model's; after its first saves, the run resumes from
+    them and continues as the uninterrupted run does."""
+    mg_dir = imported["gpt2"][2]
+    config = os.path.join(mg_dir, "config.toml")
+    common = ("--model.seq_length=16", "--training.micro_batch_size=2", "--training.global_batch_size=4",
+              "--training.log_interval=1", "--optimizer.lr=1e-3", "--optimizer.warmup_iters=1",
+              "--run.tensorboard=false")
+    ckpt = str(tmp_path / "own_ckpt")
+    first = run_train(config, str(tmp_path / "a"), *common, "--training.train_iters=4", "--training.exit_after_iters=2",
+                      f"--checkpoint.dir={ckpt}")
+    assert f"megagopher: weights from {mg_dir}/iter_0000000 (initial load" in first.stdout, first.stdout[-2000:]
+    again = run_train(config, str(tmp_path / "a"), *common, "--training.train_iters=4", f"--checkpoint.dir={ckpt}")
+    assert f"megagopher: resumed from {ckpt}/iter_0000002" in again.stdout, again.stdout[-2000:]
+    whole = str(tmp_path / "whole")  # the reference: resuming from the import itself, 4 steps at once
+    run_train(config, whole, *common, "--training.train_iters=4", f"--checkpoint.load={mg_dir}",
+              f"--checkpoint.dir={tmp_path / 'whole_ckpt'}")
+    assert [r["loss"] for r in read_metrics(str(tmp_path / "a"))] == [r["loss"] for r in read_metrics(whole)]
+    fresh = run_train(config, str(tmp_path / "fresh"), *common, "--training.train_iters=1",
+                      f"--checkpoint.dir={tmp_path / 'fresh_ckpt'}", "--checkpoint.initial_load=")
+    assert "megagopher: weights from initialisation (training.seed = " in fresh.stdout
+    assert read_metrics(str(tmp_path / "fresh"))[0]["loss"] != pytest.approx(read_metrics(whole)[0]["loss"], rel=0.01)
+
+
+def test_an_unusable_initial_load_is_a_config_error(imported, tmp_path):
+    """Named before any process communicates: a path holding no checkpoint, and another model's."""
+    gpt2, llama = imported["gpt2"][2], imported["llama"][2]
+    cfg = load_config(os.path.join(gpt2, "config.toml"), {"checkpoint.dir": str(tmp_path / "empty")})
+    vocab = cfg.model.vocab_size
+    check_load_paths(cfg, vocab)
+    with pytest.raises(ConfigError, match="checkpoint.initial_load = .*: no checkpoint there"):
+        check_load_paths(dataclasses.replace(cfg, checkpoint=dataclasses.replace(
+            cfg.checkpoint, initial_load=str(tmp_path / "nothing"))), vocab)
+    with pytest.raises(ModelMismatch, match=f"checkpoint {llama}/iter_0000000 holds a model with"):
+        check_load_paths(dataclasses.replace(cfg, checkpoint=dataclasses.replace(
+            cfg.checkpoint, initial_load=llama)), vocab)
+    proc = run_train(os.path.join(gpt2, "config.toml"), str(tmp_path / "run"), f"--checkpoint.dir={tmp_path / 'c'}",
+                     f"--checkpoint.initial_load={tmp_path / 'nothing'}", check=False)
+    assert proc.returncode == 2 and "config error: checkpoint.initial_load = " in proc.stderr, proc.stderr[-2000:]
 
 
 # -- errors ---------------------------------------------------------------------------------------------------

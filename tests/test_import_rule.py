@@ -8,7 +8,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = {  # module prefix: layer, from the bottom
     "megagopher.common": 0, "megagopher.errors": 0, "megagopher.config": 0, "megagopher.data": 0,
     "megagopher.kernels": 0,
-    "megagopher.parallel_state": 1, "megagopher.testing": 1,
+    "megagopher.parallel_state": 1, "megagopher.testing": 1, "megagopher.worker_pool": 1,
     "megagopher.tensor_parallel": 2, "megagopher.context_parallel": 2,
     "megagopher.model": 3,
     "megagopher.pipeline_parallel": 4, "megagopher.distributed": 4, "megagopher.optimizer": 4,

@@ -26,8 +26,6 @@ import glob
 import os
 import random
 import shutil
-import subprocess
-import sys
 import time
 import tomllib
 import warnings
@@ -40,9 +38,8 @@ from megagopher.config import load_config, parse_overrides, validate
 from megagopher.data.bpe_trainer import count_words, train_bpe, write_tokenizer_files
 from megagopher.data.indexed_dataset import IndexedDatasetBuilder, token_dtype_for
 from megagopher.data.tokenizer import load_tokenizer
-from megagopher.testing import free_port
 from megagopher.training.data import build_datasets, vocab_size_of
-from train_utils import ROOT, read_metrics
+from train_utils import ROOT, launch_ranks, read_metrics
 
 CONFIG = """[model]
 num_layers = 2
@@ -303,25 +300,8 @@ def test_unreadable_input_is_named(prepared, tmp_path, monkeypatch, artifact):
 # -- the real command: one line, exit status 2, on every rank ---------------------------------------------
 
 def _launch(root, run_dir, nproc):
-    """``python -m megagopher.train`` on the inputs as ``nproc`` ranks; ([exit status], [stderr lines]) per
-    rank. The ranks get torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...) but are started here,
-    so each one's own exit status is seen: torchrun would terminate the others once one has exited."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "megagopher.train", "--config", os.path.join(root, "config.toml"),
-           f"--run.dir={run_dir}", *overrides(root)]
-    if nproc > 1:
-        env.update(WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(free_port()))
-    procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)) if nproc > 1 else env, cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(nproc)]
-    try:
-        errs = [p.communicate(timeout=180)[1] for p in procs]
-    finally:
-        for p in procs:   # only after a timeout is any still running
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return [p.returncode for p in procs], [e.splitlines() for e in errs]
+    """``python -m megagopher.train`` on the inputs as ``nproc`` ranks (train_utils.launch_ranks)."""
+    return launch_ranks(os.path.join(root, "config.toml"), run_dir, *overrides(root), nproc=nproc)
 
 
 def _first_k(artifact, damage, verdict, tmp_path, prepared):

@@ -133,11 +133,14 @@ def test_apex_softmax_wrapper_keeps_the_contract(monkeypatch, causal, with_mask)
     if with_mask:
         mask[1, 0, 5] = True  # a fully masked row: zeros, where Megatron's kernel gives a uniform row
     y = apex_ops.scaled_masked_softmax(x, mask, 0.5, causal)
-    y.backward(torch.ones_like(y))
+    # a random upstream gradient: with ones (every row's sum) a softmax's input gradient is exactly zero
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+    y.backward(dy)
     x64 = x.detach().double().requires_grad_()
     y64 = reference.scaled_masked_softmax(x64, mask, 0.5, causal)
-    y64.backward(torch.ones_like(y64))
+    y64.backward(dy.double())
     torch.testing.assert_close(y.double(), y64, atol=TOL_FP16[0], rtol=TOL_FP16[1])
+    assert x64.grad.abs().max() > 0.1  # a gradient worth comparing
     torch.testing.assert_close(x.grad.double(), x64.grad, atol=TOL_FP16[0], rtol=TOL_FP16[1])
     with pytest.raises(Unsupported):  # fp32 is not for Megatron's kernels: the call goes on as "auto"
         apex_ops.scaled_masked_softmax(x.detach().float(), mask, 0.5, causal)

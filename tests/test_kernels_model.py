@@ -10,18 +10,12 @@ import pytest
 import torch
 
 from megagopher import kernels
-from megagopher.model import GPTConfig, GPTModel
+from megagopher.model import GPTModel
+from layouts import FP32_ATOL as ATOL, FP32_RTOL as RTOL, model_config
 
-RTOL, ATOL = 1e-5, 1e-6
-
-FLAVOURS = {
-    # fused attention with GQA, RoPE, RMSNorm, SwiGLU
-    "llama": dict(normalization="rmsnorm", activation="swiglu", position_embedding="rope", num_query_groups=1,
-                  tie_embeddings=False, bias=False),
-    # scaled-masked softmax (unfused attention), partial RoPE, LayerNorm, parallel residual
-    "codegen": dict(normalization="layernorm", activation="gelu", position_embedding="rope", rotary_percent=0.5,
-                    parallel_residual=True, core_attention="unfused"),
-}
+# fused attention with GQA (one key/value group), RoPE, RMSNorm, SwiGLU; scaled-masked softmax (unfused
+# attention), partial RoPE, LayerNorm, parallel residual, here with tied embeddings
+FLAVOURS = {"llama": dict(num_query_groups=1), "codegen": dict(tie_embeddings=True)}
 
 
 def _train(cfg, backend, steps=3):
@@ -44,8 +38,7 @@ def _train(cfg, backend, steps=3):
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_triton_backend_trains_like_torch(flavour):
     # head dim 16: the smallest the fused attention kernel takes, so "triton" never falls back
-    cfg = GPTConfig(num_layers=2, hidden_size=32, num_attention_heads=2, seq_length=16, vocab_size=50,
-                    make_vocab_size_divisible_by=8, **FLAVOURS[flavour])
+    cfg = model_config(flavour, num_attention_heads=2, vocab_size=50, **FLAVOURS[flavour])
     ref_losses, ref_params = _train(cfg, "torch")
     losses, params = _train(cfg, "triton")
     assert ref_losses[-1] < ref_losses[0]  # it trains

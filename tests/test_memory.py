@@ -18,22 +18,24 @@ from megagopher.model import GPTConfig, GPTModel
 from megagopher.optimizer import build_optimizer
 from megagopher.tensor_parallel import model_parallel_seed
 from megagopher.testing import spawn
+from layouts import model_dict
 
-TOLERANCE = 0.10  # the issue's bar; measured agreement is exact for every configuration below
+# Parameters, gradients and optimizer state are counts of what the code allocates (the wrapper's flat
+# buffers, ZeRO-1's padded shards, fp32 masters and Adam's two moments): the report gives them to the byte.
+EXACT = ("params", "grads", "optimizer")
+# Activations are a model of what autograd saves (Korthikanti et al.'s per-layer terms): which storages a
+# kernel keeps is its implementation's choice (a fused kernel may save its output rather than its input, CUDA
+# keeps a dropout mask as bytes where the CPU keeps an element), so the report, a planning estimate, is held
+# to the issue's 10% bar there (and in the total, which includes them); measured, it is exact for every
+# configuration below.
+ACTIVATION_TOLERANCE = 0.10
 OPT = dict(lr=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, clip_grad=1.0)
-FLAVOURS = {
-    "gpt2": dict(normalization="layernorm", activation="gelu", position_embedding="learned", tie_embeddings=True),
-    "llama": dict(normalization="rmsnorm", activation="swiglu", position_embedding="rope", num_query_groups=2,
-                  tie_embeddings=False, bias=False),
-    "codegen": dict(normalization="layernorm", activation="gelu", position_embedding="rope", rotary_percent=0.5,
-                    parallel_residual=True, tie_embeddings=False, core_attention="unfused", dropout=0.1,
-                    attention_dropout=0.1),
-}
+DROPOUT = {"codegen": dict(dropout=0.1, attention_dropout=0.1)}  # the dropout masks are counted too
 
 
 def _model_cfg(flavour, seq_length=32, **extra):
-    return {**dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=seq_length, vocab_size=100,
-                   make_vocab_size_divisible_by=8), **FLAVOURS[flavour], **extra}
+    return model_dict(flavour, hidden_size=64, seq_length=seq_length, vocab_size=100,
+                      **{**DROPOUT.get(flavour, {}), **extra})
 
 
 def measure(model_cfg, parallel, training, optimizer):
@@ -66,9 +68,12 @@ def compare(model_cfg, parallel, training, optimizer, world_size=1):
     measured = measure(model_cfg, parallel, training, optimizer)
     predicted = memory_report(model_cfg, parallel, training, optimizer, world_size=world_size, device="cpu")
     assert predicted["num_params"] == measured["num_params"]
-    for key in ("params", "grads", "optimizer", "activations", "total"):
+    for key in EXACT:
+        assert predicted[key] == measured[key], f"{key}: predicted {predicted[key]} bytes vs measured {measured[key]}"
+    for key in ("activations", "total"):
         error = abs(predicted[key] - measured[key]) / measured[key]
-        assert error <= TOLERANCE, f"{key}: predicted {predicted[key]} vs measured {measured[key]} ({error:.1%})"
+        assert error <= ACTIVATION_TOLERANCE, \
+            f"{key}: predicted {predicted[key]} vs measured {measured[key]} ({error:.1%})"
     return measured, predicted
 
 

@@ -2,7 +2,7 @@
 reference written from the papers' formulas, capacity dropping on a crafted routing, the dispatcher's
 permutation, and a dropless top-2 MoE model under tp2 (sequence parallel), pp2, dp with ZeRO-1 and expert
 parallelism (ep 2 and 4, tp2 x ep2, ep2 x pp2 x expert-DP 2, recompute, bf16) equal to the serial run (one
-spawn of 4 gloo ranks and one of 8; the harness of tests/test_data_parallel.py).
+spawn of 4 gloo ranks and one of 8; the harness of tests/layouts.py).
 """
 import math
 
@@ -10,20 +10,18 @@ import pytest
 import torch
 
 from megagopher.config import ConfigError
-from megagopher.model import GPTConfig
 from megagopher.model.gpt import GPTModel
 from megagopher.model.moe import MoEAuxLosses, MoELayer, Router, apply_capacity
 from megagopher.testing import spawn
-from test_data_parallel import check_equal, train
+from layouts import check_close_bf16, check_equal, model_config, train
 
 E, K, H, T = 6, 2, 8, 20
 
 
 def _cfg(**kw):
-    base = dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, vocab_size=61,
-                make_vocab_size_divisible_by=8, num_experts=4, moe_top_k=2, moe_aux_loss_coeff=0.1,
-                moe_z_loss_coeff=0.01, moe_ffn_hidden_size=24)
-    return GPTConfig(**{**base, **kw})
+    """The GPT-2 flavour with 4 experts, top-2, both auxiliary losses on."""
+    return model_config("gpt2", **{**dict(num_experts=4, moe_top_k=2, moe_aux_loss_coeff=0.1, moe_z_loss_coeff=0.01,
+                                          moe_ffn_hidden_size=24), **kw})
 
 
 def _reference_aux(x, w, router, coeff_aux, coeff_z):
@@ -196,12 +194,14 @@ def _layouts_8(rank, world_size):
             check_equal(name, train(cfg, **kwargs)[0], ref)
         except AssertionError as e:
             failures.append(str(e))
-    # bf16: the same run in the same precision, to bf16's rounding (tests/test_context_parallel.py's bound).
+    # bf16: the same run in the same precision, to bf16's rounding (tests/layouts.py's bounds): losses,
+    # first-step gradients and final parameters.
     ref_bf16, _ = train(cfg, precision="bf16")
     got_bf16, _ = train(cfg, tp=1, ep=4, distributed=True, precision="bf16")
-    for (loss, *_), (ref_loss, *_) in zip(got_bf16[0], ref_bf16[0]):
-        if not math.isclose(loss, ref_loss, rel_tol=2e-2):
-            failures.append(f"bf16 ep4 x edp2 zero1: loss {loss} vs serial bf16 {ref_loss}")
+    try:
+        check_close_bf16("bf16 ep4 x edp2 zero1", got_bf16, ref_bf16)
+    except AssertionError as e:
+        failures.append(str(e))
     return failures
 
 

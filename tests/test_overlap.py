@@ -20,8 +20,7 @@ One spawn of 4 gloo ranks:
 import torch
 
 from megagopher.testing import spawn
-
-from test_data_parallel import _cfg, check_equal, train
+from layouts import check_equal, model_config, train
 
 
 class _RecordedWait:
@@ -128,8 +127,8 @@ def safety_waits():
                 chunks[0].state_dict()
                 after_state_dict = sum(b.param_gather is not None for b in buckets)
                 seen["counts"] = (len(buckets), in_flight, after_norm, after_state_dict)
-        train(_cfg("gpt2"), tp=1, distributed=True, precision=precision, steps=2, on_microbatch=after_first_step,
-              before_step=before_second_step)
+        train(model_config("gpt2"), tp=1, distributed=True, precision=precision, steps=2,
+              on_microbatch=after_first_step, before_step=before_second_step)
         n, in_flight, after_norm, after_state_dict = seen["counts"]
         assert seen["pending"] == n == in_flight, f"{precision}: {seen}"
         assert after_norm == (0 if precision == "fp32" else n), f"{precision}: params_norm left {after_norm}"
@@ -142,21 +141,23 @@ def _world4(rank, world):
     out = {"waits": {}}
     for flavour in ("gpt2", "llama"):
         events, state = [], {}
-        overlapped, chunks = train(_cfg(flavour), tp=1, distributed=True, on_microbatch=wait_recorder(events, state))
+        overlapped, chunks = train(model_config(flavour), tp=1, distributed=True,
+                                   on_microbatch=wait_recorder(events, state))
         where = f"{flavour} dp4"
         assert all(state["pending after step"]), f"{where}: not every gather in flight after the step"
         out["waits"][flavour] = check_waits_at_first_use(events, state["launched by step 0"], chunks[0], where)
         events, state = [], {}
-        synchronous, _ = train(_cfg(flavour), tp=1, distributed=True, overlap_param_gather=False,
+        synchronous, _ = train(model_config(flavour), tp=1, distributed=True, overlap_param_gather=False,
                                on_microbatch=wait_recorder(events, state))
         assert not any(state["pending after step"]) and not [e for e in events if e[0] == "wait"], \
             f"{where}: no overlap, yet gathers in flight after the step"
         bitwise_equal(overlapped, synchronous, f"{where} overlap on vs off")
     # pp 2 x dp 2 with ZeRO-1 and the overlap on: the golden check against the serial run.
-    serial = train(_cfg("gpt2", num_layers=4))[0]
+    cfg = model_config("gpt2", num_layers=4)
+    serial = train(cfg)[0]
     checked = []
     for schedule, vpp in (("1f1b", 1), ("interleaved", 2), ("zb-h1", 1)):
-        got, chunks = train(_cfg("gpt2", num_layers=4), tp=1, pp=2, vpp=vpp, schedule=schedule, distributed=True)
+        got, chunks = train(cfg, tp=1, pp=2, vpp=vpp, schedule=schedule, distributed=True)
         check_equal(f"gpt2 pp2 dp2 zero1 {schedule} vpp={vpp}", got, serial)
         checked.append(schedule)
     out["pipeline"] = checked

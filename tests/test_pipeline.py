@@ -22,36 +22,21 @@ import torch.distributed as dist
 from megagopher import parallel_state as ps
 from megagopher.distributed import finalize_model_grads
 from megagopher.distributed.ddp import wrap_data_parallel
-from megagopher.model import GPTConfig, GPTModel
+from megagopher.model import GPTModel
 from megagopher.pipeline_parallel import p2p
 from megagopher.pipeline_parallel.plan import ScheduleError
 from megagopher.pipeline_parallel.schedules import forward_backward, forward_only
 from megagopher.pipeline_parallel.stages import build_model_chunks
-from megagopher.testing import gather_tensor_parallel, spawn
+from megagopher.testing import spawn
+from layouts import FP32_ATOL as ATOL, FP32_RTOL as RTOL, ODD_VOCAB, SEED, gather_full, model_config
+from layouts import random_microbatches as _microbatches
 
-RTOL, ATOL = 1e-5, 1e-6
-SEED = 1234
-
-FLAVOURS = {
-    "gpt2": dict(normalization="layernorm", activation="gelu", position_embedding="learned", tie_embeddings=True,
-                 vocab_size=101),
-    "llama": dict(normalization="rmsnorm", activation="swiglu", position_embedding="rope", num_query_groups=2,
-                  tie_embeddings=False, bias=False, vocab_size=97),
-}
 # (schedule, vpp) for every pp; the interleaved schedule with vpp = 1 is 1F1B and is not repeated.
 SCHEDULES = [("gpipe", 1), ("gpipe", 2), ("1f1b", 1), ("interleaved", 2), ("zb-h1", 1)]
 
 
 def _cfg(flavour, num_layers):
-    return GPTConfig(num_layers=num_layers, hidden_size=32, num_attention_heads=4, seq_length=16,
-                     make_vocab_size_divisible_by=8, **FLAVOURS[flavour])
-
-
-def _microbatches(cfg, count, mbs=2, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [{"tokens": torch.randint(0, cfg.vocab_size, (mbs, cfg.seq_length), generator=gen),
-             "labels": torch.randint(0, cfg.vocab_size, (mbs, cfg.seq_length), generator=gen)}
-            for _ in range(count)]
+    return model_config(flavour, num_layers=num_layers, vocab_size=ODD_VOCAB[flavour])
 
 
 class Checks:
@@ -115,10 +100,9 @@ def _check_grads(checks, chunks, serial_model, where):
     checked = 0
     for chunk in chunks:
         for name, p in getattr(chunk, "module", chunk).named_parameters():
-            grad, ref = gather_tensor_parallel(p, _grad(p)), serial[_serial_name(name, serial)].grad
+            grad, ref = gather_full(p, _grad(p)), serial[_serial_name(name, serial)].grad
             if getattr(p, "partition_dim", None) is not None:  # vocabulary padding differs with tp
                 ref = ref.narrow(p.partition_dim, 0, p.full_shape[p.partition_dim])
-                grad = grad.narrow(p.partition_dim, 0, p.full_shape[p.partition_dim])
             checks.close(grad, ref, f"{where}: grad {name}")
             checked += 1
     return checked

@@ -20,28 +20,20 @@ import torch
 from megagopher import parallel_state as ps
 from megagopher.common import PRECISION_DTYPES
 from megagopher.memory import ActivationMeter, in_flight_microbatch_chunks, saved_activation_bytes
-from megagopher.model import GPTConfig
 from megagopher.pipeline_parallel.schedules import deallocate_output_tensor, forward_backward
 from megagopher.pipeline_parallel.stages import build_model_chunks
 from megagopher.testing import spawn
+from layouts import model_config, random_microbatches
 
-FLAVOURS = {
-    "gpt2": dict(normalization="layernorm", activation="gelu", position_embedding="learned", tie_embeddings=True),
-    "llama": dict(normalization="rmsnorm", activation="swiglu", position_embedding="rope", num_query_groups=2,
-                  tie_embeddings=False, bias=False),
-}
 S, B, H = 16, 2, 32
 
 
 def _cfg(flavour, num_layers=8):
-    return GPTConfig(num_layers=num_layers, hidden_size=H, num_attention_heads=4, seq_length=S, vocab_size=61,
-                     make_vocab_size_divisible_by=8, **FLAVOURS[flavour])
+    return model_config(flavour, num_layers=num_layers, hidden_size=H, seq_length=S)
 
 
 def _microbatches(cfg, m):
-    gen = torch.Generator().manual_seed(7)
-    return [{"tokens": torch.randint(0, cfg.vocab_size, (B, S), generator=gen),
-             "labels": torch.randint(0, cfg.vocab_size, (B, S), generator=gen)} for _ in range(m)]
+    return random_microbatches(cfg, m, mbs=B, seed=7)
 
 
 def _run(cfg, precision, schedule, data, deallocate):

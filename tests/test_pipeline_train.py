@@ -1,9 +1,11 @@
-"""The real entry point: pipeline layouts log the same losses as the serial run.
+"""The real entry point: pipeline layouts train as the serial run does.
 
 ``python -m megagopher.train`` on the tiny example config (synthetic data, fp32, dropout off) for a few
 steps under (tp, pp) = (1, 1), (1, 2) and (1, 4) with vpp = 2 and the interleaved schedule, and (2, 2)
-with zb-h1; metrics.jsonl must agree to rounding (loss, and grad_norm). The interleaved run also writes the pipeline
-trace, which the plot tool renders and the bubble function reads.
+with zb-h1; metrics.jsonl must agree to rounding (loss, and grad_norm), and so must what the checkpoints
+hold: step 1's per-parameter gradients (exp_avg, clipping off) and the weights and Adam moments after the
+last step. The interleaved run also writes the pipeline trace, which the plot tool renders and the bubble
+function reads.
 """
 import json
 import os
@@ -13,16 +15,18 @@ import sys
 import pytest
 
 from megagopher.pipeline_parallel.trace import bubble_fractions, load_events
+from train_utils import GOLDEN, GRAD_RTOL, STATE_RTOL, assert_same_training_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "examples", "configs", "tiny.toml")
 COMMON = ["--training.train_iters=3", "--model.num_layers=8", "--model.seq_length=32",
           "--training.global_batch_size=8", "--training.micro_batch_size=2", "--run.tensorboard=false",
-          "--training.log_interval=1"]
+          "--training.log_interval=1", "--checkpoint.save_interval=1", *GOLDEN]
 
 
 def _train(run_dir, nproc, *overrides):
-    entry = ["-m", "megagopher.train", "--config", CONFIG, f"--run.dir={run_dir}", *COMMON, *overrides]
+    entry = ["-m", "megagopher.train", "--config", CONFIG, f"--run.dir={run_dir}", f"--checkpoint.dir={run_dir}/ckpt",
+             *COMMON, *overrides]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *entry]
     else:
@@ -49,6 +53,10 @@ def test_pipeline_layouts_log_the_serial_losses(tmp_path):
         for got, want in zip(metrics, serial):
             assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), (name, got, want)
             assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4), (name, got, want)
+        ckpt, serial_ckpt = tmp_path / name.replace(" ", "_") / "ckpt", tmp_path / "serial" / "ckpt"
+        assert_same_training_state(ckpt, serial_ckpt, 1, GRAD_RTOL, kinds=("exp_avg",), what=name)
+        assert_same_training_state(ckpt, serial_ckpt, 3, STATE_RTOL, kinds=("param", "exp_avg", "exp_avg_sq"),
+                                   what=name)
 
     trace = tmp_path / "tp1_pp4_vpp2_interleaved" / "pipeline_trace.json"
     events = load_events(str(trace))

@@ -14,23 +14,16 @@ from megagopher.distributed import finalize_model_grads, wrap_data_parallel
 from megagopher.memory import layer_activations, saved_activation_bytes
 from megagopher.model import GPTConfig, GPTModel
 from megagopher.tensor_parallel import model_parallel_seed
+from layouts import model_config
 
-FLAVOURS = {
-    # Unfused attention so that attention dropout runs (the fused kernel has none).
-    "codegen": dict(normalization="layernorm", activation="gelu", position_embedding="rope", rotary_percent=0.5,
-                    parallel_residual=True, core_attention="unfused", dropout=0.2, attention_dropout=0.2,
-                    tie_embeddings=False),
-    "gpt2": dict(normalization="layernorm", activation="gelu", position_embedding="learned", core_attention="unfused",
-                 dropout=0.2, attention_dropout=0.2, tie_embeddings=True),
-    "llama": dict(normalization="rmsnorm", activation="swiglu", position_embedding="rope", num_query_groups=2,
-                  dropout=0.2, tie_embeddings=False, bias=False),
-}
+# Unfused attention so that attention dropout runs (the fused kernel has none); Llama keeps the fused kernel.
+DROPOUT = dict(dropout=0.2, attention_dropout=0.2)
+FLAVOURS = {"codegen": DROPOUT, "gpt2": dict(core_attention="unfused", **DROPOUT), "llama": dict(dropout=0.2)}
 MODES = [("none", None), ("selective", None), ("full", None), ("full", 2)]  # (recompute, recompute_num_layers)
 
 
 def _cfg(flavour):
-    return GPTConfig(num_layers=3, hidden_size=32, num_attention_heads=4, seq_length=16, vocab_size=64,
-                     make_vocab_size_divisible_by=8, **FLAVOURS[flavour])
+    return model_config(flavour, num_layers=3, vocab_size=64, **FLAVOURS[flavour])
 
 
 def _grads(cfg, recompute, num_layers, seed=5, wrapped=False):

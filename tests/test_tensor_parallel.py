@@ -9,38 +9,13 @@ import torch.distributed as dist
 
 from megagopher import parallel_state as ps
 from megagopher.distributed import finalize_model_grads
-from megagopher.model import GPTConfig, GPTModel
+from megagopher.model import GPTModel
 from megagopher.tensor_parallel import (checkpoint, gather_from_sp_region, get_rng_tracker, model_parallel_seed,
                                         reduce_scatter_to_sp_region, vocab_parallel_cross_entropy)
 from megagopher.tensor_parallel import mappings
 from megagopher.testing import spawn
-
-# fp32 "to rounding": TP changes only the order of summation.
-RTOL, ATOL = 1e-5, 1e-6
-
-FLAVOURS = {
-    "gpt2": dict(normalization="layernorm", activation="gelu", position_embedding="learned",
-                 tie_embeddings=True, vocab_size=101),
-    "llama": dict(normalization="rmsnorm", activation="swiglu", position_embedding="rope", num_query_groups=4,
-                  tie_embeddings=False, bias=False, vocab_size=97),
-    "codegen": dict(normalization="layernorm", activation="gelu", position_embedding="rope", rotary_percent=0.5,
-                    parallel_residual=True, tie_embeddings=False, core_attention="unfused", vocab_size=120),
-}
-
-
-def _cfg(flavour, **extra):
-    base = dict(num_layers=2, hidden_size=32, num_attention_heads=8, seq_length=16,
-                make_vocab_size_divisible_by=8)
-    return GPTConfig(**{**base, **FLAVOURS[flavour], **extra})
-
-
-def _gather_full(param, tensor, tp_size):
-    """Joins TP shards of ``tensor`` (param's value or gradient) along the parameter's split dimension."""
-    if getattr(param, "partition_dim", None) is None or tp_size == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(tp_size)]
-    dist.all_gather(parts, tensor.contiguous(), group=ps.get_tp_group())
-    return torch.cat(parts, dim=param.partition_dim)
+from layouts import FLAVOURS, FP32_ATOL as ATOL, FP32_RTOL as RTOL, gather_full
+from layouts import tp_model_config as _cfg
 
 
 def _run(cfg, tp, sp, ids, labels, seed=1234):
@@ -51,7 +26,7 @@ def _run(cfg, tp, sp, ids, labels, seed=1234):
     finalize_model_grads([model])
     params, grads = {}, {}
     for name, p in model.named_parameters():
-        full_p, full_g = _gather_full(p, p.detach(), tp), _gather_full(p, p.grad, tp)
+        full_p, full_g = (gather_full(p, t, keep_padding=True) for t in (p.detach(), p.grad))
         if getattr(p, "partition_dim", None) == 0 and full_p.shape[0] > p.full_shape[0]:
             assert torch.all(full_g[p.full_shape[0]:] == 0), f"{name}: vocab padding received a gradient"
             full_p, full_g = full_p[:p.full_shape[0]], full_g[:p.full_shape[0]]

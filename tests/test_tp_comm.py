@@ -28,22 +28,15 @@ from megagopher import kernels
 from megagopher import parallel_state as ps
 from megagopher.distributed import finalize_model_grads, wrap_data_parallel
 from megagopher.memory import layer_activations, saved_activation_bytes
-from megagopher.model import GPTConfig, GPTModel
+from megagopher.model import GPTModel
 from megagopher.model.gpt import TransformerLayer, rope_tables
 from megagopher.tensor_parallel import (ColumnParallelLinear, column_parallel_linears, init_parameters,
                                         vocab_parallel_cross_entropy, weight_grad)
 from megagopher.tensor_parallel.layers import seed_for
 from megagopher.tensor_parallel.weight_grad import store
 from megagopher.testing import spawn
+from layouts import FLAVOURS, model_config, tp_model_config
 
-FLAVOURS = {
-    "gpt2": dict(normalization="layernorm", activation="gelu", position_embedding="learned", tie_embeddings=True,
-                 vocab_size=101),
-    "llama": dict(normalization="rmsnorm", activation="swiglu", position_embedding="rope", num_query_groups=4,
-                  tie_embeddings=False, bias=False, vocab_size=97),
-    "codegen": dict(normalization="layernorm", activation="gelu", position_embedding="rope", rotary_percent=0.5,
-                    parallel_residual=True, tie_embeddings=False, core_attention="unfused", vocab_size=120),
-}
 S, B, H = 16, 2, 32
 
 # The collective functions of torch.distributed and the size each one moves (bytes of the full tensor).
@@ -91,8 +84,7 @@ def counted(records, phase):
 
 
 def _cfg(flavour, num_layers):
-    return GPTConfig(num_layers=num_layers, hidden_size=H, num_attention_heads=8, seq_length=S,
-                     make_vocab_size_divisible_by=8, **FLAVOURS[flavour])
+    return tp_model_config(flavour, num_layers=num_layers, hidden_size=H, seq_length=S)
 
 
 def _collectives(flavour, num_layers, sp, dtype):
@@ -137,9 +129,8 @@ def _saved_bytes_per_layer():
     """Under SP a norm's output is gathered and kept once for all the linears reading it (SwiGLU's gate and
     up, a parallel residual's QKV and fc1): the layer saves exactly what memory.layer_activations counts."""
     for flavour in FLAVOURS:
-        cfg = GPTConfig(num_layers=1, hidden_size=64, num_attention_heads=4, seq_length=S,
-                        make_vocab_size_divisible_by=8, **{**FLAVOURS[flavour], "core_attention": "flash",
-                                                           "num_query_groups": 2 if flavour == "llama" else 4})
+        cfg = tp_model_config(flavour, num_layers=1, hidden_size=64, num_attention_heads=4, seq_length=S,
+                              core_attention="flash", num_query_groups=2 if flavour == "llama" else 4)
         layer = TransformerLayer(cfg, True)
         init_parameters(layer, 1)
         layer.to(torch.bfloat16)
@@ -253,9 +244,7 @@ def test_input_gradient_collective_overlaps_the_weight_gradient_gemm():
 
 
 def _llama(num_layers=2):
-    return GPTConfig(num_layers=num_layers, hidden_size=H, num_attention_heads=4, seq_length=S,
-                     make_vocab_size_divisible_by=8, **{**FLAVOURS["llama"], "num_query_groups": 2, "bias": True,
-                                                       "vocab_size": 64})
+    return model_config("llama", num_layers=num_layers, hidden_size=H, seq_length=S, bias=True, vocab_size=64)
 
 
 def _linear_weights(model):

@@ -8,7 +8,8 @@ import pytest
 import tomllib
 
 from megagopher.config import ConfigError, load_config, parse_overrides, to_toml, validate
-from train_utils import read_metrics, run_train, write_config
+from train_utils import (GOLDEN, GRAD_RTOL, STATE_RTOL, assert_same_training_state, launch_ranks, read_metrics,
+                         run_train, write_config)
 
 # The same model, data and seed on 1 or 2 TP ranks: only the order of floating-point sums differs.
 LOSS_RTOL = 1e-5
@@ -85,12 +86,15 @@ def test_bad_layout_fails_on_every_rank_without_hanging(tmp_path):
 
 
 def test_tp2_logs_the_same_losses_as_tp1(tmp_path):
+    """The golden check end to end: losses and gradient norms of every step, the per-parameter gradients of
+    step 1 (exp_avg of its checkpoint, clipping off) and the weights and Adam moments after the last step."""
     cfg = write_config(tmp_path)
     runs = {}
     for name, nproc, extra in (("tp1", 1, ()), ("tp2", 2, ("--parallel.tp=2",)),
                                ("tp2sp", 2, ("--parallel.tp=2", "--parallel.sp=true"))):
         run_dir = str(tmp_path / name)
-        run_train(cfg, run_dir, *extra, nproc=nproc)
+        run_train(cfg, run_dir, *extra, *GOLDEN, f"--checkpoint.dir={tmp_path / name}_ckpt",
+                  "--checkpoint.save_interval=1", nproc=nproc)
         runs[name] = read_metrics(run_dir)
         assert os.path.exists(os.path.join(run_dir, "config.toml"))
     ref = [r["loss"] for r in runs["tp1"]]
@@ -101,6 +105,25 @@ def test_tp2_logs_the_same_losses_as_tp1(tmp_path):
         assert [r["iteration"] for r in runs[name]] == [1, 2, 3, 4]
         assert [r["grad_norm"] for r in runs[name]] == pytest.approx([r["grad_norm"] for r in runs["tp1"]],
                                                                        rel=1e-4)
+        ckpt, serial = tmp_path / f"{name}_ckpt", tmp_path / "tp1_ckpt"
+        assert_same_training_state(ckpt, serial, 1, GRAD_RTOL, kinds=("exp_avg",), what=name)
+        assert_same_training_state(ckpt, serial, 4, STATE_RTOL, kinds=("param", "exp_avg", "exp_avg_sq"), what=name)
+
+
+def test_non_finite_loss_stops_every_rank_with_status_3(tmp_path):
+    """training.nan_policy = "stop" (the default): a non-finite loss ends the run with exit status 3 (the
+    documented contract, docs/ARCHITECTURE.md 4.1) and one line, on every rank, including the first pipeline
+    stage, which computes no loss and learns of it from the step's agreement. A learning rate of 1e30 makes
+    step 1's update overflow the weights, so step 2's loss is NaN."""
+    statuses, lines = launch_ranks(write_config(tmp_path), str(tmp_path / "nan"), "--parallel.pp=2",
+                                   "--optimizer.lr=1e30", "--optimizer.warmup_iters=0", "--training.nan_policy=stop",
+                                   nproc=2)
+    assert statuses == [3, 3], (statuses, lines)
+    for rank_lines in lines:
+        assert len(rank_lines) == 1, rank_lines
+        assert rank_lines[0].startswith("megagopher.train: non-finite loss nan at iteration 2 on rank(s) [1]"), \
+            rank_lines
+    assert [r["iteration"] for r in read_metrics(str(tmp_path / "nan"))] == [1]
 
 
 def test_stage_overrides_from_the_command_line(tmp_path):

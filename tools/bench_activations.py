@@ -99,7 +99,8 @@ def main(argv=None):
     p.add_argument("--schedules", nargs="+", choices=tuple(SCHEDULES), default=list(SCHEDULES))
     args = p.parse_args(argv)
     per_rank = spawn(_worker, args.pp, args.layers, args.hidden, args.heads, args.seq, args.batch,
-                     args.microbatches, args.recompute, args.schedules, timeout_s=900, join_timeout_s=1800)
+                     args.microbatches, args.recompute, args.schedules, timeout_s=900, join_timeout_s=1800,
+                     reuse=False)
     rows = sorted((r for rank in per_rank for r in rank), key=lambda r: (args.schedules.index(r["schedule"]),
                                                                           r["stage"]))
     print(table(rows, args))

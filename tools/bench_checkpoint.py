@@ -137,9 +137,9 @@ def main(argv=None):
     a = {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab}
     with tempfile.TemporaryDirectory() as tmp:
         root = args.output or tmp
-        base = spawn(_rank, args.dp, "baseline", a, root, timeout_s=1800, join_timeout_s=3600)
-        save = spawn(_rank, args.dp, "save", a, root, timeout_s=1800, join_timeout_s=3600)
-        load = spawn(_rank, args.dp, "load", a, root, timeout_s=1800, join_timeout_s=3600)
+        base = spawn(_rank, args.dp, "baseline", a, root, timeout_s=1800, join_timeout_s=3600, reuse=False)
+        save = spawn(_rank, args.dp, "save", a, root, timeout_s=1800, join_timeout_s=3600, reuse=False)
+        load = spawn(_rank, args.dp, "load", a, root, timeout_s=1800, join_timeout_s=3600, reuse=False)
         size = sum(os.path.getsize(os.path.join(ckpt.iter_dir(root, 1), f)) for f in os.listdir(ckpt.iter_dir(root, 1)))
     state = max(r["state"] for r in base)
     gib = 2 ** 30

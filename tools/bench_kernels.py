@@ -130,8 +130,9 @@ class Recorder:
 
     def record(self, fn, arg_names, args, kwargs):
         import torch
+        from megagopher.common import dtype_name
         values = dict(zip(arg_names, args), **kwargs)
-        desc = {k: ["tensor", str(v.dtype).replace("torch.", "")] if torch.is_tensor(v) else [type(v).__name__, v]
+        desc = {k: ["tensor", dtype_name(v.dtype)] if torch.is_tensor(v) else [type(v).__name__, v]
                 for k, v in values.items()}
         entry = dict(module=fn.__module__, name=fn.__name__, args=desc)
         self.launches[json.dumps(entry, sort_keys=True, default=str)] = entry

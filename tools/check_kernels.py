@@ -2,21 +2,27 @@
 Blackwell (sm_100a), with no GPU, and check each autotune configuration's registers, spills and shared memory.
 
     python tools/check_kernels.py            # full sweep: bf16, fp16; head dims 64, 80, 128, 256; causal or not
-    python tools/check_kernels.py --quick    # bf16, head dim 128 and 256, causal, sm_90a only (the CI test)
+    python tools/check_kernels.py --quick    # every kernel once per arch: its largest tile, bf16 (the CI test)
+    python tools/check_kernels.py --kernels _grouped_fwd_kernel,norms --arch 100 --dtype bf16   # a narrower sweep
 
 One line per compilation: kernel, arch, dtype, the shape constexprs, the launch config, registers, spill
 bytes, shared memory and the matrix instructions the PTX uses (wgmma on Hopper, tcgen05 on Blackwell, mma
 for the older warp-level ones). The autotuned kernels are compiled under every configuration in their
 ``.configs`` that its ``early_config_prune`` (if any) leaves for the shape being compiled, i.e. at every head
 dim where the autotuner may pick it, so a configuration added to a list is checked without touching this tool;
-the other kernels under the launch parameters their wrappers pick on a GPU. Exit status 1 when any compilation
-fails, spills or needs more shared memory than a block may have (227 KB on H100/H200 and B200), since the autotuner may
-pick any of them; a fixed launch that spills is printed as WARN (its wrapper chose it, and the exit status
-gates what the autotuner may pick). Resource figures come from the cubin (cuobjdump) and, for spills, ptxas -v.
+the other kernels under the launch parameters their wrappers pick on a GPU. --quick keeps, per kernel, the
+compilation with the largest tile (head dim 128, causal, bf16: where registers run out first) and compiles it
+for both archs, so that every kernel, not only attention, is checked in CI in well under a minute. Exit status
+1 when any compilation fails, spills or needs more shared memory than a block may have (227 KB on H100/H200 and
+B200), since the autotuner may pick any of them, or when a kernel of the package has no spec here; a fixed
+launch that spills is printed as WARN (its wrapper chose it, and the exit status gates what the autotuner may
+pick). Resource figures come from the cubin (cuobjdump) and, for spills, ptxas -v.
 """
 import argparse
 import importlib
+import math
 import os
+import pkgutil
 import re
 import subprocess
 import sys
@@ -28,8 +34,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 and sm_100
-MODULES = ("attention", "attention_bwd", "norms", "softmax", "rope", "fused_swiglu", "fused_cross_entropy",
-           "grouped_gemm")
+NOT_KERNELS = ("testing", "apex_ops")  # modules of the package that define no Triton kernel (apex_ops needs apex)
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 # Kernel arguments named in upper case are pointers, except these sizes.
 _INT_NAMES = {"H", "H_KV", "GROUP", "HEADS_PER_PROGRAM", "SEQ_Q", "SEQ_K", "M", "N", "ROWS", "SEQ", "D", "HALF",
@@ -101,13 +106,20 @@ def specs(head_dims):
     ]
 
 
-def autotuned_kernels():
-    """(module, name) of every triton.autotune'd kernel in megagopher.kernels."""
+def package_kernels():
+    """(module, name) of every kernel a wrapper launches in megagopher.kernels: the triton.autotune'd ones and
+    the @triton.jit functions named ``*_kernel`` (the others are device functions, inlined into a kernel)."""
+    package = importlib.import_module("megagopher.kernels")
     found = []
-    for module in MODULES:
-        for name, obj in vars(importlib.import_module(f"megagopher.kernels.{module}")).items():
-            if isinstance(obj, triton.runtime.Autotuner):
-                found.append((module, name))
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name in NOT_KERNELS:
+            continue
+        for name, obj in vars(importlib.import_module(f"megagopher.kernels.{info.name}")).items():
+            launched = isinstance(obj, triton.runtime.Autotuner) or (
+                isinstance(obj, triton.runtime.JITFunction) and name.endswith("_kernel"))
+            jit = obj.fn if isinstance(obj, triton.runtime.Autotuner) else obj
+            if launched and jit.fn.__module__ == f"megagopher.kernels.{info.name}":  # defined here, not imported
+                found.append((info.name, name))
     return found
 
 
@@ -184,21 +196,32 @@ def compile_one(job):
     return row
 
 
-def jobs(quick):
-    """Every compilation of the sweep; --quick keeps the largest attention tiles and one dtype and arch."""
-    head_dims, dtypes, targets = ((128, 256), ("bf16",), [90]) if quick else ((64, 80, 128, 256), ("bf16", "fp16"),
-                                                                              archs())
+def jobs(quick=False, only=None, arch=None, dtype=None):
+    """Every compilation of the sweep, as (module, kernel, pointer types, float args, constexprs, config, arch,
+    dtype). ``only``: kernel or module names to keep; ``arch`` / ``dtype``: lists overriding the sweep's. --quick:
+    per kernel the one compilation with the largest tile at head dim 128, causal (bf16), for every arch."""
+    head_dims, dtypes = ((128,), ("bf16",)) if quick else ((64, 80, 128, 256), ("bf16", "fp16"))
+    targets, dtypes = arch or archs(), dtype or dtypes
     out = []
     for module, name, ptr, floats, const_sets in specs(head_dims):
+        if only and name not in only and module not in only:
+            continue
         kernel = _kernel(module, name)
-        for consts in const_sets:
-            if quick and consts.get("CAUSAL") is False:
-                continue
-            for config in pickable_configs(kernel, consts):
-                for arch in targets:
-                    for dtype in dtypes:
-                        out.append((module, name, ptr, floats, consts, config, arch, dtype))
+        pairs = [(consts, config) for consts in const_sets for config in pickable_configs(kernel, consts)]
+        if quick:
+            pairs = [max((p for p in pairs if p[0].get("CAUSAL") is not False and not p[0].get("VARLEN")),
+                         key=_tile_size)]
+        out += [(module, name, ptr, floats, consts, config, a, d)
+                for consts, config in pairs for a in targets for d in dtypes]
     return out
+
+
+def _tile_size(pair):
+    """Elements in a launch's blocks (the product of its BLOCK_* sizes), then its stages and warps: the largest
+    tile holds the most in registers and shared memory, so it is where a kernel spills first."""
+    values = dict(pair[0], **pair[1])
+    blocks = math.prod(v for k, v in values.items() if k.startswith("BLOCK") and isinstance(v, int))
+    return blocks, values.get("num_stages", 0), values.get("num_warps", 0)
 
 
 def pickable_configs(kernel, consts):
@@ -224,15 +247,23 @@ def verdict(row):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="bf16, head dims 128/256, causal, sm_90a only")
+    p.add_argument("--quick", action="store_true", help="every kernel once per arch: its largest tile, bf16")
+    p.add_argument("--kernels", default="", help="comma-separated kernel or module names to compile (default all)")
+    p.add_argument("--arch", default="", help="comma-separated archs, e.g. 90,100 (default: all this Triton has)")
+    p.add_argument("--dtype", default="", help="comma-separated dtypes, e.g. bf16 (default: the sweep's)")
     p.add_argument("--workers", type=int, default=os.cpu_count())
     args = p.parse_args(argv)
     covered = {name for _, name, *_ in specs((128,))}
-    missing = [f"{m}.{n}" for m, n in autotuned_kernels() if n not in covered]
-    if missing:  # an autotuned kernel this tool does not know how to compile must not pass unchecked
-        print(f"check_kernels: no spec for autotuned kernel(s) {', '.join(missing)}; add them to specs()")
+    missing = [f"{m}.{n}" for m, n in package_kernels() if n not in covered]
+    if missing:  # a kernel this tool does not know how to compile must not pass unchecked
+        print(f"check_kernels: no spec for kernel(s) {', '.join(missing)}; add them to specs()")
         return 1
-    work = jobs(args.quick)
+    split = lambda text: [t for t in text.split(",") if t]
+    work = jobs(args.quick, set(split(args.kernels)), [int(a) for a in split(args.arch)], split(args.dtype))
+    if not work:
+        print(f"check_kernels: nothing to compile for --kernels={args.kernels!r} --arch={args.arch!r} "
+              f"--dtype={args.dtype!r}; kernels: {', '.join(sorted(covered))}; archs: {archs()}; dtypes: bf16, fp16")
+        return 1
     with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
         rows = list(pool.map(compile_one, work))
     failed = 0

@@ -17,7 +17,8 @@ fi
 
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
-# Compiled kernels, never the interpreter: tests/conftest.py turns it on unless the environment says otherwise.
+# A compiled session: the gpu tests run in it directly. (Under README's `python -m pytest tests` the session
+# interprets, for the CPU tests, and tests/conftest.py runs the same gpu tests in a compiled child pytest.)
 export TRITON_INTERPRET=0
 # Time limits per step add up to 7.5 minutes, leaving the rest of the 8 for start-up and the table. The tests
 # run first: they compile (and autotune) the kernels at the shapes the benchmark and the training reuse from

@@ -132,6 +132,9 @@ class CheckpointConfig:
                                 check=_NON_NEGATIVE)
     keep_last: int = option(0, "keep only the newest N checkpoints (0 = all)", check=_NON_NEGATIVE)
     load: str = option("", "resume from: \"\" (fresh), \"auto\" (newest in dir), or a checkpoint path")
+    initial_load: str = option("", "the weights a run starts from when load finds no checkpoint (a checkpoint "
+                                   "root or iter_N directory): its weights only, at iteration 0 with a fresh "
+                                   "optimizer; \"\": initialise from training.seed")
     keep_optimizer: bool = option(True, "a new stage keeps the optimizer state (a stage may override it)")
     async_save: bool = option(False, "write checkpoints on a background thread; the step pays only for a "
                                      "snapshot to host memory (one copy of the rank's share)")

@@ -9,7 +9,7 @@ config (``initialize_model_parallel`` -> ``validate_layout``, the pipeline plan 
 the stage split -> ``layer_counts``, the batch ramp-up, the LR schedule, the loss scaler), so each rule
 has one implementation and one message.
 """
-from megagopher.common import SCHEDULES
+from megagopher.common import SCHEDULES, device_type
 from megagopher.config.fields import ConfigError, check_section, is_int
 from megagopher.config.schema import SECTIONS, check_value
 
@@ -193,8 +193,7 @@ def _check_compile(cfg):
     if p.schedule == "zb-h1":
         raise ConfigError("training.compile = true does not compose with parallel.schedule = 'zb-h1' (its deferred "
                           "weight gradients live outside the compiled graph); valid: 'gpipe', '1f1b', 'interleaved'")
-    import torch
-    cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+    cuda = t.device == "cuda" or device_type(t.device, "training.device") == "cuda"
     if cuda and t.kernel_backend != "torch":
         raise ConfigError(f"training.compile = true on CUDA needs training.kernel_backend = 'torch' (got "
                           f"{t.kernel_backend!r}): inductor fuses the layer itself")
@@ -260,9 +259,10 @@ def _check_run_wide(cfg):
         raise ConfigError(f"parallel.cp = {p.cp} does not compose with training.compile = true: ring attention's "
                           "transfers around the CP ring run outside a compiled graph")
     if cfg.training.device == "cuda":
-        import torch
-        if not torch.cuda.is_available():
-            raise ConfigError("training.device = 'cuda' but no CUDA device is available; valid here: 'cpu', 'auto'")
+        try:
+            device_type("cuda", "training.device")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if d.source == "indexed":
         if not any([d.blend] + [st.overrides.get(("data", "blend")) for st in cfg.stages]):
             raise ConfigError("data.source = 'indexed' needs data.blend = [[weight, path_prefix], ...]")

@@ -10,24 +10,24 @@ Pipeline stage p's file holds the parameters of the model chunks the trainer bui
 first virtual stage, the final norm and output head on the last, and with tied embeddings on a pipeline
 the last stage's copy of the word embeddings, saved under the embedding's name), in the trainer's order.
 
-The output has save_checkpoint's format: ``OUT/iter_NNNNNNN/shard_tpXX_ppYY.safetensors`` holding each
-(tp, pp) rank's whole local weights and optimizer state (resharded by the same rule) as pieces,
-``metadata.json`` (the piece index, size and sha256 per file) written last, then ``OUT/latest``. No RNG
-state is written (random streams belong to ranks, which a new layout does not have); the metadata says so,
-and its layout leaves dp and world open (null), so a resuming trainer reseeds.
+The output is the trainer's format, written through the same module (training/ckpt_format.py: names,
+metadata schema with its digest, publish sequence): ``OUT/iter_NNNNNNN/shard_tpXX_ppYY.safetensors``
+holding each (tp, pp) rank's whole local weights and optimizer state (resharded by the same rule) as
+pieces, ``metadata.json`` (the piece index, size and sha256 per file) written last, then ``OUT/latest``.
+No RNG state is written (random streams belong to ranks, which a new layout does not have); the metadata
+says so, and its layout leaves dp and world open (null), so a resuming trainer reseeds.
 """
-import json
 import os
-import shutil
-import time
 
 import torch
 
+from megagopher.common import dtype_name
 from megagopher.config.validate import validate_layout
 from megagopher.export.loading import model_config_of, open_checkpoint, run_config
 from megagopher.tensor_parallel.layers import pad_vocab_size
 from megagopher.training import checkpoint as ckpt
-from megagopher.training.ckpt_files import fsync_dir, write_shard, write_text_durably
+from megagopher.training import ckpt_format as fmt
+from megagopher.training.ckpt_files import write_shard
 from megagopher.training.ckpt_save import OPTIMIZER_KINDS
 
 VOCAB_PARALLEL = ("embedding.word.weight", "output_layer", "output_bias")
@@ -74,16 +74,15 @@ def _check_layout(cfg, tp, pp, vpp):
 
 
 def _metadata(reader, tp, pp, vpp, pp_layers, tensors, files, with_optimizer):
-    """save_checkpoint's metadata.json for the new layout; dp and world are left open (null)."""
+    """metadata.json for the new layout (ckpt_format.build_metadata); dp and world are left open (null)."""
     config = dict(reader.meta["config"])
     config["parallel"] = {**config.get("parallel", {}), "tp": tp, "pp": pp, "vpp": vpp, "pp_layers": pp_layers or []}
-    return {"format_version": ckpt.FORMAT_VERSION, "iteration": reader.meta["iteration"], "progress": reader.meta["progress"],
-            "layout": {"tp": tp, "pp": pp, "dp": None, "vpp": vpp, "world": None}, "config": config,
-            "tensors": tensors, "files": files, "has_optimizer": bool(with_optimizer),
-            "optimizer_scalars": reader.meta.get("optimizer_scalars") if with_optimizer else None,
-            "versions": reader.meta.get("versions"), "time": time.time(),
-            "rng": "dropped: convert_checkpoint writes no RNG state (a new layout has new ranks)",
-            "converted_from": {"path": os.path.abspath(reader.path), "layout": reader.meta.get("layout")}}
+    return fmt.build_metadata(
+        reader.meta["iteration"], reader.meta["progress"], fmt.open_layout(tp, pp, vpp), config, tensors, files,
+        has_optimizer=with_optimizer, optimizer_scalars=reader.meta.get("optimizer_scalars"), rng_files={},
+        versions=reader.meta.get("versions") or {},  # the software that trained the weights
+        rng="dropped: convert_checkpoint writes no RNG state (a new layout has new ranks)",
+        converted_from={"path": os.path.abspath(reader.path), "layout": reader.meta.get("layout")})
 
 
 def convert(checkpoint, output, tp, pp, vpp=1, pp_layers=None, optimizer=True):
@@ -108,52 +107,44 @@ def convert(checkpoint, output, tp, pp, vpp=1, pp_layers=None, optimizer=True):
     if os.path.realpath(final) == os.path.realpath(reader.path):
         raise ValueError(f"--output {output} would overwrite the checkpoint being converted ({reader.path}); "
                          "write to another directory")
-    tmp_dir = final + ".tmp"
-    if os.path.exists(tmp_dir):
-        shutil.rmtree(tmp_dir)
-    os.makedirs(tmp_dir)
-    files, tensors = {}, {}
+    tmp_dir = fmt.start_staging(final)
+    per_file, written = [], set()
     for pp_rank, stage in enumerate(per_stage):
         for tp_rank in range(tp):
-            file = f"shard_tp{tp_rank:02d}_pp{pp_rank:02d}.safetensors"
-            pieces = _stage_pieces(reader, stage, cfg, tp, tp_rank, with_optimizer, tensors, file)
-            files[file] = write_shard(pieces, os.path.join(tmp_dir, file))
+            file = fmt.stage_file(tp_rank, pp_rank)
+            pieces, index = _stage_pieces(reader, stage, cfg, tp, tp_rank, with_optimizer, file, written)
+            per_file.append((file, write_shard(pieces, os.path.join(tmp_dir, file)), tp_rank, index))
             del pieces
-    meta = _metadata(reader, tp, pp, vpp, pp_layers, tensors, files, with_optimizer)
-    write_text_durably(os.path.join(tmp_dir, "metadata.json"), json.dumps(meta, indent=1))
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp_dir, final)
-    fsync_dir(output)
-    ckpt.write_latest(output)
-    return final
+    tensors, files = fmt.index_files(per_file)
+    return fmt.publish(final, _metadata(reader, tp, pp, vpp, pp_layers, tensors, files, with_optimizer))
 
 
-def _stage_pieces(reader, stage, cfg, tp, tp_rank, with_optimizer, tensors, file):
-    """{key: tensor} of one (tp_rank, pipeline stage) file, each a whole local tensor, and their index
-    entries in ``tensors`` (checkpoint.py's format: pieces by kind, TP rank and element range)."""
+def _stage_pieces(reader, stage, cfg, tp, tp_rank, with_optimizer, file, written):
+    """(tensors, index) of one (tp_rank, pipeline stage) file, as ckpt_save.plan_pieces gives a rank's:
+    {key: whole local tensor, flat} and {name: {**tensor_meta, "pieces": [[kind, lo, hi, key], ...]}}.
+    ``written`` holds the (name, TP rank) pairs earlier files hold (the tied embedding's first stage)."""
     kinds = ("param",) + (OPTIMIZER_KINDS if with_optimizer else ())
-    out = {}
+    out, index = {}, {}
     for name in dict.fromkeys(stage):
         entry = reader.entry(name)
-        index = tensors.setdefault(name, {"full_shape": entry["full_shape"], "partition_dim": entry["partition_dim"],
-                                          "tp_size": tp, "dtype": _dtype_name(reader, name),
-                                          "local_shapes": {}, "pieces": {}})
-        if (entry["partition_dim"] is None and tp_rank) or str(tp_rank) in index["local_shapes"]:
+        if (entry["partition_dim"] is None and tp_rank) or (name, tp_rank) in written:
             continue  # replicated (TP rank 0 holds the one copy) or the last stage's tied-embedding copy
+        written.add((name, tp_rank))
+        meta = index[name] = {"full_shape": entry["full_shape"], "partition_dim": entry["partition_dim"],
+                              "tp_size": tp, "dtype": _dtype_name(reader, name), "pieces": []}
         for kind in kinds:
             if kind == "master" and not reader.has(name, "master"):
                 continue  # fp32: the weights are the master
             local = shard(reader.full_tensor(name, kind), name, entry, cfg, tp, tp_rank).contiguous()
-            index["local_shapes"][str(tp_rank)] = list(local.shape)
-            key = f"{kind}/{name}/{tp_rank}/0"
+            meta["local_shape"] = list(local.shape)
+            key = fmt.piece_key(kind, name, tp_rank, 0)
             out[key] = local.reshape(-1)
-            index["pieces"].setdefault(kind, {})[str(tp_rank)] = [[0, local.numel(), file, key]]
-    return out
+            meta["pieces"].append([kind, 0, local.numel(), key])
+    return out, index
 
 
 def _dtype_name(reader, name):
-    return str(reader.full_tensor(name).dtype).replace("torch.", "") if reader.format < 3 else reader.entry(name)["dtype"]
+    return dtype_name(reader.full_tensor(name).dtype) if reader.format < 3 else reader.entry(name)["dtype"]
 
 
 def to_full(checkpoint, path):

@@ -28,10 +28,11 @@ import os
 import torch
 from safetensors.torch import save_file
 
+from megagopher.common import TRAINING_DTYPES, dtype_name
 from megagopher.export.hf_arch import CODEGEN_MP_NUM, FORMATS, HF_ACT, MappingError, missing_bias_rows, rules
 from megagopher.export.loading import load_run_tokenizer, model_config_of, open_checkpoint
 
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DTYPE_NAMES = {dtype: dtype_name(dtype) for dtype in TRAINING_DTYPES}  # the export dtypes, config.json's names
 GELUS = ("gelu", "gelu_exact")
 
 

@@ -3,8 +3,10 @@
     OUT/iter_0000000/...   a format-3 checkpoint of iteration 0 without optimizer state (checkpoint.py's
     OUT/latest             save_weights_only): it loads under any layout, for training (a run starts its
                            optimizer fresh: Megatron's --finetune) and for megagopher.generate
-    OUT/config.toml        the matching [model], beside checkpoint.dir = OUT, checkpoint.load = "auto" and
-                           data.tokenizer_dir; over a base config's other sections when one is given
+    OUT/config.toml        the matching [model], beside checkpoint.initial_load = OUT/iter_0000000 (a run
+                           starts from these weights whatever its checkpoint.dir, then resumes from its own
+                           saves), checkpoint.dir = OUT, checkpoint.load = "auto" and data.tokenizer_dir;
+                           over a base config's other sections when one is given
     OUT/tokenizer/         vocab.json and merges.txt, when the model's tokenizer is GPT-2 BPE in those files
 
 The architectures are hf_arch.FORMATS (Mixtral's experts in either the on-disk per-expert names or
@@ -160,6 +162,7 @@ def run_tables(cfg, output, tokenizer_dir, raw, base_config=None):
     """The TOML tables of OUT/config.toml: the base config's (``raw``, read from ``base_config``; or none)
     with the imported [model]; the base's [model] may set only keys that do not change the weights'
     function (dropout, seq_length...)."""
+    from megagopher.training.checkpoint import iter_dir
     from megagopher.training.ckpt_load import ARCHITECTURE_KEYS
     model = cfg.to_dict()
     for key, value in raw.get("model", {}).items():
@@ -172,6 +175,8 @@ def run_tables(cfg, output, tokenizer_dir, raw, base_config=None):
     checkpoint = tables.setdefault("checkpoint", {})
     checkpoint.setdefault("dir", os.path.abspath(output))
     checkpoint.setdefault("load", "auto")
+    # The weights the run starts from while its checkpoint.dir (perhaps the user's own) has none of its saves.
+    checkpoint["initial_load"] = iter_dir(os.path.abspath(output), 0)
     if tokenizer_dir:
         tables.setdefault("data", {}).setdefault("tokenizer_dir", tokenizer_dir)
     return tables
@@ -202,8 +207,8 @@ def import_hf(model_dir, output, base_config=None, tokenizer=True):
     source = {"model": os.path.abspath(model_dir), "architecture": hf["architectures"][0]}
     path = save_weights_only(output, 0, model, progress, run, note=source)
     header = (f"# Imported by tools/import_hf.py from {os.path.abspath(model_dir)} ({hf['architectures'][0]}).\n"
-              "# python -m megagopher.train --config THIS_FILE: checkpoint.load = \"auto\" starts from its\n"
-              "# iteration 0 with a fresh optimizer, then resumes from the run's own saves in checkpoint.dir.\n")
+              "# python -m megagopher.train --config THIS_FILE starts from its weights (checkpoint.initial_load)\n"
+              "# with a fresh optimizer, then resumes from the run's own saves in checkpoint.dir.\n")
     # Without [[stages]] of the base's, none are written: a file's single stage runs training.train_iters.
     written = run if "stages" in base else dataclasses.replace(run, stages=[])
     write_text_durably(os.path.join(output, "config.toml"), header + to_toml(written))

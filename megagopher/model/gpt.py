@@ -15,8 +15,6 @@ For generation the model takes a ``KVCache`` (model/attention.py: one slot of ke
 index) and a position offset, so a decoding step runs the same forward on one new token; ``last_only``
 applies the output head to the last position only.
 """
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -25,13 +23,14 @@ from megagopher import kernels
 from megagopher import parallel_state as ps
 from megagopher.config.schema import check_value
 from megagopher.context_parallel import zigzag_positions
-from megagopher.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                        checkpoint, column_parallel_linears, gather_from_sp_region,
-                                        gather_from_tp_region, init_parameters, parallel_linear,
-                                        set_init, vocab_parallel_cross_entropy)
+from megagopher.tensor_parallel import (VocabParallelEmbedding, checkpoint, column_parallel_linears,
+                                        gather_from_sp_region, gather_from_tp_region, init_parameters,
+                                        parallel_linear, set_init, vocab_parallel_cross_entropy)
 
 from .attention import Attention, rope_tables
 from .dropout import dropout as _dropout
+from .mlp import MLP
+from .moe import MoELayer
 
 
 def _positions(s, offset, device):
@@ -72,34 +71,6 @@ class Norm(nn.Module):
         return kernels.layer_norm(x, self.weight, self.bias, self.eps)
 
 
-class MLP(nn.Module):
-    """fc1, the activation, fc2. Under SwiGLU fc1 is the gate and up projections in one column-parallel GEMM
-    (one gathered input, one input-gradient collective): its 2 * ffn output rows interleave them channel by
-    channel, [gate_0, up_0, gate_1, up_1, ...], so every contiguous TP shard holds the gate and up rows of
-    the same channels, and the checkpoint's full tensor is the same under every TP size."""
-
-    def __init__(self, cfg, num_layers_total, sequence_parallel):
-        super().__init__()
-        self.swiglu = cfg.activation == "swiglu"
-        self.approximate = "none" if cfg.activation == "gelu_exact" else "tanh"
-        ffn = cfg.ffn_hidden_size
-        self.fc1 = ColumnParallelLinear(cfg.hidden_size, 2 * ffn if self.swiglu else ffn, bias=cfg.bias,
-                                        sequence_parallel=sequence_parallel, init_std=cfg.init_std)
-        if self.swiglu:  # the initial values of the separate gate (fc1) and up (fc_up) projections
-            self.fc1.weight.init_parts = ("fc1.weight", "fc_up.weight")
-        self.fc2 = RowParallelLinear(ffn, cfg.hidden_size, bias=cfg.bias, sequence_parallel=sequence_parallel,
-                                     init_std=cfg.init_std / math.sqrt(2 * num_layers_total))
-
-    def forward(self, x):
-        return self.project(self.fc1(x))
-
-    def project(self, y):
-        """The activation and fc2, from fc1's output."""
-        if self.swiglu:
-            return self.fc2(kernels.swiglu(y[..., 0::2], y[..., 1::2]))
-        return self.fc2(F.gelu(y, approximate=self.approximate))
-
-
 class TransformerLayer(nn.Module):
     def __init__(self, cfg, sequence_parallel, selective_recompute=False, layer_number=0):
         super().__init__()
@@ -109,8 +80,7 @@ class TransformerLayer(nn.Module):
         self.attention = Attention(cfg, cfg.num_layers, sequence_parallel, selective_recompute)
         if not cfg.parallel_residual:
             self.post_attention_norm = Norm(cfg, sequence_parallel)
-        if self.moe:  # experts in place of the dense MLP (model/moe.py); imported here: moe.py imports MLP
-            from .moe import MoELayer
+        if self.moe:  # experts in place of the dense MLP (model/moe.py)
             self.mlp = MoELayer(cfg, layer_number, sequence_parallel)
         else:
             self.mlp = MLP(cfg, cfg.num_layers, sequence_parallel)

@@ -31,7 +31,7 @@ import torch.nn as nn
 from megagopher import parallel_state as ps
 from megagopher.tensor_parallel import reduce_from_tp_region, set_init
 
-from .gpt import MLP
+from .mlp import MLP
 from .moe_dispatch import AllToAllDispatcher
 from .moe_experts import GroupedExperts, LocalDispatcher
 

@@ -12,7 +12,8 @@ then combines them in the same order,
     M = max_r m_r,   logsumexp = M + log sum_r s_r exp(m_r - M),   target = sum_r target_r,
 which is the serial value to rounding (tp = 1 runs the same formula). Columns at or past the real
 vocabulary size are padding: they are excluded, so they receive neither probability mass nor gradient; a
-slice that is all padding has m_r = -inf and s_r = 0 and adds nothing.
+slice that is all padding has m_r = -inf and s_r = 0, adds nothing, and gets a zero gradient (256 ids at the
+default multiple of 128 pad to 512 at tp 4, so ranks 2 and 3 hold such slices; tests/test_vocab_padding.py).
 
 Label smoothing (Szegedy et al. 2016) mixes in the uniform distribution over the real vocabulary:
     loss = (1 - eps) * (lse - z[label]) + eps * (lse - mean_j z_j)
@@ -128,6 +129,9 @@ def _torch_local_stats(x2, labels, start, n_real, smoothing):
 
 def _torch_write_grad(x2, out2, labels, start, n_real, lse, spec):
     """out2 = d objective / d z for a unit upstream gradient, chunk by chunk (out2 may be x2)."""
+    if n_real == 0:  # a shard of padding only (vocab 256 at tp 4 pads to 512): no mass, so no gradient
+        out2.zero_()
+        return
     eps, keep = spec.label_smoothing, (labels != spec.ignore_index).unsqueeze(-1)
     local = labels - start
     in_shard = (local >= 0) & (local < n_real) & keep.squeeze(-1)
@@ -240,12 +244,11 @@ def _no_grad_loss(logits, labels, spec):
 
 
 def _use_fused(logits):
-    """The fused local part runs where the kernels' dispatch picks Triton for cross entropy (CUDA tensors
-    under "auto"; CPU tensors under an explicit "triton", through the interpreter)."""
+    """The fused local part runs where the kernels' one backend decision picks Triton for cross entropy
+    (dispatch.runs_triton: CUDA tensors under "auto"; CPU tensors under an explicit "triton", through the
+    interpreter; a dtype the kernels do not take stays on PyTorch)."""
     from megagopher.kernels import dispatch
-    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return False
-    return dispatch.resolve(logits, None, "cross_entropy")[0] == "triton"
+    return dispatch.runs_triton(logits, "cross_entropy")
 
 
 def _writable(logits):
@@ -289,7 +292,8 @@ def vocab_parallel_cross_entropy(logits, labels, vocab_size=None, label_smoothin
         raise ValueError(f"z_loss = {coeff} must be a finite number >= 0")
     wants_grad = torch.is_grad_enabled() and logits.requires_grad
     spec = _Spec(vocab_size, float(label_smoothing), group, int(ignore_index), coeff,
-                 bool(inplace_backward) and wants_grad and _writable(logits), _use_fused(logits),
+                 bool(inplace_backward) and wants_grad and _writable(logits),
+                 logits.numel() > 0 and _use_fused(logits),  # no tokens: the kernels refuse empty input
                  GRAD_PREFACTOR.get(logits.dtype, 1.0))
     if not wants_grad:
         return _no_grad_loss(logits, labels, spec)[0]

@@ -18,12 +18,15 @@ tp, and ZeRO-1 shards cut flat buffers across parameters). Indexing pieces by la
 element range of the TP-local tensor, with the unpadded full shape, keeps resharding one rule and gives
 the converter and the Hugging Face exporter a format they read without processes.
 
+The format itself (names, metadata schema and digest, the publish sequence, which checkpoint is the
+newest) is ckpt_format.py's; this module is the trainer's collective use of it.
+
 Crash safety. A checkpoint is written to ``iter_N.tmp``; once every rank's file is on disk (fsynced) rank
 0 writes metadata.json (fsynced), renames the directory into place, fsyncs the root, and moves ``latest``
-the same way: an ``iter_N`` directory is complete or absent. A checkpoint of the same step that was there
-already is removed only after its replacement is in place, and old ones (keep_last) only after
-``latest`` names the new one. Checksums are verified before a trainer commits to a checkpoint; one that
-fails falls back to the previous one.
+the same way (ckpt_format.publish): an ``iter_N`` directory is complete or absent. A checkpoint of the
+same step that was there already is removed only after its replacement is in place, and old ones
+(keep_last) only after ``latest`` names the new one. Checksums are verified before a trainer commits to a
+checkpoint; one that fails falls back to the previous one.
 
 Asynchronous saves (checkpoint.async_save). The step pays for a snapshot of the rank's pieces into host
 memory (pinned on CUDA; allocated once and reused, so one copy of the rank's share stays allocated between
@@ -40,33 +43,24 @@ run's [model] must be the checkpoint's (ckpt_load.check_model_matches: a ModelMi
 names the key).
 """
 import hashlib
-import json
 import os
-import re
 import shutil
-import time
 
-import torch
 import torch.distributed as dist
 
 from megagopher import parallel_state as ps
 from megagopher.config import to_tables
-from megagopher.training.ckpt_files import CheckpointCorrupt, fsync_dir, write_shard, write_text_durably
+from megagopher.errors import CheckpointSaveError, SaveFailed
+from megagopher.training import ckpt_format as fmt
+from megagopher.training.agreement import agree
+from megagopher.training.ckpt_files import CheckpointCorrupt, write_shard  # noqa: F401
+from megagopher.training.ckpt_format import (FORMAT_VERSION, find_checkpoints, iter_dir,  # noqa: F401
+                                             list_checkpoints, write_latest)
 from megagopher.training.ckpt_load import (ModelMismatch, check_model_matches, files_needed,  # noqa: F401
                                            load_optimizer, load_weights, verify_on_node)
-from megagopher.training.ckpt_reader import CheckpointReader, metadata_digest  # noqa: F401
+from megagopher.training.ckpt_reader import CheckpointReader  # noqa: F401
 from megagopher.training.ckpt_save import (ShardWriter, named_parameters, plan_pieces, rng_tensors,  # noqa: F401
                                            set_rng_tensors, snapshot)
-
-FORMAT_VERSION = 3  # 3: per-rank safetensors pieces; 2: torch.save files per (tp, pp), TOML-shaped config
-
-
-class CheckpointSaveError(OSError):
-    """A save failed on some rank (every rank raises it, having agreed); the previous checkpoint is intact."""
-
-
-def iter_dir(root, iteration):
-    return os.path.join(root, f"iter_{iteration:07d}")
 
 
 def layout():
@@ -91,7 +85,7 @@ class PendingSave:
 
     @property
     def tmp_dir(self):
-        return iter_dir(self.root, self.iteration) + ".tmp"
+        return fmt.staging_dir(iter_dir(self.root, self.iteration))
 
 
 def begin_save(root, iteration, chunks, optimizer, progress, cfg, background=False, pool=None):
@@ -99,13 +93,11 @@ def begin_save(root, iteration, chunks, optimizer, progress, cfg, background=Fal
     see ckpt_save.snapshot) or writes its file. Collective. Raises CheckpointSaveError (on every rank)
     when the directory cannot be made."""
     rank = dist.get_rank()
-    tmp_dir = iter_dir(root, iteration) + ".tmp"
+    tmp_dir = fmt.staging_dir(iter_dir(root, iteration))
     error = None
     if rank == 0:
         try:
-            if os.path.exists(tmp_dir):
-                shutil.rmtree(tmp_dir)  # left by a run killed mid-save
-            os.makedirs(tmp_dir)
+            fmt.start_staging(iter_dir(root, iteration))
         except OSError as e:
             error = e
     if not agree(error is None):
@@ -115,15 +107,14 @@ def begin_save(root, iteration, chunks, optimizer, progress, cfg, background=Fal
             chunk.finish_param_gather()
     tensors, index = plan_pieces(chunks, optimizer)
     tensors.update(rng_tensors())
-    path = os.path.join(tmp_dir, f"rank_{rank:05d}.safetensors")
+    path = os.path.join(tmp_dir, fmt.rank_file(rank))
     writer = ShardWriter(snapshot(tensors, copy=background, pool=pool), path, background)
     del tensors
     header = None
-    if rank == 0:  # the scalars as they are now, not when the background write ends
-        header = {"format_version": FORMAT_VERSION, "iteration": iteration, "progress": dict(progress),
-                  "layout": layout(), "config": to_tables(cfg), "has_optimizer": optimizer is not None,
-                  "optimizer_scalars": optimizer.scalar_state() if optimizer is not None else None,
-                  "versions": {"torch": torch.__version__, "megagopher": _version()}}
+    if rank == 0:  # the scalars as they are now, not when the background write ends (ckpt_format.build_metadata)
+        header = {"iteration": iteration, "progress": dict(progress), "layout": layout(), "config": to_tables(cfg),
+                  "has_optimizer": optimizer is not None,
+                  "optimizer_scalars": optimizer.scalar_state() if optimizer is not None else None}
     return PendingSave(root, iteration, writer, index, header)
 
 
@@ -139,7 +130,11 @@ def finish_save(pending, keep_last=0):
     final = iter_dir(pending.root, pending.iteration)
     if rank == 0 and not errors:
         try:
-            _publish(pending, gathered, final, keep_last)
+            tensors, files = fmt.index_files([(file, record, tp_rank, index)
+                                              for file, record, _, tp_rank, index in gathered])
+            rng_files = {r: file for r, (file, *_) in enumerate(gathered)}  # each rank's RNG is in its file
+            fmt.publish(final, fmt.build_metadata(**pending.header, tensors=tensors, files=files,
+                                                  rng_files=rng_files), keep_last)
         except OSError as e:
             errors.append(f"{final}: {e}")
     if not agree(not errors):
@@ -161,69 +156,15 @@ def save_weights_only(root, iteration, model, progress, cfg, note=None):
     (metadata last, rename, ``latest``). ``note`` goes into the metadata (where the weights came from).
     Returns the iteration directory."""
     final = iter_dir(root, iteration)
-    tmp_dir = final + ".tmp"
-    if os.path.exists(tmp_dir):
-        shutil.rmtree(tmp_dir)
-    os.makedirs(tmp_dir)
+    tmp_dir = fmt.start_staging(final)
     tensors, index = plan_pieces([model], None)
-    file = "rank_00000.safetensors"
+    file = fmt.rank_file(0)
     record = write_shard({k: t.contiguous() for k, t in tensors.items()}, os.path.join(tmp_dir, file))
-    entries, files, _ = _index([(file, record, None, 0, index)])
-    meta = {"format_version": FORMAT_VERSION, "iteration": iteration, "progress": dict(progress),
-            "layout": {"tp": 1, "pp": 1, "dp": None, "vpp": 1, "cp": 1, "world": None}, "config": to_tables(cfg),
-            "has_optimizer": False, "optimizer_scalars": None,
-            "versions": {"torch": torch.__version__, "megagopher": _version()}, "tensors": entries,
-            "files": files, "rng_files": {}, "rng": "none: a loading run seeds itself", "source": note,
-            "time": time.time()}
-    meta["metadata_sha256"] = metadata_digest(meta)
-    write_text_durably(os.path.join(tmp_dir, "metadata.json"), json.dumps(meta, indent=1))
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp_dir, final)
-    fsync_dir(root)
-    write_latest(root)
-    return final
-
-
-def _index(gathered):
-    """metadata.json's tensors, files and rng_files from every rank's (file, record, error, tp_rank, index)."""
-    tensors, files, rng_files = {}, {}, {}
-    for rank, (file, record, _, tp_rank, index) in enumerate(gathered):
-        files[file], rng_files[str(rank)] = record, file
-        for name, meta in index.items():
-            entry = tensors.setdefault(name, {k: meta[k] for k in ("full_shape", "partition_dim", "tp_size", "dtype")})
-            entry.setdefault("local_shapes", {})[str(tp_rank)] = meta["local_shape"]
-            pieces = entry.setdefault("pieces", {})
-            for kind, lo, hi, key in meta["pieces"]:
-                pieces.setdefault(kind, {}).setdefault(str(tp_rank), []).append([lo, hi, file, key])
-    for entry in tensors.values():
-        for by_rank in entry["pieces"].values():
-            for pieces in by_rank.values():
-                pieces.sort()
-    return tensors, files, rng_files
-
-
-def _publish(pending, gathered, final, keep_last):
-    """Rank 0: metadata.json, then the rename, then ``latest``, then old checkpoints go (module docstring)."""
-    tensors, files, rng_files = _index(gathered)
-    meta = {**pending.header, "tensors": tensors, "files": files, "rng_files": rng_files, "time": time.time()}
-    meta["metadata_sha256"] = metadata_digest(meta)
-    write_text_durably(os.path.join(pending.tmp_dir, "metadata.json"), json.dumps(meta, indent=1))
-    replaced = final + ".replaced"
-    if os.path.exists(replaced):
-        shutil.rmtree(replaced)
-    if os.path.exists(final):  # the same step saved before (a resume past a corrupt checkpoint)
-        os.replace(final, replaced)
-    os.replace(pending.tmp_dir, final)
-    fsync_dir(pending.root)
-    try:
-        write_latest(pending.root)
-    except OSError as e:  # a marker for people and tools: no megagopher reader needs it (find_checkpoints)
-        print(f"megagopher: warning: {os.path.join(pending.root, 'latest')} not updated ({e})", flush=True)
-    shutil.rmtree(replaced, ignore_errors=True)
-    if keep_last:
-        for old in list_checkpoints(pending.root)[:-keep_last]:
-            shutil.rmtree(iter_dir(pending.root, old), ignore_errors=True)
+    entries, files = fmt.index_files([(file, record, 0, index)])
+    meta = fmt.build_metadata(iteration, progress, fmt.open_layout(tp=1, pp=1, vpp=1), to_tables(cfg), entries,
+                              files, has_optimizer=False, rng_files={}, rng="none: a loading run seeds itself",
+                              source=note)
+    return fmt.publish(final, meta)
 
 
 class Checkpointer:
@@ -273,7 +214,6 @@ class Checkpointer:
 
     def _failed(self, error):
         """checkpoint.on_save_error: "stop" raises SaveFailed on every rank, "continue" trains on."""
-        from megagopher.common import SaveFailed
         previous = list_checkpoints(self.root)
         kept = f"the previous checkpoint {iter_dir(self.root, previous[-1])} is intact" if previous else \
             "no earlier checkpoint exists"
@@ -285,60 +225,11 @@ class Checkpointer:
         return None
 
 
-def _version():
-    import megagopher
-    return megagopher.__version__
-
-
-def write_latest(root):
-    """``latest`` := the newest complete checkpoint in ``root``, the one ``find_checkpoints`` puts first,
-    so the marker and the resolver always agree (temp name, fsync, rename: never half written)."""
-    write_text_durably(os.path.join(root, "latest"), f"{list_checkpoints(root)[-1]}\n")
-
-
-def list_checkpoints(root):
-    """Iterations of the complete checkpoints in ``root`` (those with metadata), oldest first."""
-    its = []
-    for name in os.listdir(root) if os.path.isdir(root) else []:  # not glob: a root may contain [ or *
-        m = re.fullmatch(r"iter_(\d+)", name)
-        if m and os.path.isfile(os.path.join(root, name, "metadata.json")):
-            its.append(int(m.group(1)))
-    return sorted(its)
-
-
-def all_checkpoint_dirs(root):
-    """Iterations of every iter_N directory in ``root``, complete or not, oldest first."""
-    names = os.listdir(root) if os.path.isdir(root) else []
-    return sorted(int(m.group(1)) for m in (re.fullmatch(r"iter_(\d+)", n) for n in names) if m)
-
-
-def find_checkpoints(path):
-    """The one policy for "the newest checkpoint", used by training, generate, evaluate, export and convert:
-    the checkpoint directories ``path`` names, newest first. ``path`` is one iter_N directory (then just it)
-    or a checkpoint root (then its complete iter_N directories, those with metadata.json: a save is renamed
-    into place only once complete, and ``latest`` is rewritten after every save to name the first of these).
-    Loaders try them in order, so a corrupt newest checkpoint falls back to the one before."""
-    if path and os.path.lexists(os.path.join(path, "metadata.json")):
-        return [path]
-    if not path or not os.path.isdir(path):
-        return []
-    # Every iter_N directory is a candidate: a save renames only complete ones into place, so one without
-    # a usable metadata.json was damaged, and its reader says so (naming it) before the loader falls back.
-    return [iter_dir(path, i) for i in reversed(all_checkpoint_dirs(path))]
-
-
 def resolve_load(load, root):
     """checkpoint.load: "" (start fresh), "auto" (the checkpoints of checkpoint.dir), or a path."""
     if not load:
         return []
     return find_checkpoints(root if load == "auto" else load)
-
-
-def agree(ok):
-    """True only if ``ok`` on every rank (one all-reduce)."""
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=ps.get_device())
-    dist.all_reduce(flag)
-    return int(flag.item()) == 0
 
 
 __all__ = ["CheckpointCorrupt", "CheckpointReader", "CheckpointSaveError", "Checkpointer", "FORMAT_VERSION",

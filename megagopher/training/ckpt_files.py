@@ -20,9 +20,9 @@ import struct
 import torch
 from safetensors.torch import save_file as _safetensors_save
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
+from megagopher.common import DTYPES_BY_SAFETENSORS
+
+_DTYPES = DTYPES_BY_SAFETENSORS  # the header's dtype names, from the one dtype table (megagopher/common.py)
 
 
 # The process's umask, read once at import (os.umask can only be read by setting it, which is not

@@ -8,43 +8,18 @@ never the model. Data-parallel size and ZeRO-1 never matter: pieces are indexed 
 element range, whoever wrote them.
 
 Format 2 checkpoints (one torch.save file of whole shards per (tp, pp) rank, written by the first
-release) are still read, through the same interface.
+release) are still read, through the same interface. metadata.json is opened and checked against its
+digest by ckpt_format.read_metadata, the format's one reader.
 """
-import hashlib
-import json
 import os
 
 import torch
 
+from megagopher.common import DTYPES_BY_NAME
 from megagopher.training.ckpt_files import CheckpointCorrupt, read_header, read_into, verify_file
+from megagopher.training.ckpt_format import read_metadata
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def metadata_digest(meta):
-    """sha256 of the metadata's content (without its own digest), in a canonical JSON form: a flipped bit
-    that leaves metadata.json valid JSON (a digit of an offset, of the iteration) is caught too."""
-    body = {k: v for k, v in meta.items() if k != "metadata_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
-
-
-def read_metadata(path):
-    """metadata.json of the checkpoint directory ``path``; CheckpointCorrupt when missing or damaged in any
-    way (invalid UTF-8 or JSON, a required field missing, its digest not matching), so loaders fall back."""
-    meta_path = os.path.join(path, "metadata.json")
-    if not os.path.lexists(meta_path):
-        raise CheckpointCorrupt(f"{path}: no metadata.json (an incomplete checkpoint)")
-    try:
-        with open(meta_path, "rb") as f:
-            meta = json.loads(f.read().decode("utf-8"))
-        missing = [k for k in ("iteration", "progress", "tensors", "files", "layout", "config") if k not in meta]
-    except (OSError, ValueError, TypeError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise CheckpointCorrupt(f"{meta_path}: unreadable ({type(e).__name__}: {e})") from None
-    if missing:
-        raise CheckpointCorrupt(f"{meta_path}: no {', '.join(missing)} (damaged)")
-    if "metadata_sha256" in meta and meta["metadata_sha256"] != metadata_digest(meta):
-        raise CheckpointCorrupt(f"{meta_path}: content does not match its digest (damaged)")
-    return meta
+_DTYPES = DTYPES_BY_NAME  # metadata's dtype names, from the one dtype table (megagopher/common.py)
 
 
 class CheckpointReader:

@@ -11,12 +11,13 @@ and optimizer state, each a view of the memory the training already holds (no ga
   - fp32 parameters are their own master weights, so "master" is written only for bf16/fp16 runs.
   - The rank's RNG states go in the same file ("rng/...").
 
-A piece is named ``kind/name/tp_rank/lo``: ``kind`` one of PIECE_KINDS, ``name`` the layout-independent
-parameter name, elements [lo, hi) of the flattened tensor that TP rank ``tp_rank`` holds. Expert parameters
-under expert parallelism are written as if ep were 1: a rank's experts are a block of dimension 0 of the
-TP rank's (experts, out, in) tensor, i.e. one contiguous range of its flattening, so their pieces are
-indexed in that whole tensor (``expert_offset``) and a reader under any ep reads the range it holds. The index of all
-pieces goes into the checkpoint's metadata.json, so a reader under any layout finds the ranges it needs.
+A piece is named ``kind/name/tp_rank/lo`` (ckpt_format.piece_key): ``kind`` one of PIECE_KINDS, ``name`` the
+layout-independent parameter name, elements [lo, hi) of the flattened tensor that TP rank ``tp_rank`` holds.
+Expert parameters under expert parallelism are written as if ep were 1: a rank's experts are a block of
+dimension 0 of the TP rank's (experts, out, in) tensor, i.e. one contiguous range of its flattening, so their
+pieces are indexed in that whole tensor (``expert_offset``) and a reader under any ep reads the range it
+holds. The index of all pieces goes into the checkpoint's metadata.json, so a reader under any layout finds
+the ranges it needs.
 """
 import math
 import threading
@@ -24,9 +25,10 @@ import threading
 import torch
 
 from megagopher import parallel_state as ps
-from megagopher.common import unwrap_model
+from megagopher.common import dtype_name, unwrap_model
 from megagopher.tensor_parallel.random import get_rng_tracker
 from megagopher.training.ckpt_files import write_shard
+from megagopher.training.ckpt_format import piece_key
 
 PIECE_KINDS = ("param", "master", "exp_avg", "exp_avg_sq")
 OPTIMIZER_KINDS = PIECE_KINDS[1:]
@@ -61,7 +63,7 @@ def tensor_meta(p):
     """What a reader under another layout needs to re-cut ``p``: its unpadded full shape, split dimension,
     the TP size and this TP rank's local shape."""
     return {"full_shape": list(getattr(p, "full_shape", p.shape)), "partition_dim": getattr(p, "partition_dim", None),
-            "tp_size": ps.get_tp_size(), "dtype": str(p.dtype).replace("torch.", ""),
+            "tp_size": ps.get_tp_size(), "dtype": dtype_name(p.dtype),
             "local_shape": saved_local_shape(p)}
 
 
@@ -122,7 +124,7 @@ def plan_pieces(chunks, optimizer):
         offset = expert_offset(p)
         for kind, lo, hi, flat in _pieces_of(p, buffer, shards.get(id(buffer), [])):
             lo, hi = lo + offset, hi + offset
-            key = f"{kind}/{name}/{tp_rank}/{lo}"
+            key = piece_key(kind, name, tp_rank, lo)
             tensors[key] = flat
             entry["pieces"].append([kind, lo, hi, key])
     return tensors, index

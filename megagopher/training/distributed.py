@@ -27,7 +27,7 @@ def setup_distributed(cfg):
     # One hardware queue per device, so a tensor-parallel layer's asynchronous gradient all-reduce is issued
     # before the weight-gradient GEMM it overlaps (tensor_parallel/layers.py); read when CUDA starts.
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    device = pick_device(cfg.training.device)
+    device = pick_device(cfg.training.device, "training.device")
     backend = cfg.parallel.backend
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -36,14 +36,38 @@ def setup_distributed(cfg):
     timeout = datetime.timedelta(seconds=cfg.parallel.timeout_s)
     if not dist.is_initialized():
         if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend, timeout=timeout)
-            if dist.get_world_size() > 1:
-                _watchdog = wd.start_from_env(dist.get_rank(), dist.get_world_size(),
-                                              wd.threshold_for(cfg.parallel.timeout_s),
-                                              finished=lambda: not dist.is_initialized())
+            rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            dist.init_process_group(backend, store=round_store(rank, world_size, timeout), rank=rank,
+                                    world_size=world_size, timeout=timeout)
+            if world_size > 1:
+                _watchdog = wd.start_from_env(rank, world_size, wd.threshold_for(cfg.parallel.timeout_s),
+                                              finished=lambda: not dist.is_initialized(), prefix=round_prefix())
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return device
+
+
+def round_prefix():
+    """The key prefix of this round of the job: torchrun's run id and restart count (a job started by hand
+    is round 0 of run "none"). A restart (``--max-restarts``: a worker failed, or the node agent restarted
+    the group) starts every worker again with the count one higher."""
+    run = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    return f"megagopher/{run}/round_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+
+
+def round_store(rank, world_size, timeout):
+    """The store the default process group meets on, its keys kept apart per round (``round_prefix``).
+
+    Why: torchrun's agent hosts one TCPStore for the whole job (TORCHELASTIC_USE_AGENT_STORE=True) and
+    keeps it across restarts, and torch's env:// rendezvous puts no round in its keys. The restarted
+    workers then read the first round's addresses (gloo's full-mesh addresses, NCCL's unique id) and
+    fail in init_process_group ("Gloo connectFullMesh failed ... Connection refused"). Without the agent's
+    store, rank 0 hosts a fresh store, as env:// does; the prefix changes nothing there."""
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(host, port, world_size, is_master=not agent_store and rank == 0, timeout=timeout,
+                          multi_tenant=True)
+    return dist.PrefixStore(round_prefix(), store)
 
 
 def stop_watchdog():

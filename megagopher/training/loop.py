@@ -38,18 +38,15 @@ from megagopher.tensor_parallel import model_parallel_seed
 from megagopher.tensor_parallel.cross_entropy import ZLoss
 from megagopher.training import checkpoint as ckpt
 from megagopher.training import data as data_lib
-from megagopher.common import PRECISION_DTYPES, InputError, unwrap_model
-from megagopher.config import ConfigError, to_toml, validate
+from megagopher.training.agreement import StepVote, agree, agree_on_step
+from megagopher.common import PRECISION_DTYPES, InputError, NonFiniteLoss, unwrap_model
+from megagopher.config import to_toml, validate
 from megagopher.training.distributed import setup_distributed
 from megagopher.training.metrics import MetricsLogger, model_flops_per_token
-from megagopher.training.resume import CheckpointedRun
+from megagopher.training.resume import TrainState, check_load_paths, grow, restore_or_build, skip_finished_stages
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-class Trainer(CheckpointedRun):
+class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -61,11 +58,8 @@ class Trainer(CheckpointedRun):
             signal.signal(sig, self._on_signal)
         # Invariant 6: every check that can fail runs here, identically on every rank, before any collective.
         self.dp = validate(cfg, self.world_size)
-        load = cfg.checkpoint.load
-        if load not in ("", "auto") and not ckpt.find_checkpoints(load):  # read from disk, so not in validate
-            raise ConfigError(f"checkpoint.load = {load!r}: no checkpoint there (an iter_NNNNNNN directory, or a "
-                              "checkpoint root holding one); \"auto\" resumes from checkpoint.dir if it has one")
         self.vocab_size = data_lib.vocab_size_of(cfg)
+        check_load_paths(cfg, self.vocab_size)  # read from disk, so not in validate
         self.eod = data_lib.eod_id_of(cfg)  # None unless some stage masks documents
         self.device = setup_distributed(cfg)
         p = cfg.parallel
@@ -73,25 +67,22 @@ class Trainer(CheckpointedRun):
         self.rank = dist.get_rank()
         model_parallel_seed(cfg.training.seed, ps.get_tp_rank(), ps.get_pp_rank(), self.device)
         self.tracer = Tracer(enabled=p.trace, device=self.device)
-        self.iteration, self.consumed_tokens, self.stage_index, self.stage_iteration = 0, 0, 0, 0
-        self.stage_samples = 0  # samples consumed in the current stage: the data position (ramp-up aware)
-        self.skipped_total = 0
         self.last_z_loss = None  # the last step's mean z-loss term, logged when training.z_loss > 0
         self.last_moe = {}  # the last step's MoE metrics (model/moe.py moe_step_summary)
         self.optimizer, self.pending_optimizer = None, None
-        self.num_layers, self.num_experts = cfg.model.num_layers, cfg.model.num_experts
-        self.chunks = None
         c = cfg.checkpoint
         self.checkpointer = ckpt.Checkpointer(c.dir, c.keep_last, c.async_save, c.on_save_error)
-        self._restore_or_build()
+        # The progress a checkpoint records, saved and restored explicitly (resume.TrainState).
+        chunks, self.state, self.pending_optimizer = restore_or_build(
+            cfg, TrainState(num_layers=cfg.model.num_layers, num_experts=cfg.model.num_experts), self._build_model,
+            self.vocab_size, self.device)
+        self.chunks = self._wrap(chunks)
 
     # -- construction ---------------------------------------------------------------------------------
-    def _build_model(self, num_layers, num_experts=None):
+    def _build_model(self, num_layers, num_experts):
         t = self.cfg.training
-        self.num_layers = num_layers
-        self.num_experts = self.num_experts if num_experts is None else num_experts
         self.model_cfg = self.cfg.model_at(num_layers=num_layers, vocab_size=self.vocab_size,
-                                           num_experts=self.num_experts)
+                                           num_experts=num_experts)
         chunks = build_model_chunks(self.model_cfg, sequence_parallel=self.cfg.parallel.sp, recompute=t.recompute,
                                     recompute_num_layers=t.recompute_num_layers or None,
                                     pp_layers=self.cfg.pp_layers_at(num_layers) or None)
@@ -105,6 +96,11 @@ class Trainer(CheckpointedRun):
 
     def _wrap(self, chunks):
         return wrap_data_parallel(chunks, self.cfg.parallel, distributed_optimizer=self.cfg.optimizer.distributed)
+
+    def save(self):
+        if self.cfg.checkpoint.dir:
+            self.checkpointer.save(self.state.iteration, self.chunks, self.optimizer, self.state.state_dict(),
+                                   self.cfg)
 
     # -- one step ---------------------------------------------------------------------------------------
     def train_step(self, batches, scfg, consumed_samples, gbs, next_batch=None):
@@ -141,8 +137,8 @@ class Trainer(CheckpointedRun):
         self.last_z_loss = z_sum / global_tokens if z_loss else None
         if bad_ranks:
             if scfg.training.nan_policy == "stop":
-                raise NonFiniteLoss(f"non-finite loss {loss} at iteration {self.iteration} on rank(s) {bad_ranks}; "
-                                    "stopping (training.nan_policy = 'skip' skips such steps instead)")
+                raise NonFiniteLoss(f"non-finite loss {loss} at iteration {self.state.iteration} on rank(s) "
+                                    f"{bad_ranks}; stopping (training.nan_policy = 'skip' skips such steps instead)")
             optimizer.zero_grad()
             return None, False, None
         updated, grad_norm = optimizer.step()
@@ -152,22 +148,13 @@ class Trainer(CheckpointedRun):
         """One all-reduce: the global batch's loss and z-loss sums (from the last stage's TP rank 0 of every DP
         replica), which ranks saw a non-finite loss, whether any rank was asked to stop, and how many ranks have
         finished writing an asynchronous checkpoint (all of them: it is published now, on every rank)."""
-        world = dist.get_world_size()
         owner = ps.is_pipeline_last_stage() and ps.get_tp_rank() == 0  # every CP rank: its own tokens
-        local = float(loss_sum) if owner else 0.0
-        values = torch.zeros(4 + world, dtype=torch.float64)
-        values[0] = local if torch.isfinite(torch.tensor(local)) else 0.0
-        values[1] = float(self.stop_requested)
-        values[2] = float(self.checkpointer.write_done())
-        values[3] = float(z_loss_sum) if owner else 0.0
-        values[4 + self.rank] = 0.0 if torch.isfinite(torch.tensor(local)) else 1.0
-        values = values.to(self.device)
-        dist.all_reduce(values)
-        values = values.cpu()
-        self.stop_requested = bool(values[1] > 0)
-        self.checkpointer.poll(int(values[2]) == world)
-        bad = [r for r in range(world) if values[4 + r] > 0]
-        return (float("nan") if bad else float(values[0])), bad, float(values[3])
+        vote = StepVote(loss_sum=float(loss_sum) if owner else 0.0, z_loss_sum=float(z_loss_sum) if owner else 0.0,
+                        stop_requested=self.stop_requested, write_done=self.checkpointer.write_done())
+        verdict = agree_on_step(vote, self.device)
+        self.stop_requested = verdict.stop_requested
+        self.checkpointer.poll(verdict.every_write_done)
+        return verdict.loss_sum, verdict.non_finite_ranks, verdict.z_loss_sum
 
     # -- evaluation -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -230,7 +217,7 @@ class Trainer(CheckpointedRun):
         # Every rank computes the report (no communication), so if it ever raises it raises everywhere,
         # never on rank 0 alone while the others wait in the next collective (invariant 6). It splits the
         # model as it is now built: parallel.pp_layers only at the configured depth.
-        parallel = dataclasses.replace(cfg.parallel, pp_layers=cfg.pp_layers_at(self.num_layers))
+        parallel = dataclasses.replace(cfg.parallel, pp_layers=cfg.pp_layers_at(self.state.num_layers))
         report = memory_report(self.model_cfg, parallel, cfg.training, cfg.optimizer,
                                world_size=self.world_size, device=self.device.type)
         if self.rank == 0:
@@ -238,10 +225,10 @@ class Trainer(CheckpointedRun):
         logger, error = None, None
         try:  # rank 0 alone writes metrics; its verdict on the file reaches every rank before training
             logger = MetricsLogger(run_dir, self.rank == 0, cfg.run.tensorboard, device_name,
-                                   resume_iteration=self.iteration)
+                                   resume_iteration=self.state.iteration)
         except InputError as e:
             error = e
-        if not ckpt.agree(error is None):
+        if not agree(error is None):
             raise error or InputError(f"{os.path.join(run_dir, 'metrics.jsonl')} cannot be used (see rank 0)")
         try:
             with kernels.use_backend(cfg.training.kernel_backend):
@@ -257,22 +244,22 @@ class Trainer(CheckpointedRun):
 
     def _run_stages(self, logger):
         cfg = self.cfg
-        self._skip_finished_stages()
-        if self.stage_index >= len(cfg.stages):
+        skip_finished_stages(cfg, self.state)
+        if self.state.stage_index >= len(cfg.stages):
             if self.rank == 0:
-                print(f"megagopher: nothing left to do: the checkpoint at iteration {self.iteration} finished every "
-                      "stage (raise training.train_iters or add a stage to train on)", flush=True)
+                print(f"megagopher: nothing left to do: the checkpoint at iteration {self.state.iteration} finished "
+                      "every stage (raise training.train_iters or add a stage to train on)", flush=True)
             return
         clock = {"total_iters": sum(st.train_iters for st in cfg.stages), "start": time.perf_counter(), "steps": 0}
-        for stage_index in range(self.stage_index, len(cfg.stages)):
-            self.stage_index = stage_index
+        for stage_index in range(self.state.stage_index, len(cfg.stages)):
+            self.state.stage_index = stage_index
             if not self._run_stage(stage_index, logger, clock):
                 return
             # Every stage ends with a checkpoint of the stage with all its steps done: the next stage, or
             # the same one given more steps, starts from it.
             self.save()
             self.checkpointer.wait()
-            self.stage_index, self.stage_iteration, self.stage_samples = stage_index + 1, 0, 0
+            self.state.next_stage()
             if cfg.run.stop_after_stage == cfg.stages[stage_index].name and stage_index + 1 < len(cfg.stages):
                 if self.rank == 0:
                     print(f"megagopher: stopping after stage {cfg.stages[stage_index].name!r} "
@@ -284,9 +271,11 @@ class Trainer(CheckpointedRun):
         """Growth, data and optimizer of a stage (fresh unless the stage keeps the previous one's)."""
         stage, scfg = self.cfg.stages[stage_index], self.cfg.stage(stage_index)
         t, o = scfg.training, scfg.optimizer
-        grown = (stage.grow.get("num_layers", self.num_layers), stage.grow.get("num_experts", self.num_experts))
-        if self.stage_iteration == 0 and grown != (self.num_layers, self.num_experts):
-            self._grow(*grown)
+        now = (self.state.num_layers, self.state.num_experts)
+        grown = (stage.grow.get("num_layers", now[0]), stage.grow.get("num_experts", now[1]))
+        if self.state.stage_iteration == 0 and grown != now:
+            self.chunks = self._wrap(grow(self.cfg, self.state, self.chunks, self._build_model, *grown))
+            self.optimizer = None
             # A grown model starts a fresh optimizer (as an uninterrupted run does): the saved state is
             # for the old depth's parameters (upcycled experts start with fresh moments too).
             self.pending_optimizer = None
@@ -294,7 +283,7 @@ class Trainer(CheckpointedRun):
         datasets = data_lib.build_datasets(scfg, self.vocab_size, t.train_iters)
         keep = stage.keep_optimizer if stage.keep_optimizer is not None else self.cfg.checkpoint.keep_optimizer
         keep = keep or stage_index == 0
-        fresh_stage = self.stage_iteration == 0
+        fresh_stage = self.state.stage_iteration == 0
         if self.optimizer is None or (fresh_stage and not keep):
             self.optimizer = build_optimizer(self.chunks, o, t)
         if self.pending_optimizer is not None:
@@ -317,10 +306,10 @@ class Trainer(CheckpointedRun):
     def _run_stage(self, stage_index, logger, clock):
         """The steps of one stage; False when the run stops early (signal or exit_after_iters)."""
         stage, scfg, (train_ds, valid_ds), schedule = self._start_stage(stage_index)
-        if not ckpt.agree(not self.stop_requested):  # a signal during start-up, data building or growth
+        if not agree(not self.stop_requested):  # a signal during start-up, data building or growth
             if self.rank == 0:
                 print(f"megagopher: stopping before the first step of stage {stage.name!r} at iteration "
-                      f"{self.iteration}; nothing new to save", flush=True)
+                      f"{self.state.iteration}; nothing new to save", flush=True)
             return False
         t = scfg.training
         batches = data_lib.Prefetcher(train_ds, t.micro_batch_size, self.device, self._masking(scfg))
@@ -338,30 +327,30 @@ class Trainer(CheckpointedRun):
         def batch_size(consumed):
             return global_batch_size_at(consumed, t.global_batch_size, t.rampup_batch_size, t.micro_batch_size,
                                         self.dp)
-        while self.stage_iteration < t.train_iters:
-            self.stage_iteration += 1
-            self.iteration += 1
-            lr = schedule(self.stage_iteration)
+        while self.state.stage_iteration < t.train_iters:
+            self.state.stage_iteration += 1
+            self.state.iteration += 1
+            lr = schedule(self.state.stage_iteration)
             self.optimizer.set_lr(lr)
             start = time.perf_counter()
-            gbs = batch_size(self.stage_samples)
-            following = self.stage_samples + gbs
-            next_batch = (following, batch_size(following)) if self.stage_iteration < t.train_iters else None
-            loss, updated, grad_norm = self.train_step(batches, scfg, self.stage_samples, gbs, next_batch)
-            self.stage_samples += gbs
+            gbs = batch_size(self.state.stage_samples)
+            following = self.state.stage_samples + gbs
+            next_batch = (following, batch_size(following)) if self.state.stage_iteration < t.train_iters else None
+            loss, updated, grad_norm = self.train_step(batches, scfg, self.state.stage_samples, gbs, next_batch)
+            self.state.stage_samples += gbs
             clock["steps"] += 1
             row = self._metrics_row(stage, scfg, lr, gbs, (loss, updated, grad_norm), start, flops_per_token)
             self._log(logger, row, t, clock)
             if valid_ds is not None and t.eval_interval and (
-                    self.stage_iteration % t.eval_interval == 0 or self.stage_iteration == t.train_iters):
-                logger.log_eval({"iteration": self.iteration, "stage": stage.name,
+                    self.state.stage_iteration % t.eval_interval == 0 or self.state.stage_iteration == t.train_iters):
+                logger.log_eval({"iteration": self.state.iteration, "stage": stage.name,
                                  "loss": self.evaluate(valid_ds, scfg)})
             if self.stop_requested or (exit_after and clock["steps"] >= exit_after):
                 self.save()
                 if self.rank == 0:
-                    print(f"megagopher: stopping at iteration {self.iteration} after saving", flush=True)
+                    print(f"megagopher: stopping at iteration {self.state.iteration} after saving", flush=True)
                 return False
-            if interval and self.iteration % interval == 0 and self.stage_iteration < t.train_iters:
+            if interval and self.state.iteration % interval == 0 and self.state.stage_iteration < t.train_iters:
                 self.save()
         return True
 
@@ -371,13 +360,13 @@ class Trainer(CheckpointedRun):
         params_norm = self.optimizer.params_norm() if scfg.training.log_params_norm else None
         step_time = time.perf_counter() - start
         tokens = gbs * scfg.model.seq_length
-        self.consumed_tokens += tokens
-        self.skipped_total += int(not updated)
-        row = {"iteration": self.iteration, "stage": stage.name, "loss": loss, "lr": lr,
+        self.state.consumed_tokens += tokens
+        self.state.skipped_total += int(not updated)
+        row = {"iteration": self.state.iteration, "stage": stage.name, "loss": loss, "lr": lr,
                "grad_norm": grad_norm, "loss_scale": self.optimizer.loss_scale, "skipped": not updated,
-               "tokens": self.consumed_tokens, "step_time_s": step_time, "tokens_per_s": tokens / step_time,
+               "tokens": self.state.consumed_tokens, "step_time_s": step_time, "tokens_per_s": tokens / step_time,
                "tflops_per_device": flops_per_token * tokens / step_time / self.world_size / 1e12,
-               "skipped_total": self.skipped_total, "global_batch_size": gbs}
+               "skipped_total": self.state.skipped_total, "global_batch_size": gbs}
         if params_norm is not None:
             row["params_norm"] = params_norm
         if self.last_z_loss is not None:
@@ -387,7 +376,7 @@ class Trainer(CheckpointedRun):
 
     def _log(self, logger, row, t, clock):
         per_step = (time.perf_counter() - clock["start"]) / clock["steps"]
-        console = self.stage_iteration % t.log_interval == 0 or self.stage_iteration == t.train_iters
+        console = self.state.stage_iteration % t.log_interval == 0 or self.state.stage_iteration == t.train_iters
         memory = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
-        logger.log_step(row, console, (self.stage_iteration, t.train_iters, per_step),
-                        (self.iteration, clock["total_iters"], per_step), memory)
+        logger.log_step(row, console, (self.state.stage_iteration, t.train_iters, per_step),
+                        (self.state.iteration, clock["total_iters"], per_step), memory)

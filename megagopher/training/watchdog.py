@@ -257,10 +257,10 @@ class Watchdog:
         self._on_verdict(line)
 
 
-def start_from_env(rank, world_size, threshold_s, finished):
+def start_from_env(rank, world_size, threshold_s, finished, prefix):
     """The watchdog of a process started with the env:// variables (torchrun or by hand): its own client
-    connection to MASTER_ADDR:MASTER_PORT, keys under the run id and restart count so that a restarted
-    job never reads an old verdict."""
+    connection to MASTER_ADDR:MASTER_PORT, keys under ``prefix`` (distributed.round_prefix: the run id and
+    restart count) so that a restarted job never reads an old round's verdict, heartbeats or stops."""
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     timeout = datetime.timedelta(seconds=threshold_s)
 
@@ -272,8 +272,7 @@ def start_from_env(rank, world_size, threshold_s, finished):
             client = dist.TCPStore(host, port, is_master=False, timeout=timeout, wait_for_workers=False)
         except (RuntimeError, OSError) as e:
             raise ConnectionError(str(e)) from e
-        run = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'none')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-        return dist.PrefixStore(f"megagopher/watchdog/{run}", client)
+        return dist.PrefixStore(prefix + "watchdog", client)
 
     under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ  # only torchrun promises to stay our parent
     return Watchdog(connect(), rank, world_size, threshold_s, connect=connect, finished=finished,

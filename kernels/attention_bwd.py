@@ -189,7 +189,8 @@ def delta_launch(head_dim):
     """The delta kernel's rows per program and warps at a padded head dim: what ``backward`` launches and
     tools/check_kernels.py compiles. Two (rows, head_dim) fp32 tiles stay in registers: 8192 elements each up
     to d = 128, but at d = 256 the 32-row tiles spill on sm_90a and sm_100a (fp16: 232 and 236 bytes), so 16
-    rows there. Each row is still summed by one warp in the same order: the result does not change."""
+    rows there. The layout along a row does not depend on the rows per program, so each row is summed in the
+    same order: delta does not change."""
     return dict(BLOCK_M=min(128, (8192 if head_dim <= 128 else 4096) // head_dim), num_warps=4)
 
 

@@ -2,7 +2,9 @@
 softmax, the norms and the residual-fused norms, RoPE, SwiGLU, cross entropy, the grouped GEMM) compiles for
 sm_90a and sm_100a without spills and within shared memory, no GPU needed. The test runs the tool's --quick
 sweep, each kernel's largest tile once per arch (34 compilations, about 30 CPU-seconds cold); the full sweep
-(every config, both dtypes, head dims 64 to 256) is the tool's default, run by hand (BENCHMARKS.md)."""
+(every config, both dtypes, head dims 64 to 256) is the tool's default, run by hand (BENCHMARKS.md). A spill fails
+the sweep for a wrapper's fixed launch too, and the fixed launches the tool compiles are the ones the wrappers
+make (recorded from the delta kernel's and the softmax's wrappers)."""
 import importlib.util
 import os
 import re
@@ -74,10 +76,62 @@ def test_a_kernel_without_a_spec_fails_the_sweep(monkeypatch, capsys):
 
 
 def test_spills_and_shared_memory_overflows_fail():
+    """A spill fails the sweep whether the autotuner may pick the config or a wrapper always launches it."""
     tool = _tool()
-    clean = dict(autotuned=True, regs=200, spills=0, smem=98304, mma="wgmma")
+    clean = dict(regs=200, spills=0, smem=98304, mma="wgmma")
     assert tool.verdict(clean) == "ok"
     assert tool.verdict(dict(clean, spills=16)).startswith("FAIL spills 16")
-    assert tool.verdict(dict(clean, autotuned=False, spills=16)).startswith("WARN spills 16")
     assert tool.verdict(dict(clean, smem=tool.SMEM_LIMIT + 1)).startswith("FAIL shared memory")
     assert tool.verdict(dict(clean, error="CompilationError: x")).startswith("FAIL compile")
+
+
+class _Launched(Exception):
+    """Raised by a recorded launch: the wrapper's choice is known, the kernel need not run."""
+
+
+def _record(launches):
+    # Stands in for a Triton kernel: kernel[grid](*args, **constexprs_and_warps) records the keywords.
+    def launch(*args, **kwargs):
+        launches.append(kwargs)
+        raise _Launched
+
+    return type("Recorder", (), {"__getitem__": lambda self, grid: launch})()
+
+
+def test_fixed_launches_are_compiled_as_the_wrappers_pick_them(monkeypatch):
+    """The delta kernel's and the softmax's launches, recorded from the wrappers at the shapes the tool sweeps
+    (head dims 64 to 256; rows of 4096 and 8192 keys with the GPU's blocks), are among the tool's compilations:
+    the tool checks what a GPU runs, not a copy of the wrappers' rules that could drift."""
+    import torch
+    from megagopher.kernels import attention, attention_bwd, softmax
+    head_dims = (64, 80, 128, 256)
+    compiled = {name: sets for _, name, _, _, sets in _tool().specs(head_dims)}
+    launches = []
+    monkeypatch.setattr(attention_bwd, "_bwd_delta_kernel", _record(launches))
+    for d in head_dims:
+        q = torch.randn(1, 8, 2, d, dtype=torch.float16)
+        try:
+            attention.flash_attention_backward(q, q, q, q, torch.zeros(1, 2, 8), q)
+        except _Launched:
+            pass
+    assert len(launches) == len(head_dims) and all(l in compiled["_bwd_delta_kernel"] for l in launches), launches
+    assert {l["HEAD_DIM"]: l["BLOCK_M"] for l in launches} == {64: 128, 128: 64, 256: 16}, launches
+    launches.clear()
+    monkeypatch.setattr(softmax, "interpreter_on", lambda: False)  # the blocks a GPU takes
+    monkeypatch.setattr(softmax, "_softmax_fwd_kernel", _record(launches))
+    monkeypatch.setattr(softmax, "_softmax_bwd_kernel", _record(launches))
+    for sk in (4096, 8192):
+        x = torch.randn(1, 1, 1, sk, dtype=torch.float16)
+        for call in (lambda: softmax.scaled_masked_softmax(x, causal=True),
+                     lambda: softmax.scaled_masked_softmax(x, mask=torch.zeros(sk, dtype=torch.bool)),
+                     lambda: softmax.ScaledMaskedSoftmaxFunction.backward(
+                         type("Ctx", (), {"saved_tensors": (x,), "scale": 1.0})(), x)):
+            try:
+                call()
+            except _Launched:
+                pass
+    fwd = [l for l in launches if "CAUSAL" in l]
+    assert len(fwd) == 4 and all(l in compiled["_softmax_fwd_kernel"] for l in fwd), fwd
+    bwd = [l for l in launches if "CAUSAL" not in l]
+    assert len(bwd) == 2 and all(l in compiled["_softmax_bwd_kernel"] for l in bwd), bwd
+    assert {(l["SINGLE_BLOCK"], l["num_warps"]) for l in fwd} == {(True, 8), (False, 16)}, fwd

@@ -197,7 +197,8 @@ def compile_recorded(path):
         if "HEAD_DIM" in recorded and recorded["HEAD_DIM"] != 256:
             wide = dict(recorded, HEAD_DIM=256)
             if entry["name"] == "_bwd_delta_kernel":
-                wide["BLOCK_M"] = 8192 // 256  # as attention._backward sizes it
+                from megagopher.kernels.attention_bwd import delta_launch
+                wide.update(delta_launch(256))  # as the backward launches it at d = 256
             entries.append((entry, wide))
         if entry["name"] in ("_softmax_fwd_kernel", "_softmax_bwd_kernel", "_ce_fwd_kernel", "_ce_bwd_kernel"):
             entries.append((entry, dict(recorded, BLOCK=4096, num_warps=8)))  # the GPU's block, not the interpreter's

@@ -14,6 +14,7 @@ stuck in a collective, so the pool is killed and the next call starts a new one.
 """
 import atexit
 import datetime
+import faulthandler
 import os
 import pickle
 import queue
@@ -44,7 +45,7 @@ FAILURE_GRACE_S = 3.0
 
 class _Rank:
     """What a pool rank keeps between tasks: the store its default groups meet on, and the state a task must
-    find as a fresh rank would (environment, working directory, signal handlers)."""
+    find as a fresh rank would (environment, working directory, signal handlers, no hang timer)."""
 
     def __init__(self, rank, world_size, port, timeout_s):
         torch.set_num_threads(1)
@@ -82,6 +83,7 @@ class _Rank:
         os.chdir(self.cwd)
         for sig, handler in self.handlers.items():
             signal.signal(sig, handler)
+        faulthandler.cancel_dump_traceback_later()  # a task's hang timer (exit=True) must not outlive it
         torch.seed()  # a new process starts from a random seed: a task must seed what it needs itself
         torch.set_default_dtype(torch.float32)
         torch.set_grad_enabled(True)

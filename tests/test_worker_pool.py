@@ -10,7 +10,9 @@ from megagopher.testing import spawn
 
 
 def _leave_state_behind(rank, world_size):
+    import faulthandler
     from megagopher import parallel_state as ps
+    faulthandler.dump_traceback_later(4, exit=True)  # a test's hang timer: it must die with the task
     ps.initialize_model_parallel(tp=2, pp=1)
     extra = dist.new_group([0, 1])
     dist.all_reduce(torch.ones(1), group=extra)
@@ -21,7 +23,9 @@ def _leave_state_behind(rank, world_size):
 
 
 def _fresh_state(rank, world_size):
+    import time
     from megagopher import parallel_state as ps
+    time.sleep(5)  # past the hang timer a previous task set
     groups = len(dist.distributed_c10d._world.pg_map)
     with pytest.raises(RuntimeError, match="has not been called"):
         ps.get_tp_group()

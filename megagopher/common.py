@@ -13,6 +13,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
+from megagopher.errors import EXIT_INPUT_ERROR
+
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 RECOMPUTE_MODES = ("none", "selective", "full")
 DEVICES = ("auto", "cpu", "cuda")
@@ -65,11 +67,6 @@ def dtype_name(dtype):
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
-
-# The error types and exit statuses live in megagopher/errors.py, which imports nothing (the data and
-# config packages use them without torch); they are re-exported here.
-from megagopher.errors import (EXIT_INPUT_ERROR, EXIT_NON_FINITE, EXIT_PEER_LOST, EXIT_SAVE_FAILED,  # noqa: E402,F401
-                               CheckpointSaveError, InputError, NonFiniteLoss, SaveFailed, exit_status)
 
 
 def element_bytes(precision):

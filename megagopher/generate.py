@@ -44,7 +44,8 @@ import torch
 import torch.distributed as dist
 
 from megagopher import parallel_state as ps
-from megagopher.common import DEVICES, EXIT_INPUT_ERROR, PRECISION_DTYPES, PRECISIONS, pick_device
+from megagopher.common import DEVICES, PRECISION_DTYPES, PRECISIONS, pick_device
+from megagopher.errors import EXIT_INPUT_ERROR
 from megagopher.model.attention import KVCache
 
 

@@ -19,7 +19,7 @@ def main(argv=None):
         from megagopher.config.reference import help_text
         sys.stdout.write(help_text())
         return 0
-    from megagopher.common import EXIT_INPUT_ERROR, InputError
+    from megagopher.errors import EXIT_INPUT_ERROR, InputError
     from megagopher.config import ConfigError, load_config, parse_overrides
     from megagopher.training.distributed import exit_if_peer_lost, stop_watchdog
     try:

@@ -33,7 +33,7 @@ import warnings
 import numpy as np
 import pytest
 
-from megagopher.common import InputError
+from megagopher.errors import InputError
 from megagopher.config import load_config, parse_overrides, validate
 from megagopher.data.bpe_trainer import count_words, train_bpe, write_tokenizer_files
 from megagopher.data.indexed_dataset import IndexedDatasetBuilder, token_dtype_for

@@ -1,6 +1,6 @@
 """Errors for data and tokenizer files the user must fix.
 
-They are ``common.InputError``s: the message is one line naming the file and what is wrong, and the
+They are ``errors.InputError``s: the message is one line naming the file and what is wrong, and the
 training command prints it and exits with status 2 on every rank (every rank reads the same files, so
 every rank raises the same error). Being ValueErrors, they keep working for library callers that catch
 ValueError; the "missing file" ones are FileNotFoundErrors too, as the readers raised before.

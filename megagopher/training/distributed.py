@@ -13,7 +13,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from megagopher.common import EXIT_PEER_LOST, pick_device
+from megagopher.common import pick_device
+from megagopher.errors import EXIT_PEER_LOST
 from megagopher.training import watchdog as wd
 
 _watchdog = None  # this process's watchdog once started; it stays after a clean stop (exit_if_peer_lost)

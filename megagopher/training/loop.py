@@ -39,7 +39,8 @@ from megagopher.tensor_parallel.cross_entropy import ZLoss
 from megagopher.training import checkpoint as ckpt
 from megagopher.training import data as data_lib
 from megagopher.training.agreement import StepVote, agree, agree_on_step
-from megagopher.common import PRECISION_DTYPES, InputError, NonFiniteLoss, unwrap_model
+from megagopher.common import PRECISION_DTYPES, unwrap_model
+from megagopher.errors import InputError, NonFiniteLoss
 from megagopher.config import to_toml, validate
 from megagopher.training.distributed import setup_distributed
 from megagopher.training.metrics import MetricsLogger, model_flops_per_token

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megagopher import parallel_state as ps
-from megagopher.common import InputError
+from megagopher.errors import InputError
 from megagopher.config import ConfigError
 from megagopher.tensor_parallel import model_parallel_seed
 from megagopher.tensor_parallel.layers import take_shard

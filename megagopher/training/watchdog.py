@@ -36,7 +36,7 @@ import time
 
 import torch.distributed as dist
 
-from megagopher.common import EXIT_PEER_LOST
+from megagopher.errors import EXIT_PEER_LOST
 
 INTERVAL_S = 1.0
 # A healthy rank must never look silent: with 8 ranks and a busy process on 2 cores the longest gap between

@@ -20,6 +20,7 @@ import pickle
 import queue
 import signal
 import socket
+import threading
 import time
 import traceback
 
@@ -116,6 +117,7 @@ class WorkerPool:
     def __init__(self, world_size, timeout_s):
         ctx = mp.get_context("spawn")
         self.world_size, self.timeout_s = world_size, timeout_s
+        self._lock = threading.Lock()  # one task at a time: callers on several threads take turns
         self._tasks = [ctx.Queue() for _ in range(world_size)]
         self._results = ctx.Queue()
         port = free_port()
@@ -129,6 +131,10 @@ class WorkerPool:
 
     def run(self, fn, args, join_timeout_s):
         """fn(rank, world_size, *args) on every rank; the values by rank. Any failure retires the pool."""
+        with self._lock:
+            return self._run(fn, args, join_timeout_s)
+
+    def _run(self, fn, args, join_timeout_s):
         message = pickle.dumps((fn, args))
         for q in self._tasks:
             q.put(message)

@@ -32,7 +32,7 @@ def test_finished_runs_exit_zero_on_every_rank_under_load(tmp_path):
     try:
         with ThreadPoolExecutor(3) as pool:
             procs = list(pool.map(lambda job: run_train(config, str(tmp_path / job[0]), *job[1], nproc=2,
-                                                        check=False), jobs))
+                                                        check=False, launcher="process"), jobs))
     finally:
         burner.kill()
         burner.wait()

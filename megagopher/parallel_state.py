@@ -95,8 +95,18 @@ def is_initialized():
 
 
 def destroy_model_parallel():
+    """Forgets the layout and destroys the groups it created. Each group holds communicator resources (gloo:
+    a device thread and worker threads; NCCL: buffers on the GPU) that outlive the layout unless destroyed,
+    so a process that changes layout (a staged run, a test) would otherwise gather them. Local, no
+    collective: call it once this rank's collectives on the layout are done."""
     global _state
-    _state = None
+    state, _state = _state, None
+    if state is None or not dist.is_initialized():
+        return
+    owned = {id(group): group for group, _ in state.groups.values() if group is not dist.group.WORLD}
+    for group in owned.values():
+        if group in dist.distributed_c10d._world.pg_map:
+            dist.destroy_process_group(group)
 
 
 def shutdown():

@@ -15,6 +15,7 @@ stuck in a collective, so the pool is killed and the next call starts a new one.
 import atexit
 import datetime
 import faulthandler
+import gc
 import os
 import pickle
 import queue
@@ -79,6 +80,10 @@ class _Rank:
                     dist.destroy_process_group(group)
         else:
             self.join_default_group()
+        # A destroyed group's communicator lives until its last reference goes, and a task's model, hooks
+        # and autograd graph hold groups in reference cycles: without a collection now, each idle gloo
+        # group keeps a polling thread (gloo_tcp_loop) for as long as the pool lives.
+        gc.collect()
         os.environ.clear()
         os.environ.update(self.env)
         os.chdir(self.cwd)

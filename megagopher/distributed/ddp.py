@@ -33,6 +33,7 @@ pass (checkpoint saving, weight copies, the end of training) calls ``finish_para
 """
 import contextlib
 import functools
+import weakref
 
 import torch.nn as nn
 
@@ -40,6 +41,12 @@ from megagopher import parallel_state as ps
 from megagopher.config.schema import check_value, coerce
 from megagopher.distributed.finalize import tied_embedding_params
 from megagopher.distributed.param_and_grad_buffer import ParamAndGradBuffer
+
+
+def _grad_hook(wrapper_ref, param):
+    wrapper = wrapper_ref()
+    if wrapper is not None:  # a dropped wrapper leaves plain autograd accumulation behind
+        wrapper._grad_hook(param)
 
 
 class DistributedDataParallel(nn.Module):
@@ -75,8 +82,12 @@ class DistributedDataParallel(nn.Module):
         self.bucket_of = {k: v for b in self.grad_buffers for k, v in b.bucket_of.items()}
         self.sync_enabled = True  # False inside no_sync(): micro-batches before the last only accumulate
         self._hooks = []
+        # The hook reaches the wrapper through a weak reference: autograd keeps a tensor's hooks in C++, out
+        # of the cycle collector's sight, so a strong one (hook -> wrapper -> chunk -> parameter -> hook) would
+        # keep every dropped wrapper alive with its buffers and groups (a staged run rebuilds its chunks).
+        grad_hook = functools.partial(_grad_hook, weakref.ref(self))
         for _, p in named:
-            self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_hook))
+            self._hooks.append(p.register_post_accumulate_grad_hook(grad_hook))
             p.accumulate_main_grad = functools.partial(self._accumulate_main_grad, p)
         if use_distributed_optimizer and any(b.dp_size > 1 for b in self.grad_buffers):
             self._register_param_gather_hooks()

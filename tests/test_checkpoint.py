@@ -9,7 +9,7 @@ import sys
 import time
 
 from megagopher.testing import free_port
-from train_utils import ROOT, TINY, read_metrics, run_train, write_config
+from train_utils import ROOT, TINY, kill_job, read_metrics, run_train, write_config
 
 STAGED = TINY.replace("train_iters = 4\n", "") + """
 [checkpoint]
@@ -47,8 +47,7 @@ def _run_until(cmd, run_dir, target, timeout=240):
         if rows and rows[-1]["iteration"] >= target:
             break
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_job(proc)
     return proc
 
 

@@ -24,7 +24,7 @@ import sys
 import pytest
 
 from megagopher.training import checkpoint as ckpt
-from train_utils import ROOT, TINY, read_metrics, write_config
+from train_utils import ROOT, TINY, read_metrics, run_train, write_config
 
 CAMPAIGN = TINY.replace("train_iters = 4\n", "eval_interval = 2\neval_iters = 1\n") + """
 [checkpoint]
@@ -42,8 +42,12 @@ RNG_SEED = 20261201
 
 
 def _run(cfg, run_dir, ckpt_dir, *extra, fault=(), timeout=240):
-    cmd = [sys.executable, *((INJECT, *fault) if fault else ("-m", "megagopher.train")), "--config", cfg,
-           f"--run.dir={run_dir}", f"--checkpoint.dir={ckpt_dir}", "--checkpoint.load=auto", *ARGS, *extra]
+    """A run with an injected fault (a signal) is a real process; the others, which read damaged artifacts
+    and report them, run the trainer's entry point on a pooled rank (tests/pooled_train.py)."""
+    args = (f"--checkpoint.dir={ckpt_dir}", "--checkpoint.load=auto", *ARGS, *extra)
+    if not fault:
+        return run_train(cfg, run_dir, *args, check=False, timeout=timeout)
+    cmd = [sys.executable, INJECT, *fault, "--config", cfg, f"--run.dir={run_dir}", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 

@@ -1,11 +1,11 @@
 """The real entry point: pipeline layouts train as the serial run does.
 
-``python -m megagopher.train`` on the tiny example config (synthetic data, fp32, dropout off) for a few
-steps under (tp, pp) = (1, 1), (1, 2) and (1, 4) with vpp = 2 and the interleaved schedule, and (2, 2)
-with zb-h1; metrics.jsonl must agree to rounding (loss, and grad_norm), and so must what the checkpoints
-hold: step 1's per-parameter gradients (exp_avg, clipping off) and the weights and Adam moments after the
-last step. The interleaved run also writes the pipeline trace, which the plot tool renders and the bubble
-function reads.
+The trainer's entry point (``megagopher.train.main``, on pooled ranks) on the tiny example config
+(synthetic data, fp32, dropout off) for a few steps under (tp, pp) = (1, 1), (1, 2) and (1, 4) with vpp = 2
+and the interleaved schedule, and (2, 2) with zb-h1; metrics.jsonl must agree to rounding (loss, and
+grad_norm), and so must what the checkpoints hold: step 1's per-parameter gradients (exp_avg, clipping off)
+and the weights and Adam moments after the last step. The interleaved run also writes the pipeline trace,
+which the plot tool renders and the bubble function reads.
 """
 import json
 import os
@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from megagopher.pipeline_parallel.trace import bubble_fractions, load_events
-from train_utils import GOLDEN, GRAD_RTOL, STATE_RTOL, assert_same_training_state
+from train_utils import GOLDEN, GRAD_RTOL, STATE_RTOL, assert_same_training_state, run_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "examples", "configs", "tiny.toml")
@@ -25,15 +25,9 @@ COMMON = ["--training.train_iters=3", "--model.num_layers=8", "--model.seq_lengt
 
 
 def _train(run_dir, nproc, *overrides):
-    entry = ["-m", "megagopher.train", "--config", CONFIG, f"--run.dir={run_dir}", f"--checkpoint.dir={run_dir}/ckpt",
-             *COMMON, *overrides]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *entry]
-    else:
-        cmd = [sys.executable, *entry]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    # On the pooled ranks (train_utils.run_train): the trainer's own entry point, main(argv), without an
+    # interpreter start per rank; tests/test_worker_pool.py shows a pooled run equals a torchrun launch.
+    run_train(CONFIG, str(run_dir), f"--checkpoint.dir={run_dir}/ckpt", *COMMON, *overrides, nproc=nproc)
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if "event" not in json.loads(line)]
 

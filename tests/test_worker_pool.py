@@ -22,10 +22,10 @@ def _leave_state_behind(rank, world_size):
     return os.getpid()
 
 
-def _fresh_state(rank, world_size):
+def _fresh_state(rank, world_size, wait_s=0.0):
     import time
     from megagopher import parallel_state as ps
-    time.sleep(5)  # past the hang timer a previous task set
+    time.sleep(wait_s)  # past the hang timer a previous task may have set
     groups = len(dist.distributed_c10d._world.pg_map)
     with pytest.raises(RuntimeError, match="has not been called"):
         ps.get_tp_group()
@@ -44,7 +44,7 @@ def _fail_on_rank_one(rank, world_size):
 
 def test_pool_reuses_ranks_and_resets_them():
     pids = spawn(_leave_state_behind, 2)
-    after = spawn(_fresh_state, 2)
+    after = spawn(_fresh_state, 2, 5.0)  # 5 s: past _leave_state_behind's 4 s hang timer
     assert [a["pid"] for a in after] == pids, "the second task should run on the same processes"
     for rank, a in enumerate(after):
         assert a["groups"] == 1, "only the default group may survive a task"

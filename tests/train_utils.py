@@ -2,8 +2,10 @@
 reading what a run saved, whatever layout wrote it, to compare it with the serial run's."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 from megagopher.testing import free_port
 from megagopher.training.checkpoint import CheckpointReader, iter_dir
@@ -89,6 +91,49 @@ def launch_ranks(config, run_dir, *overrides, nproc=1, timeout=180):
                 p.kill()
                 p.wait()
     return [p.returncode for p in procs], [e.splitlines() for e in errs]
+
+
+def launcher_children(launcher_pid):
+    """The pids of a launcher's child processes, read from /proc. torchrun starts each worker in a session
+    of its own, so a signal to the launcher's process group does not reach them."""
+    pids = []
+    try:
+        tasks = os.listdir(f"/proc/{launcher_pid}/task")
+    except OSError:
+        return pids
+    for task in tasks:
+        try:
+            with open(f"/proc/{launcher_pid}/task/{task}/children") as f:
+                pids += [int(p) for p in f.read().split()]
+        except OSError:
+            continue
+    return pids
+
+
+def kill_job(proc, limit_s=30):
+    """SIGKILLs a launch, its workers first (none may run on once the launcher is gone: an orphan writing
+    the checkpoint a later run writes too), and waits until none of them runs."""
+    pids = [*launcher_children(proc.pid), proc.pid]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    deadline = time.monotonic() + limit_s
+    while any(_running(p) for p in pids):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"processes {[p for p in pids if _running(p)]} still run {limit_s} s after SIGKILL")
+        time.sleep(0.05)
+
+
+def _running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return False
+    return text[text.rindex(")") + 2] not in "ZX"  # a zombie or dead process runs no more
 
 
 def read_metrics(run_dir, event="train"):

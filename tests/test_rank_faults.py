@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from megagopher.testing import free_port
 from megagopher.training import watchdog as wd
-from train_utils import ROOT, read_metrics, run_train, write_config
+from train_utils import ROOT, launcher_children, read_metrics, run_train, running, wait_gone, write_config
 
 TIMEOUT_S = 20  # parallel.timeout_s of the fault runs: the bound "timeout_s + 30 s" stays short
 
@@ -77,39 +77,15 @@ def _wait_for_a_step(proc, tmp_path, nproc, limit_s=180):
 def _workers(launcher_pid):
     """{rank: pid} of the launcher's children, read from /proc (their RANK variable)."""
     found = {}
-    for task in os.listdir(f"/proc/{launcher_pid}/task"):
+    for pid in launcher_children(launcher_pid):
         try:
-            children = open(f"/proc/{launcher_pid}/task/{task}/children").read().split()
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
         except OSError:
             continue
-        for pid in map(int, children):
-            try:
-                env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-            except OSError:
-                continue
-            ranks = [v[5:] for v in env if v.startswith(b"RANK=")]
-            if ranks:
-                found[int(ranks[0])] = pid
+        ranks = [v[5:] for v in env if v.startswith(b"RANK=")]
+        if ranks:
+            found[int(ranks[0])] = pid
     return found
-
-
-def _running(pid):
-    """True while ``pid`` is a live process (a zombie, whose parent has not reaped it yet, has ended)."""
-    try:
-        text = open(f"/proc/{pid}/stat").read()
-    except OSError:
-        return False
-    return text[text.rindex(")") + 2] not in "ZX"
-
-
-def _wait_gone(pids, limit_s):
-    """Seconds until every pid has ended; fails naming the ones still running after ``limit_s``."""
-    start = time.monotonic()
-    while any(_running(p) for p in pids) and time.monotonic() - start < limit_s:
-        time.sleep(0.1)
-    alive = [p for p in pids if _running(p)]
-    assert not alive, f"still running after {limit_s} s: {alive}"
-    return time.monotonic() - start
 
 
 def _kill_all(proc, pids):
@@ -131,7 +107,7 @@ def test_killed_worker_ends_every_rank_naming_it(tmp_path):
         start = time.monotonic()
         proc.wait(timeout=TIMEOUT_S + 30)
         elapsed = time.monotonic() - start
-        _wait_gone(workers.values(), 5)
+        wait_gone(workers.values(), 5)
     finally:
         _kill_all(proc, workers.values())
     out = _output(tmp_path)
@@ -149,7 +125,7 @@ def test_hung_worker_is_named_after_the_threshold(tmp_path):
     try:
         workers = _wait_for_a_step(proc, tmp_path, 2)
         os.kill(workers[1], signal.SIGSTOP)
-        elapsed = _wait_gone([workers[0]], 10 + 30)
+        elapsed = wait_gone([workers[0]], 10 + 30)
     finally:
         _kill_all(proc, workers.values())  # the stopped rank cannot act on torchrun's SIGTERM
     out = _output(tmp_path)
@@ -166,7 +142,7 @@ def test_killed_launcher_ends_its_workers(tmp_path):
         workers = _wait_for_a_step(proc, tmp_path, 2)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        elapsed = _wait_gone(workers.values(), TIMEOUT_S)
+        elapsed = wait_gone(workers.values(), TIMEOUT_S)
     finally:
         _kill_all(proc, workers.values())
     out = _output(tmp_path)
@@ -243,7 +219,7 @@ def test_process_identity_and_error_kinds():
         assert not wd.process_gone(f"another-machine {child.pid} {started}")  # this machine cannot tell
         child.kill()
         deadline = time.monotonic() + 5
-        while _running(child.pid) and time.monotonic() < deadline:
+        while running(child.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert wd.process_gone(theirs)  # a zombie, not reaped yet, has ended
     finally:

@@ -120,20 +120,27 @@ def kill_job(proc, limit_s=30):
         except ProcessLookupError:
             pass
     proc.wait()
-    deadline = time.monotonic() + limit_s
-    while any(_running(p) for p in pids):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"processes {[p for p in pids if _running(p)]} still run {limit_s} s after SIGKILL")
-        time.sleep(0.05)
+    wait_gone(pids, limit_s)
 
 
-def _running(pid):
+def running(pid):
+    """True while ``pid`` is a live process (a zombie, whose parent has not reaped it yet, has ended)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             text = f.read()
     except OSError:
         return False
-    return text[text.rindex(")") + 2] not in "ZX"  # a zombie or dead process runs no more
+    return text[text.rindex(")") + 2] not in "ZX"
+
+
+def wait_gone(pids, limit_s):
+    """Seconds until every pid has ended; fails naming the ones still running after ``limit_s``."""
+    start = time.monotonic()
+    while any(running(p) for p in pids) and time.monotonic() - start < limit_s:
+        time.sleep(0.05)
+    alive = [p for p in pids if running(p)]
+    assert not alive, f"still running after {limit_s} s: {alive}"
+    return time.monotonic() - start
 
 
 def read_metrics(run_dir, event="train"):

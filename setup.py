@@ -29,7 +29,7 @@ setup(
     ],
     extras_require={
         # test-only peers: transformers checks our HF export; megatron-core (installed with --no-deps by
-        # .ci/run) reads our indexed datasets.
-        "test": ["pytest", "hypothesis", "transformers"],
+        # .ci/run) reads our indexed datasets. pytest-xdist runs the suite's files on every core (pytest.ini).
+        "test": ["pytest", "pytest-xdist>=3.6", "hypothesis", "transformers"],
     },
 )

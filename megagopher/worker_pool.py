@@ -96,10 +96,27 @@ class _Rank:
         torch.set_num_threads(1)
 
 
+# How often an idle pool rank checks that the process that started it still runs.
+PARENT_CHECK_S = 1.0
+
+
+def _next_task(tasks):
+    """The next task message; None when told to stop or once the parent is gone. A parent that ends without
+    running its exit handlers (SIGKILLed, or ended by ``os._exit`` as pytest-xdist's workers are) cannot stop
+    its daemonic ranks, which would otherwise wait on the queue forever, holding memory and polling threads."""
+    parent = mp.parent_process()
+    while True:
+        try:
+            return tasks.get(timeout=PARENT_CHECK_S)
+        except queue.Empty:
+            if parent is not None and not parent.is_alive():
+                return None
+
+
 def _serve(rank, world_size, port, timeout_s, tasks, results):
     """A pool rank: joins the default group once, then runs the tasks it is sent until it gets None."""
     me = _Rank(rank, world_size, port, timeout_s)
-    while (message := tasks.get()) is not None:
+    while (message := _next_task(tasks)) is not None:
         fn, args = pickle.loads(message)
         try:
             out = {"ok": True, "value": fn(rank, world_size, *args)}

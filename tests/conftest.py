@@ -10,12 +10,18 @@ Tests marked ``gpu`` (tests/test_kernels_cuda.py) need compiled kernels on a CUD
 - no CUDA GPU visible (torch.cuda.is_available() is False): skipped, the one skip the kernel tests allow;
 - a GPU visible, and this session compiles (TRITON_INTERPRET=0 in the environment, as tools/gpu_check.sh
   sets): they run here;
-- a GPU visible, and this session interprets (README's ``python -m pytest tests``): the first of them runs all
-  the selected ones in one child pytest with TRITON_INTERPRET=0, and each then passes or fails with the outcome
-  of its own run there (the child's report in the failure), so the CPU tests keep the interpreter and the GPU
-  tests still run compiled under one command.
+- a GPU visible, and this session interprets (README's ``python -m pytest tests``): the first of them in a file
+  runs the file's selected ones in one child pytest with TRITON_INTERPRET=0, and each then passes or fails with
+  the outcome of its own run there (the child's report in the failure), so the CPU tests keep the interpreter
+  and the GPU tests still run compiled under one command. (A child per file, because pytest-xdist gives each
+  file to one worker: a child for the whole selection would run twice when two workers hold gpu tests.)
 With a GPU visible a ``gpu`` test that skips (in this session or the child) fails instead: the compiled path
 must run where it can.
+
+The suite runs on pytest-xdist workers (pytest.ini: ``-n auto --dist loadfile``): many tests leave a core idle
+(a subprocess starting Python and torch, the Triton interpreter on one core), and the other worker fills it.
+Tests marked ``alone`` bound wall-clock times; under xdist they run while no other test runs
+(tests/machine_share.py).
 """
 import json
 import os
@@ -25,11 +31,13 @@ import tempfile
 
 import pytest
 
+import machine_share
+
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPORT_ENV = "MEGAGOPHER_GPU_REPORT"  # set in the child: the file its gpu tests' outcomes are written to
-_child = {}  # the child run's outcomes by node id, and its exit status and output tail
+_child = {"runs": {}}  # the selected gpu tests by file, and each file's child run: outcomes, exit status, output
 
 
 def cuda_visible():
@@ -50,6 +58,28 @@ def gpu_mode():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: compiled Triton kernels on a CUDA GPU (see tests/conftest.py)")
+    config.addinivalue_line("markers", "alone: bounds wall-clock times; under xdist no other test runs meanwhile")
+    machine_share.start(config)
+
+
+def pytest_unconfigure(config):
+    machine_share.finish(config)
+    if "megagopher.worker_pool" in sys.modules:  # an xdist worker ends by os._exit: no exit handler closes them
+        sys.modules["megagopher.worker_pool"].close_all()
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: a worker per core, at most 4, and one per 7 GiB available (two workers, each with its pools
+    of 2, 4 and 8 ranks and its tests' own processes, peaked at 12.5 GiB in use on the 2-core CI machine)."""
+    with open("/proc/meminfo") as f:
+        available_gib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable")) / 2**20
+    return max(1, min(os.cpu_count() or 1, 4, int(available_gib // 7)))
+
+
+@pytest.fixture(autouse=True)
+def _machine_share(request):
+    with machine_share.hold(request.config, alone=request.node.get_closest_marker("alone") is not None):
+        yield
 
 
 @pytest.hookimpl(trylast=True)  # after -k and -m have deselected: the child runs what this session selected
@@ -59,8 +89,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") and mode == "skip":
             item.add_marker(skip)
-    _child["selected"] = [item.nodeid for item in items if item.get_closest_marker("gpu")]
+    _child["selected"] = {}
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            _child["selected"].setdefault(item.nodeid.split("::")[0], []).append(item.nodeid)
     _child["root"] = str(config.rootpath)
+    _child["no_xdist"] = ["-n", "0"] if config.pluginmanager.hasplugin("xdist") else []
 
 
 def run_child(nodeids, root):
@@ -68,28 +102,29 @@ def run_child(nodeids, root):
     with tempfile.TemporaryDirectory() as tmp:
         report = os.path.join(tmp, "report.jsonl")
         env = dict(os.environ, TRITON_INTERPRET="0", **{REPORT_ENV: report})
-        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *nodeids], cwd=root,
-                             env=env, capture_output=True, text=True)
+        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *_child["no_xdist"],
+                              *nodeids], cwd=root, env=env, capture_output=True, text=True)
         outcomes = {}
         if os.path.exists(report):
             for line in open(report):
                 row = json.loads(line)
                 if row["outcome"] != "passed" or row["nodeid"] not in outcomes:  # a failed phase decides
                     outcomes[row["nodeid"]] = (row["outcome"], row["text"])
-    _child.update(returncode=out.returncode, tail=(out.stdout + out.stderr)[-3000:])
-    return outcomes
+    return outcomes, out.returncode, (out.stdout + out.stderr)[-3000:]
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_pyfunc_call(pyfuncitem):
     if not pyfuncitem.get_closest_marker("gpu") or gpu_mode() != "child":
         return None
-    if "outcomes" not in _child:
-        _child["outcomes"] = run_child(_child["selected"], _child["root"])
-    outcome, text = _child["outcomes"].get(pyfuncitem.nodeid, (None, ""))
+    path = pyfuncitem.nodeid.split("::")[0]
+    if path not in _child["runs"]:
+        _child["runs"][path] = run_child(_child["selected"][path], _child["root"])
+    outcomes, returncode, tail = _child["runs"][path]
+    outcome, text = outcomes.get(pyfuncitem.nodeid, (None, ""))
     if outcome is None:
         pytest.fail(f"did not run in the compiled child pytest (TRITON_INTERPRET=0; exit status "
-                    f"{_child['returncode']}):\n{_child['tail']}", pytrace=False)
+                    f"{returncode}):\n{tail}", pytrace=False)
     if outcome != "passed":
         pytest.fail(f"{outcome} in the compiled child pytest (TRITON_INTERPRET=0):\n{text}", pytrace=False)
     return True

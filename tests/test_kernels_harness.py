@@ -67,7 +67,8 @@ sys.modules["torch"] = types.SimpleNamespace(cuda=types.SimpleNamespace(is_avail
 
 
 def _session(tmp_path, fake_gpu=None):
-    shutil.copy(os.path.join(HERE, "conftest.py"), tmp_path / "conftest.py")
+    for helper in ("conftest.py", "machine_share.py"):
+        shutil.copy(os.path.join(HERE, helper), tmp_path / helper)
     (tmp_path / "test_sample.py").write_text(SAMPLE)
     (tmp_path / "fake_torch.py").write_text(FAKE_TORCH)
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MEGAGOPHER_GPU_REPORT", "FAKE_GPU")}

@@ -16,6 +16,9 @@ from megagopher.sandbox import Limits
 HERE = os.path.dirname(os.path.abspath(mtpb.__file__))
 PROBLEMS, REFERENCE = os.path.join(HERE, "mtpb_problems.jsonl"), os.path.join(HERE, "mtpb_reference.jsonl")
 LIMITS = Limits(wall_s=5.0)
+# Each program (a process importing numpy) must finish within 5 s: no other test runs meanwhile
+# (tests/machine_share.py).
+pytestmark = pytest.mark.alone
 
 
 def test_check_equivalence_follows_mtpb():

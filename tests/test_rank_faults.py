@@ -9,6 +9,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import torch.distributed as dist
 
 from megagopher.testing import free_port
@@ -16,6 +17,9 @@ from megagopher.training import watchdog as wd
 from train_utils import ROOT, launcher_children, read_metrics, run_train, running, wait_gone, write_config
 
 TIMEOUT_S = 20  # parallel.timeout_s of the fault runs: the bound "timeout_s + 30 s" stays short
+# Their ranks must meet within TIMEOUT_S and each bound counts seconds: no other test of the suite runs meanwhile
+# (tests/machine_share.py). The load test makes its own load, known and fixed.
+pytestmark = pytest.mark.alone
 
 
 def _burner():

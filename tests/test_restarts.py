@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from megagopher.testing import free_port
 from train_utils import ROOT, TINY, read_metrics, run_train, write_config
 
@@ -15,6 +17,7 @@ SIX_STEPS = TINY.replace("train_iters = 4", "train_iters = 6")
 ARGS = ("--model.dropout=0.1", "--checkpoint.load=auto", "--checkpoint.save_interval=2", "--parallel.timeout_s=30")
 
 
+@pytest.mark.alone  # the restarted rounds must meet within the 30 s timeout: no other test runs meanwhile
 def test_killed_workers_are_restarted_and_the_run_ends_as_an_uninterrupted_one(tmp_path):
     """Two failures, two restarts (the whole budget of --max-restarts=2): rank 1 dies at step 3 of the first
     round (the newest checkpoint is iteration 2), rank 0 at step 5 of the second (iteration 4)."""

@@ -11,6 +11,9 @@ import pytest
 from megagopher import sandbox as sb
 
 FAST = sb.Limits(wall_s=3.0)
+# Programs must start and finish within wall-clock limits of seconds: no other test runs meanwhile
+# (tests/machine_share.py).
+pytestmark = pytest.mark.alone
 
 
 def _session_members(sid):

@@ -1,5 +1,8 @@
 """The worker pool behind megagopher.testing.spawn: ranks are reused, and each task starts as a fresh rank."""
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -7,6 +10,7 @@ import torch.distributed as dist
 
 from megagopher import worker_pool
 from megagopher.testing import spawn
+from train_utils import wait_gone
 
 
 def _leave_state_behind(rank, world_size):
@@ -93,3 +97,24 @@ def test_a_pooled_training_run_equals_a_torchrun_launch(tmp_path):
            for how in ("pool", "process")}
     assert bad["pool"].returncode == bad["process"].returncode == 1  # torchrun's status when a rank fails
     assert "parallel.tp" in bad["pool"].stderr and "parallel.tp" in bad["process"].stderr
+
+
+ORPHANING = """
+import os, sys
+from megagopher import worker_pool
+from megagopher.testing import spawn
+assert spawn(max, 2) == [2, 2]  # max(rank, world_size): a module-level function the ranks can import
+print(*(p.pid for p in worker_pool._POOLS[2]._procs), flush=True)
+os._exit(0)  # no exit handlers, as a pytest-xdist worker ends: nothing stops the pool
+"""
+
+
+def test_ranks_end_when_their_parent_ends_without_cleanup(tmp_path):
+    # Output to a file: the ranks inherit it, and a pipe would stay open while any of them runs.
+    with open(tmp_path / "out", "w") as f:
+        code = subprocess.run([sys.executable, "-c", ORPHANING], stdout=f, stderr=subprocess.STDOUT, timeout=120)
+    out = (tmp_path / "out").read_text()
+    assert code.returncode == 0, out[-3000:]
+    pids = [int(p) for p in re.findall(r"^(\d+) (\d+)$", out, re.M)[-1]]
+    assert len(pids) == 2
+    wait_gone(pids, 10 * worker_pool.PARENT_CHECK_S)

@@ -33,7 +33,7 @@ step() {  # step NAME SECONDS CMD...: run CMD with a limit, keep its log and exi
     tail -3 "$WORK/$name.log" >&2
 }
 
-step tests 190 "$PY" -m pytest -q -p no:cacheprovider --durations=5 tests/test_kernels_cuda.py
+step tests 190 "$PY" -m pytest -q -n 0 -p no:cacheprovider --durations=5 tests/test_kernels_cuda.py
 step bench 170 "$PY" tools/bench_kernels.py --budget 145 --json "$WORK/bench.json"
 # 30 steps of 16 sequences of 2048 tokens on synthetic data, nothing saved; MFU from the later steps.
 step train 90 "$PY" -m megagopher.train --config examples/configs/gopher_417m.toml \

@@ -98,7 +98,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def run_child(nodeids, root):
-    """Run ``nodeids`` in a child pytest compiling its kernels; returns {node id: (outcome, report text)}."""
+    """Runs ``nodeids`` in a child pytest compiling its kernels; returns ({node id: (outcome, report text)},
+    the exit status, the output's tail)."""
     with tempfile.TemporaryDirectory() as tmp:
         report = os.path.join(tmp, "report.jsonl")
         env = dict(os.environ, TRITON_INTERPRET="0", **{REPORT_ENV: report})

@@ -64,8 +64,6 @@ def pytest_configure(config):
 
 def pytest_unconfigure(config):
     machine_share.finish(config)
-    if "megagopher.worker_pool" in sys.modules:  # an xdist worker ends by os._exit: no exit handler closes them
-        sys.modules["megagopher.worker_pool"].close_all()
 
 
 def pytest_xdist_auto_num_workers(config):

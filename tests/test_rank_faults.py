@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from megagopher.testing import free_port
 from megagopher.training import watchdog as wd
-from train_utils import ROOT, launcher_children, read_metrics, run_train, running, wait_gone, write_config
+from train_utils import ROOT, launcher_children, read_metrics, run_train, wait_gone, write_config
 
 TIMEOUT_S = 20  # parallel.timeout_s of the fault runs: the bound "timeout_s + 30 s" stays short
 # Their ranks must meet within TIMEOUT_S and each bound counts seconds: no other test of the suite runs meanwhile
@@ -222,9 +222,7 @@ def test_process_identity_and_error_kinds():
         assert wd.process_gone(f"{namespace} {child.pid} {int(started) + 1}")  # its pid, now another process
         assert not wd.process_gone(f"another-machine {child.pid} {started}")  # this machine cannot tell
         child.kill()
-        deadline = time.monotonic() + 5
-        while running(child.pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_gone([child.pid], 5)
         assert wd.process_gone(theirs)  # a zombie, not reaped yet, has ended
     finally:
         child.kill()

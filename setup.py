@@ -26,10 +26,20 @@ setup(
         "safetensors>=0.4",  # checkpoint shards and the Hugging Face export
         "tensorboard",
         "triton>=3.0; platform_system == 'Linux'",
+        # the tokenizer kinds a model ships (megagopher/data/tokenizer.py) and Parquet/Arrow input
+        "tokenizers>=0.20",
+        "sentencepiece>=0.2",
+        "tiktoken>=0.7",
+        "pyarrow>=15",
     ],
     extras_require={
-        # test-only peers: transformers checks our HF export; megatron-core (installed with --no-deps by
-        # .ci/run) reads our indexed datasets. pytest-xdist runs the suite's files on every core (pytest.ini).
-        "test": ["pytest", "pytest-xdist>=3.6", "hypothesis", "transformers"],
+        "wandb": ["wandb>=0.17"],             # run.wandb_project
+        "datasets": ["datasets>=2.16"],       # writing save_to_disk corpora (reading needs only pyarrow)
+        "eval": ["lm-eval>=0.4.5"],           # python -m megagopher.lm_eval
+        # test-only peers: transformers checks our HF import/export and tokenizers; megatron-core (installed
+        # with --no-deps by examples/setup_env.sh) reads our indexed datasets. pytest-xdist runs the suite's files
+        # on every core (pytest.ini). The optional extras are tested too, so the test extra holds them all.
+        "test": ["pytest", "pytest-xdist>=3.6", "hypothesis", "transformers", "wandb>=0.17", "datasets>=2.16",
+                 "lm-eval>=0.4.5"],
     },
 )

@@ -10,5 +10,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PIP=".venv/bin/python -m pip -q --disable-pip-version-check"
 .venv/bin/python -c "import torch" 2>/dev/null || $PIP install "torch==2.13.0"
-.venv/bin/python -c "import megagopher, pytest, xdist, transformers" 2>/dev/null || $PIP install -e ".[test]"
+.venv/bin/python -c "import megagopher, pytest, xdist, transformers, tokenizers, sentencepiece, tiktoken, pyarrow, datasets, wandb, lm_eval" 2>/dev/null || $PIP install -e ".[test]"
 .venv/bin/python -c "import megatron.core" 2>/dev/null || $PIP install --no-deps megatron-core

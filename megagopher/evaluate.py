@@ -6,7 +6,7 @@ MTPB-style multi-turn program synthesis and held-out loss.
     python -m megagopher.evaluate --task squad  --data F.jsonl (--checkpoint DIR | --predictions P.json)
     python -m megagopher.evaluate --task mtpb  [--data F.jsonl] (--checkpoint DIR | --samples S.jsonl) [--output R.json]
     python -m megagopher.evaluate --task loss   --data F.jsonl --checkpoint DIR
-    (every task: [--limit N] [--metrics RUN_DIR/metrics.jsonl] [--show N])
+    (every task: [--limit N] [--batch-size B] [--metrics RUN_DIR/metrics.jsonl] [--show N])
 
 math: final-answer accuracy (GSM8K-style), split by the rows' ``steps`` when they have it.
 choice: accuracy and per-byte accuracy of the most likely choice (OpenBookQA/ARC-style).
@@ -14,7 +14,10 @@ squad: exact match and F1 in percent, SQuAD v1.1's normalisation, the best gold 
 mtpb: pass rate of the programs written turn by turn, each run in megagopher.sandbox (default data: the
 problem set shipped in megagopher/evaluation/mtpb_problems.jsonl).
 loss: mean per-token NLL of each document after the end-of-document id, token-weighted, and perplexity.
-The formats, prompts and rules: megagopher/evaluation/<task>.py and docs/evaluation.md.
+The formats, prompts and rules: megagopher/evaluation/<task>.py and docs/evaluation.md. The model runs
+--batch-size prompts (or scored sequences) a forward (megagopher.generate.generate_batch / score_batch;
+--batch-size 1 runs them one at a time, with the same answers), and prints a progress line (done/total,
+rate, ETA) on stderr every few seconds.
 
 With --metrics, one line {"event": "eval", "task", <the task's numbers>, "iteration", ...} is appended to
 that metrics.jsonl (docs/ARCHITECTURE.md 4.3). Under torchrun with --tp N every rank computes and rank 0
@@ -61,6 +64,8 @@ def build_parser():
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples (problems) only")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="math, squad: longest generation (default 128); mtpb: caps each turn's max_gen_length")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="prompts (sequences) a forward; memory grows with it (default 32; 1: one at a time)")
     p.add_argument("--metrics", default=None, help="append the result to this metrics.jsonl")
     p.add_argument("--show", type=int, default=0, help="print the first N examples")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: the number of processes)")
@@ -76,6 +81,8 @@ def _check_args(args):
         raise ValueError(f"--limit {args.limit} must be >= 1")
     if args.jobs < 1:
         raise ValueError(f"--jobs {args.jobs} must be >= 1")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
     _sandbox_limits(args)  # --timeout and --memory-mb in range
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
@@ -106,16 +113,16 @@ _ROW_CHECKS = {"math": math_prompt, "choice": parse_choice_row, "squad": check_s
 def _run_task(args, rows, lm, show):
     """The task's result dict (the model, when one is loaded, is ``lm``)."""
     if args.task == "math":
-        return math_accuracy(rows, math_completer(lm, args.max_new_tokens or 128), show)
+        return math_accuracy(rows, math_completer(lm, args.max_new_tokens or 128, args.batch_size), show)
     if args.task == "choice":
-        return choice_accuracy(rows, model_loglik(lm), show)
+        return choice_accuracy(rows, model_loglik(lm, args.batch_size), show)
     if args.task == "squad":
-        predict = model_predictor(lm, args.max_new_tokens or 128) if lm is not None else \
+        predict = model_predictor(lm, args.max_new_tokens or 128, args.batch_size) if lm is not None else \
             predictions_lookup(read_json(args.predictions), args.predictions)
         return squad_scores(rows, predict, show)
     if args.task == "loss":
-        return model_loss(lm, rows, show)
-    turns_for = mtpb.model_turns(lm, args.max_new_tokens) if lm is not None else \
+        return model_loss(lm, rows, show, args.batch_size)
+    turns_for = mtpb.model_turns(lm, args.max_new_tokens, args.batch_size) if lm is not None else \
         mtpb.samples_lookup(read_jsonl(args.samples), rows, args.samples)
     index = itertools.count()
     return mtpb.score_programs(rows, turns_for, _sandbox_limits(args),

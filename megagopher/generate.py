@@ -1,14 +1,18 @@
 """Text generation from a checkpoint, alone or tensor-parallel under torchrun (docs/ARCHITECTURE.md 4.6).
 
-    python -m megagopher.generate --checkpoint DIR (--prompt TEXT | --prompt-ids 5,17,42) \\
-           [--max-new-tokens N] [--greedy | --temperature T --top-p P [--top-k K]] [--seed S]
+    python -m megagopher.generate --checkpoint DIR (--prompt TEXT | --prompt-ids 5,17,42 | --prompts-file F.jsonl) \\
+           [--max-new-tokens N] [--greedy | --temperature T --top-p P [--top-k K]] [--seed S] [--batch-size B]
     torchrun --nproc-per-node 2 -m megagopher.generate --checkpoint DIR --prompt-ids 5,17,42 --tp 2
     torchrun --nproc-per-node 4 -m megagopher.generate --checkpoint MOE_DIR --prompt-ids 5,17 --tp 2 --ep 2
 
 DIR is a checkpoint root (``latest`` names the newest) or one ``iter_NNNNNNN`` directory. The weights load
 into a GPTModel at the requested TP size (pp = 1) from any saved layout. With ``--prompt-ids`` the last
 line printed is the new token ids separated by spaces; with ``--prompt`` the run's tokenizer
-(data.tokenizer_dir) encodes the prompt and the new text is printed. Decoding is greedy unless
+(data.tokenizer_dir) encodes the prompt (after BOS when the tokenizer adds one, as transformers'
+AutoTokenizer does; GPT-2 BPE adds nothing) and the new text alone is printed. ``--prompts-file`` (JSONL, a
+line {"prompt": TEXT} or {"prompt_ids": [ids]}) generates every prompt, ``--batch-size`` a forward
+(generation/batch.py), with a progress line on stderr, and prints one line {"index", "new_ids", "text"} per
+prompt, in order. Decoding is greedy unless
 ``--temperature``/``--top-p``/``--top-k`` ask for sampling. Generation stops at the end-of-document id
 (which is not part of the output), after ``--max-new-tokens``, or when the context reaches the model's
 trained length (max_position_embeddings).
@@ -22,9 +26,15 @@ head on the last position alone). The prompt is one causal pass that fills the c
 against every cached key (no mask needed). ``use_cache=False`` runs the same forward on the full sequence
 each step; the tests check both against GPTModel.forward without a cache.
 
+Batches (megagopher.generation.batch; evaluation and --prompts-file). Many prompts share one forward per
+step: sorted by length and cut into groups of ``batch_size``, right-aligned in a padded KVCache whose rows
+carry their own positions and mask their padding, each row stopping on its own; finished rows leave the
+batch. Greedy output equals ``generate`` row by row; ``batch_size`` 1 is ``generate`` itself.
+
 Tensor parallelism. Every rank runs the model on its shards; the vocab-parallel logits are gathered, so all
 ranks hold the same full logits. The token is chosen on TP rank 0 (its generator seeded with ``--seed``)
-and broadcast, so every rank extends the same sequence whatever the floating-point ties. Logits past the
+and broadcast, so every rank extends the same sequence whatever the floating-point ties (in a batch, one
+broadcast carries every live row's token). Logits past the
 real vocabulary (TP padding) are dropped before choosing and can never be sampled.
 
 Expert parallelism (a MoE checkpoint, ``--ep``): the world is tp x ep processes, every one running the same
@@ -32,13 +42,25 @@ sequence; each expert-parallel rank holds 1/ep of every MoE layer's experts and 
 all-to-all (model/moe_dispatch.py), so a model too large for one device's experts still generates. The
 token is then chosen on global rank 0 and broadcast to every rank.
 
-Python API (used by megagopher.evaluate): ``load_model(checkpoint, tp, ep=1)``, ``generate(model, ids, ...)``
--> new ids, ``score(model, context_ids, continuation_ids)`` -> log-likelihood of the continuation.
+Python API (used by megagopher.evaluate and the lm-evaluation-harness adapter):
+``load_model(checkpoint, tp, ep=1)``; ``generate(model, ids, ...)`` -> new ids;
+``score(model, context_ids, continuation_ids)`` -> log-likelihood of the continuation;
+``generate_batch(model, prompts, max_new_tokens=64, eod=None, stop=None, greedy=True, temperature=1.0,
+top_p=1.0, top_k=0, seed=0, batch_size=32, progress=None)`` -> [new ids of each prompt] (``max_new_tokens``:
+one int, or a list with one per prompt; ``stop``: None,
+one callable ``stop(new_ids) -> bool`` for every row, or a list of one callable or None per row; greedy
+equals ``generate`` row by row, token for token);
+``score_batch(model, pairs, batch_size=32, progress=None)`` -> [log-likelihood of each (context_ids,
+continuation_ids)], each equal to ``score``; ``score_tokens_batch(model, pairs, batch_size=32,
+progress=None)`` -> [(summed log-likelihood,
+is_greedy)] where is_greedy is true when every continuation token is the argmax of its position's logits
+(lm-evaluation-harness's loglikelihood pair). ``progress``: None, or a callable ``progress(done)`` called as
+rows finish.
 """
 import argparse
+import json
 import os
 import sys
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -46,24 +68,9 @@ import torch.distributed as dist
 from megagopher import parallel_state as ps
 from megagopher.common import DEVICES, PRECISION_DTYPES, PRECISIONS, pick_device
 from megagopher.errors import EXIT_INPUT_ERROR
-from megagopher.model.attention import KVCache
-
-
-@dataclass
-class LoadedModel:
-    """A GPTModel in eval mode with what a caller needs around it."""
-    model: torch.nn.Module
-    config: object            # GPTConfig
-    tokenizer: object         # megagopher.data.tokenizer.Tokenizer, or None when the run had none
-    eod: object               # the end-of-document id generation stops at, or None
-    iteration: int
-    path: str                 # the iter_NNNNNNN directory
-    device: torch.device
-
-
-def _unwrap(model):
-    """The GPTModel of a LoadedModel, or the model itself."""
-    return model.model if isinstance(model, LoadedModel) else model
+from megagopher.generation.batch import generate_batch, score_batch, score_tokens_batch  # noqa: F401 (API)
+from megagopher.generation.core import (LoadedModel, Sampler, _unwrap, context_limit, full_logits,  # noqa: F401
+                                        generate, score)
 
 
 # -- loading --------------------------------------------------------------------------------------------
@@ -122,136 +129,6 @@ def load_model(checkpoint, tp=None, device="auto", dtype="fp32", tokenizer_dir=N
                        int(reader.meta["iteration"]), reader.path, device)
 
 
-# -- the forward passes generation uses -------------------------------------------------------------------
-def _next_logits(model, ids, cache=None, offset=0):
-    """fp32 logits (real vocabulary) for the token after ``ids``, which sit at positions offset, offset+1...:
-    GPTModel.forward with the head on the last position only, extending ``cache`` (a KVCache) when given."""
-    input_ids = torch.tensor([ids], dtype=torch.long, device=model.embedding.word.weight.device)
-    logits = model(input_ids, kv_cache=cache, position_offset=offset, last_only=True)  # [1, 1, vocab / tp]
-    return model.gather_logits(logits)[0, -1].float()
-
-
-def full_logits(model, ids):
-    """fp32 logits [len(ids), vocab] of GPTModel.forward on one sequence (padding dropped)."""
-    model = _unwrap(model)
-    device = model.embedding.word.weight.device
-    with torch.no_grad():
-        out = model(torch.tensor([list(ids)], dtype=torch.long, device=device))
-    return model.gather_logits(out)[0].float()
-
-
-# -- choosing tokens ----------------------------------------------------------------------------------------
-class Sampler:
-    """Greedy, or sampling with temperature, top-k and nucleus (top-p, Holtzman et al. 2020) filtering."""
-
-    def __init__(self, greedy=True, temperature=1.0, top_p=1.0, top_k=0, seed=0):
-        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-            raise ValueError(f"temperature = {temperature} must be >= 0, top_p = {top_p} in (0, 1], "
-                             f"top_k = {top_k} >= 0")
-        self.greedy = greedy or temperature == 0
-        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __call__(self, logits):
-        logits = logits.detach().double().cpu()
-        if self.greedy:
-            return int(torch.argmax(logits))
-        logits = logits / self.temperature
-        if self.top_k:
-            kth = torch.topk(logits, min(self.top_k, logits.numel())).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        if self.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            # Keep the smallest prefix whose mass reaches top_p (the most likely token always stays).
-            drop = torch.cumsum(sorted_probs, 0) - sorted_probs >= self.top_p
-            probs = probs.scatter(0, order[drop], 0.0)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
-
-
-def _agree(token, device):
-    """Every TP rank continues with TP rank 0's token; under expert parallelism every rank with global
-    rank 0's (the ranks of an expert-parallel group must run the same steps, all-to-all for all-to-all)."""
-    if ps.get_tp_size() == 1 and ps.get_ep_size() == 1:
-        return token
-    t = torch.tensor([token], dtype=torch.long, device=device)
-    if ps.get_ep_size() > 1:
-        dist.broadcast(t, src=0)
-    else:
-        dist.broadcast(t, src=ps.get_tp_ranks()[0], group=ps.get_tp_group())
-    return int(t.item())
-
-
-def context_limit(model):
-    """The longest sequence the model was trained for (its position table for learned positions)."""
-    return _unwrap(model).cfg.max_position_embeddings
-
-
-def _check_ids(model, ids, what):
-    vocab = model.cfg.vocab_size
-    bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < vocab]
-    if bad:
-        raise ValueError(f"{what} has token ids outside [0, {vocab}): {bad[:5]}")
-
-
-@torch.no_grad()
-def generate(model, prompt_ids, max_new_tokens=64, greedy=True, temperature=1.0, top_p=1.0, top_k=0, seed=0,
-             eod=None, stop=None, use_cache=True):
-    """The new token ids after ``prompt_ids`` (collective under TP: every rank calls it with the same
-    arguments and gets the same ids). Stops at ``eod`` (not included), after ``max_new_tokens``, when the
-    context is full, or when ``stop(new_ids)`` is true. ``model``: a LoadedModel (``eod`` defaults to its
-    tokenizer's) or a GPTModel."""
-    if isinstance(model, LoadedModel) and eod is None:
-        eod = model.eod
-    model = _unwrap(model)
-    ids = [int(i) for i in prompt_ids]
-    if not ids:
-        raise ValueError("the prompt is empty: give at least one token")
-    _check_ids(model, ids, "the prompt")
-    limit = context_limit(model)
-    if len(ids) >= limit:
-        raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {limit}, leaving no room "
-                         "for a new token")
-    budget = min(max_new_tokens, limit - len(ids))
-    sampler = Sampler(greedy, temperature, top_p, top_k, seed)
-    device = model.embedding.word.weight.device
-    new = []
-    cache = KVCache() if use_cache else None
-    logits = _next_logits(model, ids, cache)
-    while len(new) < budget:
-        token = _agree(sampler(logits), device)
-        if token == eod:
-            break
-        new.append(token)
-        if len(new) == budget or (stop is not None and stop(new)):
-            break
-        # With the cache only the new token runs, at its position; without, the whole sequence again.
-        logits = _next_logits(model, [token], cache, len(ids) + len(new) - 1) if use_cache \
-            else _next_logits(model, ids + new)
-    return new
-
-
-@torch.no_grad()
-def score(model, context_ids, continuation_ids):
-    """log P(continuation | context), summed over the continuation's tokens (fp32 log-softmax over the real
-    vocabulary). A context too long for the model loses its oldest tokens."""
-    model = _unwrap(model)
-    context, continuation = [int(i) for i in context_ids], [int(i) for i in continuation_ids]
-    if not context or not continuation:
-        raise ValueError("score needs at least one context token (e.g. the end-of-document id) and one "
-                         "continuation token")
-    _check_ids(model, context + continuation, "the input")
-    limit = context_limit(model)
-    if len(continuation) >= limit:
-        raise ValueError(f"a continuation of {len(continuation)} tokens does not fit the model's context {limit}")
-    context = context[-(limit - len(continuation)):] if len(context) + len(continuation) > limit else context
-    seq = context + continuation
-    logprobs = torch.log_softmax(full_logits(model, seq[:-1]), dim=-1)
-    targets = torch.tensor(continuation, device=logprobs.device)
-    rows = torch.arange(len(context) - 1, len(seq) - 1, device=logprobs.device)
-    return float(logprobs[rows, targets].double().sum())
-
-
 # -- command line ---------------------------------------------------------------------------------------------
 def parse_ids(text):
     try:
@@ -267,6 +144,8 @@ def build_parser():
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (needs the run's tokenizer)")
     prompt.add_argument("--prompt-ids", help="prompt token ids, e.g. 5,17,42")
+    prompt.add_argument("--prompts-file", help="JSONL of {\"prompt\": TEXT} or {\"prompt_ids\": [ids]}, one a line: "
+                                               "generated in batches, one JSON line printed each")
     p.add_argument("--max-new-tokens", type=int, default=64)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
@@ -283,36 +162,89 @@ def build_parser():
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--dtype", default="fp32", choices=PRECISIONS)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
+    p.add_argument("--batch-size", type=int, default=32, help="--prompts-file: prompts a forward (default 32)")
     return p
+
+
+def text_prompt_ids(tok, text):
+    """A text prompt's ids: BOS first when the tokenizer adds one (as transformers' AutoTokenizer does for a
+    Llama), else the text's tokens alone (GPT-2 BPE: a prompt continues whatever came before it)."""
+    return ([tok.bos] if tok.add_bos and tok.bos is not None else []) + tok.encode(text)
+
+
+def read_prompts(path):
+    """[(text or None, ids or None)] of a JSONL file, one {"prompt": TEXT} or {"prompt_ids": [ids]} a line."""
+    from megagopher.evaluation.common import read_jsonl
+    rows = []
+    for i, row in enumerate(read_jsonl(path)):
+        text, ids = row.get("prompt"), row.get("prompt_ids")
+        if (text is None) == (ids is None) or (text is not None and not isinstance(text, str)) or \
+                (ids is not None and not (isinstance(ids, list) and all(isinstance(t, int) for t in ids))):
+            raise ValueError(f"{path} prompt {i + 1}: expected {{\"prompt\": TEXT}} or {{\"prompt_ids\": [ids]}}, "
+                             f"got keys {sorted(row)}")
+        rows.append((text, ids))
+    return rows
+
+
+def _generate_args(args):
+    """The sampling keyword arguments of generate / generate_batch from the command line."""
+    sampling = args.temperature is not None or args.top_p is not None or args.top_k > 0
+    return dict(greedy=not sampling, temperature=1.0 if args.temperature is None else args.temperature,
+                top_p=1.0 if args.top_p is None else args.top_p, top_k=args.top_k, seed=args.seed)
+
+
+def _check_cli(args):
+    if args.greedy and args.top_p is not None:
+        raise ValueError("--greedy and --top-p exclude each other")
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be >= 0")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
+    if args.no_cache and args.prompts_file is not None:
+        raise ValueError("--no-cache is for one prompt (--prompt or --prompt-ids), not --prompts-file")
+
+
+def _run_prompts_file(args, lm, rows, eod):
+    """Generates every prompt of --prompts-file in batches; rank 0 prints one JSON line each, in order."""
+    from megagopher.generation.progress import Progress
+    prompts = [text_prompt_ids(lm.tokenizer, text) if text is not None else ids for text, ids in rows]
+    progress = Progress(len(prompts), "megagopher.generate", "prompts")
+    new = generate_batch(lm, prompts, args.max_new_tokens, eod=eod, batch_size=args.batch_size,
+                         progress=progress, **_generate_args(args))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        for i, ids in enumerate(new):
+            line = {"index": i, "new_ids": ids}
+            if lm.tokenizer is not None:
+                line["text"] = lm.tokenizer.decode(ids)
+            print(json.dumps(line), flush=True)
+    return sum(len(p) for p in prompts), sum(len(ids) for ids in new)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        if args.greedy and args.top_p is not None:
-            raise ValueError("--greedy and --top-p exclude each other")
-        if args.max_new_tokens < 0:
-            raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be >= 0")
-        sampling = args.temperature is not None or args.top_p is not None or args.top_k > 0
+        _check_cli(args)
+        rows = read_prompts(args.prompts_file) if args.prompts_file is not None else None
+        text = args.prompt is not None or (rows is not None and any(t is not None for t, _ in rows))
         lm = load_model(args.checkpoint, tp=args.tp, device=args.device, dtype=args.dtype,
-                        tokenizer_dir=args.tokenizer_dir, need_tokenizer=args.prompt is not None, ep=args.ep)
-        ids = lm.tokenizer.encode(args.prompt) if args.prompt is not None else parse_ids(args.prompt_ids)
+                        tokenizer_dir=args.tokenizer_dir, need_tokenizer=text, ep=args.ep)
         eod = lm.eod if args.eod is None else (None if args.eod < 0 else args.eod)
-        new = generate(lm.model, ids, args.max_new_tokens, greedy=not sampling,
-                       temperature=1.0 if args.temperature is None else args.temperature,
-                       top_p=1.0 if args.top_p is None else args.top_p, top_k=args.top_k, seed=args.seed,
-                       eod=eod, use_cache=not args.no_cache)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+        if rows is not None:
+            n_prompt, n_new = _run_prompts_file(args, lm, rows, eod)
+        else:
+            ids = text_prompt_ids(lm.tokenizer, args.prompt) if args.prompt is not None else \
+                parse_ids(args.prompt_ids)
+            new = generate(lm.model, ids, args.max_new_tokens, eod=eod, use_cache=not args.no_cache,
+                           **_generate_args(args))
+            n_prompt, n_new = len(ids), len(new)
+    except (ValueError, FileNotFoundError, KeyError, IsADirectoryError) as e:
         print(f"megagopher.generate: error: {e}", file=sys.stderr, flush=True)
         return EXIT_INPUT_ERROR
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"megagopher.generate: {lm.path} (iteration {lm.iteration}), tp {ps.get_tp_size()}, "
-              f"ep {ps.get_ep_size()}, "
-              f"{len(ids)} prompt tokens, {len(new)} new", file=sys.stderr, flush=True)
-        if args.prompt is not None:
-            print(lm.tokenizer.decode(new), flush=True)
-        else:
-            print(" ".join(map(str, new)), flush=True)
+              f"ep {ps.get_ep_size()}, {n_prompt} prompt tokens, {n_new} new", file=sys.stderr, flush=True)
+        if rows is None:
+            print(lm.tokenizer.decode(new) if args.prompt is not None else " ".join(map(str, new)), flush=True)
     ps.shutdown()
     return 0
 

@@ -128,14 +128,14 @@ def test_preprocess_strict_and_interrupted_runs_leave_final_names_alone(tmp_path
     src = tmp_path / "docs.jsonl"
     write_docs(src, DOCS, {100: "not json at all"})
     r = run_tool("--input", str(src), "--tokenizer-dir", tok_dir, "--output-prefix", str(tmp_path / "s"), "--strict")
-    assert r.returncode == 1 and f"{src}:100: malformed line" in r.stderr and "--strict" in r.stderr
+    assert r.returncode == 2 and f"{src}:100: malformed line" in r.stderr and "--strict" in r.stderr
     assert os.listdir(tmp_path) == ["docs.jsonl"]                          # nothing final, no temporaries
     # An existing dataset survives a run that dies half way (here: after 99 documents were written).
     write_docs(tmp_path / "good.jsonl", DOCS[:10])
     preprocess(str(tmp_path / "good.jsonl"), tok_dir, str(tmp_path / "s"), log_interval=0)
     before = open(tmp_path / "s_text_document.bin", "rb").read()
     with pytest.raises(ValueError, match=":100: malformed line"):
-        preprocess(str(src), tok_dir, str(tmp_path / "s"), workers=2, strict=True, batch_lines=7, log_interval=0)
+        preprocess(str(src), tok_dir, str(tmp_path / "s"), workers=2, strict=True, batch_docs=7, log_interval=0)
     assert open(tmp_path / "s_text_document.bin", "rb").read() == before
     assert sorted(os.listdir(tmp_path)) == ["docs.jsonl", "good.jsonl", "s_text_document.bin", "s_text_document.idx"]
 

@@ -1,7 +1,8 @@
 """megagopher.evaluate: final-answer accuracy on math word problems from known generations (split by
 difficulty), the multiple-choice scorer's row formats and its choice of the most likely answer (raw and
 per byte), the loss task's windows, and end-to-end runs on a tiny trained checkpoint (math, choice,
-squad, mtpb, loss) that append their "eval" line to the run's metrics.jsonl."""
+squad, mtpb, loss) that append their "eval" line to the run's metrics.jsonl; every task batched
+(--batch-size) against one at a time; the progress line; megagopher.generate --prompts-file."""
 import json
 import math
 import os
@@ -206,6 +207,8 @@ def test_cli_errors(run, tmp_path, capsys):
     assert "row 0: 'choices' must hold at least two texts" in capsys.readouterr().err
     assert ev.main(["--checkpoint", run["ckpt"], "--task", "math", "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
+    assert ev.main(["--checkpoint", run["ckpt"], "--task", "math", "--data", run["math"], "--batch-size", "0"]) == 2
+    assert "--batch-size 0 must be >= 1" in capsys.readouterr().err
 
 
 def test_generate_text_prompt_uses_the_run_tokenizer(run, capsys):
@@ -280,3 +283,80 @@ def test_loss_end_to_end_against_manual_log_likelihoods(run, tmp_path, capsys):
     assert short["perplexity"] == pytest.approx(math.exp(total / tokens), rel=1e-3)
     long_tokens = len(tok.encode(docs[2]))
     assert long_tokens > 3 * 128 and everything["tokens"] == tokens + long_tokens  # windows: each token once
+
+
+def test_every_task_gives_the_same_result_batched_as_one_at_a_time(run):
+    """Each task's model callable at --batch-size 1 (generate / score one at a time) and batched, on rows of
+    different lengths: the same generations, programs and picks; the same scores to fp32 rounding."""
+    from megagopher.evaluation import choice, loss, math_task, squad
+    from megagopher.evaluation.common import call_batch
+    from megagopher.generate import load_model
+    lm = load_model(run["ckpt"])
+    math_rows = read_jsonl(run["math"]) + [{"question": r["question"][:40], "answer": "1"} for r in run["rows"]]
+    heldout = read_jsonl(run["heldout"])
+    problems = read_jsonl(ev.DEFAULT_MTPB, 2)
+    cases = [(p, k, mtpb.filled_prompts(p, k)) for p in problems for k in range(len(p["inputs"]))]
+    results = {}
+    for batch_size in (1, 4):
+        seen = {"math": [], "choice": [], "squad": [], "loss": []}
+        results[batch_size] = {
+            "math": ev.math_accuracy(math_rows, math_task.math_completer(lm, 24, batch_size), seen["math"].append),
+            "choice": ev.choice_accuracy(run["choice_rows"], choice.model_loglik(lm, batch_size),
+                                         seen["choice"].append),
+            "squad": squad.squad_scores(run["squad_rows"], squad.model_predictor(lm, 12, batch_size),
+                                        seen["squad"].append),
+            "loss": loss.model_loss(lm, heldout, seen["loss"].append, batch_size),
+            "mtpb": call_batch(mtpb.model_turns(lm, 10, batch_size), cases), "seen": seen}
+    one, batched = results[1], results[4]
+    assert len({len(r["generated"]) for r in one["seen"]["math"]}) > 1  # rows stop at different steps
+    for task in ("math", "squad", "mtpb"):
+        assert batched[task] == one[task], task
+    assert batched["seen"]["math"] == one["seen"]["math"] and batched["seen"]["squad"] == one["seen"]["squad"]
+    assert batched["choice"] == one["choice"]
+    for a, b in zip(batched["seen"]["choice"], one["seen"]["choice"]):
+        assert a["scores"] == pytest.approx(b["scores"], abs=1e-4) and a["predicted"] == b["predicted"]
+    assert batched["loss"]["tokens"] == one["loss"]["tokens"]
+    assert batched["loss"]["loss"] == pytest.approx(one["loss"]["loss"], rel=1e-5)
+    assert any(turn.strip() for turns in one["mtpb"] for turn in turns)  # the model wrote code
+
+
+def test_progress_line_and_prompt_prefix(capsys):
+    import io
+    from megagopher.generate import text_prompt_ids
+    from megagopher.generation.progress import Progress
+    stream = io.StringIO()
+    progress = Progress(4, "megagopher.evaluate: math", every=0.0, stream=stream, enabled=True)
+    progress(1)
+    progress.advance(3)
+    first, last = stream.getvalue().splitlines()
+    assert first.startswith("megagopher.evaluate: math: 1/4 examples (25%), ") and "examples/s, ETA 0:00:0" in first
+    assert last.startswith("megagopher.evaluate: math: 4/4 examples (100%), ") and "done in 0:00:0" in last
+    quiet = io.StringIO()
+    Progress(2, "x", every=60.0, stream=quiet, enabled=True)(2)
+    assert quiet.getvalue() == ""  # a short run prints nothing
+
+    class Tok:
+        bos, add_bos = 1, True
+
+        def encode(self, text):
+            return [ord(c) for c in text]
+    assert text_prompt_ids(Tok(), "ab") == [1, 97, 98]  # BOS first, as AutoTokenizer adds it
+    Tok.add_bos = False
+    assert text_prompt_ids(Tok(), "ab") == [97, 98]  # GPT-2 BPE: the text alone
+
+
+def test_generate_prompts_file(run, tmp_path, capsys):
+    from megagopher import generate as gen
+    lm = gen.load_model(run["ckpt"])
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "Ava buys 3 pens"}\n{"prompt_ids": [5, 17, 42]}\n{"prompt": "The machine"}\n')
+    assert gen.main(["--checkpoint", run["ckpt"], "--prompts-file", str(path), "--max-new-tokens", "5",
+                     "--batch-size", "2"]) == 0
+    lines = [json.loads(s) for s in capsys.readouterr().out.splitlines()]
+    expected = [gen.generate(lm, ids, 5) for ids in (lm.tokenizer.encode("Ava buys 3 pens"), [5, 17, 42],
+                                                      lm.tokenizer.encode("The machine"))]
+    assert [line["index"] for line in lines] == [0, 1, 2] and [line["new_ids"] for line in lines] == expected
+    assert [line["text"] for line in lines] == [lm.tokenizer.decode(ids) for ids in expected]
+    path.write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    assert gen.main(["--checkpoint", run["ckpt"], "--prompts-file", str(path)]) == 2
+    assert "prompts.jsonl prompt 2: expected" in capsys.readouterr().err

@@ -14,7 +14,7 @@ LAYERS = {  # module prefix: layer, from the bottom
     "megagopher.pipeline_parallel": 4, "megagopher.distributed": 4, "megagopher.optimizer": 4,
     "megagopher.memory": 5, "megagopher.training": 5,
     "megagopher.train": 6, "megagopher.generate": 6, "megagopher.evaluate": 6, "megagopher.export": 6,
-    "megagopher.evaluation": 6, "megagopher.sandbox": 6,
+    "megagopher.evaluation": 6, "megagopher.sandbox": 6, "megagopher.generation": 6, "megagopher.lm_eval": 6,
     "tools": 6,
 }
 

@@ -4,9 +4,14 @@
     python tools/export_hf.py --checkpoint DIR --output OUT [--format llama|gpt_neox|gpt2|codegen] [--dtype fp32|bf16|fp16]
 
 DIR is a checkpoint root (``latest`` names the newest) or an iter_NNNNNNN directory, saved under any
-layout. OUT receives config.json, model.safetensors and, when the run had a tokenizer, vocab.json,
-merges.txt, tokenizer_config.json and special_tokens_map.json; ``AutoModelForCausalLM.from_pretrained(OUT)``
-loads it. The format is chosen from the model (see megagopher/export/hf.py); --format forces one and fails
+layout. OUT receives config.json, model.safetensors and, when the run had a tokenizer (data.tokenizer_dir,
+or --tokenizer-dir), the files ``AutoTokenizer.from_pretrained(OUT)`` loads it from: GPT-2's vocab.json,
+merges.txt, tokenizer_config.json and special_tokens_map.json; or the tokenizer's tokenizer.json or
+SentencePiece / tiktoken tokenizer.model with its tokenizer_config.json (written when it has none; a
+tokenizer.model needs transformers 5, and tiktoken installed for a tiktoken one), and generation_config.json
+when the import carried one. config.json's bos_token_id / eos_token_id are the tokenizer's.
+``AutoModelForCausalLM.from_pretrained(OUT)`` loads the model. Every file is written under a temporary name
+and renamed. The format is chosen from the model (see megagopher/export/hf.py); --format forces one and fails
 with the reasons when it cannot express the model.
 """
 import argparse

@@ -14,6 +14,7 @@ from megagopher.common import DEVICES, PRECISIONS, RECOMPUTE_MODES, SCHEDULES
 from megagopher.config.fields import (ConfigError, check_field, check_key, is_int, is_number, option,
                                       section_from_dict)
 from megagopher.config.model import GPTConfig
+from megagopher.data.tokenizer import TOKENIZER_KINDS
 
 DECAYS = ("cosine", "linear", "constant", "wsd")
 _POSITIVE = (lambda v: v >= 1, "must be >= 1")
@@ -114,7 +115,11 @@ class DataConfig:
                          choices=("synthetic", "indexed"))
     blend: list = option([], "indexed: [[weight, path_prefix], ...]", check=_BLEND)
     valid_blend: list = option([], "indexed: validation blend (default: the split of blend)", check=_BLEND)
-    tokenizer_dir: str = option("", "GPT-2-format vocab.json + merges.txt; sets the vocabulary")
+    tokenizer_dir: str = option("", "the run's tokenizer: a directory with vocab.json + merges.txt (GPT-2 BPE), "
+                                "tokenizer.json (Hugging Face) or tokenizer.model (SentencePiece or tiktoken); "
+                                "sets the vocabulary")
+    tokenizer_kind: str = option("", "the format of data.tokenizer_dir (\"\": detected from its files)",
+                                 choices=("",) + TOKENIZER_KINDS)
     split: str = option("969,30,1", "train,valid,test weights of each blended dataset")
     cache_dir: str = option("", "where dataset indices are cached (default: beside the data)")
     # Document masking of packed samples, Megatron-LM's flags (megagopher/data/document_mask.py).
@@ -150,6 +155,13 @@ class RunConfig:
     stop_after_stage: str = option("", "end the run after this stage, its checkpoint saved: a later stage that "
                                        "needs another layout (a long-context stage at a larger parallel.cp) "
                                        "then runs as its own command resuming from it")
+    # Weights & Biases, an optional sink beside metrics.jsonl (training/wandb_sink.py; pip install megagopher[wandb]).
+    wandb_project: str = option("", "wandb project the metrics rows and the resolved config go to (empty: no wandb)")
+    wandb_entity: str = option("", "wandb entity (user or team) of the project (empty: the logged-in user's default)")
+    wandb_run_name: str = option("", "wandb run name (empty: the name of run.dir)")
+    wandb_mode: str = option("auto", "auto: $WANDB_MODE if set, else online when logged in (WANDB_API_KEY or a "
+                                     "~/.netrc entry for the wandb host), else offline (wandb sync uploads it later)",
+                             choices=("auto", "online", "offline"))
 
 
 SECTIONS = {"model": GPTConfig, "parallel": ParallelConfig, "training": TrainingConfig,

@@ -269,7 +269,11 @@ def _check_run_wide(cfg):
 
 
 def _check_document_masking(d, m):
-    """Megatron's three flags need the end-of-document id: the tokenizer's or data.eod_id."""
+    """Megatron's three flags need the end-of-document id: the tokenizer's or data.eod_id. (Also: a
+    tokenizer kind names the format of a tokenizer directory, so it needs one.)"""
+    if d.tokenizer_kind and not d.tokenizer_dir:
+        raise ConfigError(f"data.tokenizer_kind = {d.tokenizer_kind!r} needs data.tokenizer_dir (the directory "
+                          "holding that tokenizer)")
     flags = [k for k in ("reset_position_ids", "reset_attention_mask", "eod_mask_loss") if getattr(d, k)]
     if not flags:
         return

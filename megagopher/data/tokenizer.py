@@ -13,6 +13,13 @@ lone surrogates (carried through UTF-8 with ``surrogatepass``).
 Special tokens (``<|endoftext|>`` at least) are vocabulary entries that no byte or merge produces. As in
 GPT-2 (and tiktoken's ``encode_ordinary``), text that merely *looks* like ``<|endoftext|>`` is encoded as
 ordinary text unless the caller allows it, so a document cannot forge a document boundary.
+
+This module is also the one entry point for every tokenizer format (``load_tokenizer``/``detect_kind``): our
+GPT-2 BPE here, and Hugging Face ``tokenizer.json``, SentencePiece and tiktoken ``tokenizer.model`` through
+their own libraries (tokenizer_backends.py). Every tokenizer has the interface documented on
+``load_tokenizer`` (kind, directory, files, encode, encode_batch, decode, vocab_size, bos, eos, eod,
+add_bos, document_prefix, special_tokens), as Megatron-LM's tokenizer wrappers give one surface to many
+formats.
 """
 import json
 import os
@@ -21,6 +28,7 @@ from functools import lru_cache
 import regex
 
 from .errors import MissingTokenizerFile, TokenizerError, require_file, unreadable
+from .tokenizer_backends import model_file_kind, present_config_files
 
 EOD_TOKEN = "<|endoftext|>"
 
@@ -132,9 +140,14 @@ def read_vocab_files(directory):
 class Tokenizer:
     """Byte-level BPE over a vocab (token string -> id) and an ordered merge list.
 
-    Public surface used by the trainer and tools: ``encode(str) -> list[int]``, ``decode(list[int]) ->
-    str``, ``eod`` (id of ``<|endoftext|>``), ``vocab_size`` (largest id + 1, special tokens included).
+    Public surface used by the trainer and tools: the interface of ``load_tokenizer`` (kind "gpt2"):
+    ``encode(str) -> list[int]``, ``decode(list[int]) -> str``, ``eod`` (id of ``<|endoftext|>``, also
+    ``eos``), ``vocab_size`` (largest id + 1, special tokens included); GPT-2 has no BOS (``bos`` None,
+    ``add_bos`` False), so a document or prompt follows the end-of-document id (``document_prefix``).
     """
+    kind = "gpt2"
+    bos = None
+    add_bos = False
 
     def __init__(self, vocab, merges, source="<memory>", merges_source=None):
         merges_source = merges_source or source
@@ -162,6 +175,9 @@ class Tokenizer:
         # Special tokens: entries no byte sequence can produce; encode() emits them only when allowed.
         self.special_tokens = {t: i for t, i in self.encoder.items() if t not in producible or t == EOD_TOKEN}
         self.eod = self.encoder[EOD_TOKEN]
+        self.eos = self.eod
+        self.document_prefix = [self.eod]
+        self.directory, self.files = "", ()   # set by load_gpt2; a tokenizer built in memory has none
         self.vocab_size = max(self.encoder.values()) + 1
         self._ids_cache = {}   # bounded to 500k pieces: a huge corpus must not exhaust memory
 
@@ -205,6 +221,10 @@ class Tokenizer:
             ids += piece_ids
         return ids
 
+    def encode_batch(self, texts):
+        """[encode(t) for t in texts]: pure Python gains nothing from batching in one process."""
+        return [self.encode_ordinary(t) for t in texts]
+
     def encode(self, text, allowed_special=()):
         """Encode text to ids. ``allowed_special`` lists special-token strings (or is "all") that are
         mapped to their ids when they occur in text; by default none is, matching GPT-2."""
@@ -247,12 +267,76 @@ class Tokenizer:
         return self.encoder[token]
 
 
-def load_tokenizer(directory):
+def load_gpt2(directory):
     """Load DIR/vocab.json + DIR/merges.txt (GPT-2's format, as written by tools/train_tokenizer.py or
-    by OpenAI/Hugging Face for GPT-2) and return a :class:`Tokenizer` with ``encode(str) -> list[int]``,
-    ``decode(list[int]) -> str``, ``eod`` (the id of ``<|endoftext|>``) and ``vocab_size`` (largest id
-    + 1, special tokens included). Raises TokenizerError (a ValueError; MissingTokenizerFile, a
-    FileNotFoundError, for a missing file) naming the file at fault."""
+    by OpenAI/Hugging Face for GPT-2) as a :class:`Tokenizer`."""
     vocab, merges = read_vocab_files(directory)
-    return Tokenizer(vocab, merges, source=os.path.join(directory, "vocab.json"),
-                     merges_source=os.path.join(directory, "merges.txt"))
+    tok = Tokenizer(vocab, merges, source=os.path.join(directory, "vocab.json"),
+                    merges_source=os.path.join(directory, "merges.txt"))
+    tok.directory, tok.files = directory, ("vocab.json", "merges.txt") + present_config_files(directory)
+    return tok
+
+
+TOKENIZER_KINDS = ("gpt2", "huggingface", "sentencepiece", "tiktoken")
+ACCEPTED = ("vocab.json + merges.txt (gpt2), tokenizer.json (huggingface), or tokenizer.model "
+            "(a SentencePiece model: sentencepiece; a tiktoken ranks file: tiktoken)")
+
+
+def kinds_in(directory):
+    """Every kind ``directory`` holds, in the order detect_kind prefers them: tokenizer.json first (as
+    transformers' AutoTokenizer prefers the fast tokenizer), then tokenizer.model (told apart by content),
+    then vocab.json + merges.txt (either file present counts, so a missing partner is reported by name)."""
+    if not os.path.isdir(directory):
+        what = "is not a directory" if os.path.exists(directory) else "does not exist"
+        raise MissingTokenizerFile(f"tokenizer directory {directory} {what}; it must hold {ACCEPTED}")
+    found = []
+    if os.path.exists(os.path.join(directory, "tokenizer.json")):
+        found.append("huggingface")
+    if os.path.exists(os.path.join(directory, "tokenizer.model")):
+        found.append(model_file_kind(os.path.join(directory, "tokenizer.model")))
+    if any(os.path.exists(os.path.join(directory, f)) for f in ("vocab.json", "merges.txt")):
+        found.append("gpt2")
+    return found
+
+
+def detect_kind(directory):
+    """The kind of tokenizer ``directory`` holds (one of TOKENIZER_KINDS; kinds_in gives the preference
+    when it holds several). Raises MissingTokenizerFile naming the directory and what is accepted."""
+    found = kinds_in(directory)
+    if not found:
+        raise MissingTokenizerFile(f"tokenizer directory {directory} holds no tokenizer: expected {ACCEPTED}")
+    return found[0]
+
+
+def load_tokenizer(directory, kind=None):
+    """Load the tokenizer in ``directory``: ``kind`` (one of TOKENIZER_KINDS) names the format, None or ""
+    detects it (detect_kind). Every kind returns an object with:
+
+    ``kind``, ``directory``, ``files`` (the file names in ``directory`` that make it up, tokenizer_config.json
+    and special_tokens_map.json included when present); ``encode(text) -> list[int]`` (the text's tokens,
+    never BOS/EOS; special-token strings in the text as the library's ordinary encode treats them);
+    ``encode_batch(texts)`` (== [encode(t) for t in texts]); ``decode(ids) -> str``; ``vocab_size`` (largest
+    id + 1, special tokens included); ``bos``, ``eos``, ``eod`` (int or None; eod is the end-of-document id);
+    ``add_bos`` (whether a document starts with bos); ``document_prefix`` ([bos] if add_bos, else [eod], else
+    []) and ``special_tokens`` (str -> id).
+
+    Raises TokenizerError (a ValueError; MissingTokenizerFile, a FileNotFoundError, for a missing file)
+    naming the file at fault, or the directory and what is accepted when it holds no tokenizer."""
+    if kind and kind not in TOKENIZER_KINDS:
+        raise TokenizerError(f"unknown tokenizer kind {kind!r} for {directory}; valid: {', '.join(TOKENIZER_KINDS)}")
+    if not kind:
+        kind = detect_kind(directory)
+    elif kind in ("sentencepiece", "tiktoken"):
+        path = os.path.join(directory, "tokenizer.model")
+        require_file(path, f"{kind} tokenizer file", TokenizerError, MissingTokenizerFile)
+        actual = model_file_kind(path)
+        if actual != kind:
+            raise TokenizerError(f"{path} is a {actual} tokenizer, not {kind}; found in {directory}: "
+                                 f"{', '.join(kinds_in(directory))}")
+    if kind == "gpt2":
+        return load_gpt2(directory)
+    if kind == "tiktoken":
+        from .tokenizer_tiktoken import TiktokenTokenizer
+        return TiktokenTokenizer(directory)
+    from .tokenizer_backends import HFTokenizer, SentencePieceTokenizer
+    return {"huggingface": HFTokenizer, "sentencepiece": SentencePieceTokenizer}[kind](directory)

@@ -3,11 +3,14 @@
 Each choice's tokens are scored by their log-likelihood given the question; the prediction is the most
 likely choice ("accuracy") or the most likely per UTF-8 byte of its continuation, a space and the choice
 text ("accuracy_norm", lm-evaluation-harness's acc_norm, which does not favour short answers). The context
-is the end-of-document id and the question; the continuation is encoded on its own. Rows may be
+is the tokenizer's document prefix (the end-of-document id for GPT-2 BPE, BOS where the tokenizer adds one)
+and the question; the continuation is encoded on its own. Every row's choices are scored together,
+``--batch-size`` sequences a forward (megagopher.generate.score_batch). Rows may be
 {"question", "choices": [...] or {"text": [...], "label": [...]}, "answer" or "answerKey"}, or the original
 OpenBookQA/ARC form {"question": {"stem", "choices": [{"text", "label"}]}, "answerKey"}; the answer is a
 label, a 0-based index or the choice's text.
 """
+from megagopher.evaluation.common import call_batch, check_batch_size, document_prefix, progress_line, with_batch
 
 
 def parse_choice_row(row, index=0):
@@ -53,9 +56,11 @@ def choice_accuracy(rows, loglik, on_example=None):
     """Accuracy and byte-length-normalised accuracy. ``loglik(context, continuation) -> float``."""
     parsed = [parse_choice_row(row, i) for i, row in enumerate(rows)]  # malformed rows fail first
     correct = correct_norm = 0
+    pairs = [(question, choice_continuation(t)) for question, texts, _ in parsed for t in texts]
+    all_scores = iter(call_batch(loglik, pairs))
     for i, (question, texts, answer) in enumerate(parsed):
         continuations = [choice_continuation(t) for t in texts]
-        scores = [loglik(question, c) for c in continuations]
+        scores = [next(all_scores) for _ in texts]
         normed = [s / len(c.encode("utf-8")) for s, c in zip(scores, continuations)]
         pick = max(range(len(texts)), key=lambda j: scores[j])
         pick_norm = max(range(len(texts)), key=lambda j: normed[j])
@@ -69,13 +74,15 @@ def choice_accuracy(rows, loglik, on_example=None):
             "correct_norm": correct_norm, "examples": n}
 
 
-def model_loglik(lm):
-    """``loglik(context, continuation)`` for choice_accuracy: the model's log-likelihood of the
-    continuation's tokens given the end-of-document id and the context."""
-    from megagopher.generate import score
+def model_loglik(lm, batch_size=32):
+    """``loglik(context, continuation)`` for choice_accuracy, with ``loglik.batch``: the model's
+    log-likelihood of the continuation's tokens given the document prefix and the context."""
+    from megagopher.generate import score_batch
     tok = lm.tokenizer
+    check_batch_size(batch_size)
 
-    def loglik(context, continuation):
-        ids = ([tok.eod] if tok.eod is not None else []) + tok.encode(context)
-        return score(lm, ids, tok.encode(continuation))
-    return loglik
+    def loglik_all(items):
+        pairs = [(document_prefix(tok) + tok.encode(context), tok.encode(continuation))
+                 for context, continuation in items]
+        return score_batch(lm, pairs, batch_size, progress=progress_line("choice", len(pairs), "choices"))
+    return with_batch(lambda context, continuation: loglik_all([(context, continuation)])[0], loglik_all)

@@ -1,5 +1,11 @@
-"""What every evaluation task shares: reading JSONL examples, prompts after the end-of-document id, and
-writing results (a metrics line appended and fsynced; a JSON file written whole or not at all)."""
+"""What every evaluation task shares: reading JSONL examples, prompts after the tokenizer's document prefix,
+batching a task's model calls, and writing results (a metrics line appended and fsynced; a JSON file
+written whole or not at all).
+
+Batching: a task's model callable (``complete(prompt)``, ``loglik(context, continuation)``...) handles one
+item; the model's own carries a ``batch`` attribute taking every item at once (megagopher.generate's
+generate_batch / score_batch underneath, with a progress line), which ``call_batch`` prefers. A plain
+function (a test's fixed answers) is called item by item."""
 import json
 import os
 import tempfile
@@ -34,11 +40,43 @@ def read_json(path):
             raise ValueError(f"{path}: not JSON ({e})") from None
 
 
+def document_prefix(tok):
+    """What precedes a document's tokens in training, so every prompt and scored context starts with it:
+    the tokenizer's ``document_prefix`` ([bos] when it adds BOS, else [eod], else [])."""
+    return list(tok.document_prefix)
+
+
 def prompt_ids(tok, text, room, limit):
-    """[end-of-document id] + the tokens of ``text`` (as documents start in training), keeping the end when
+    """The document prefix + the tokens of ``text`` (as documents start in training), keeping the end when
     it leaves less than ``room`` of the model's ``limit`` tokens for the answer."""
-    ids = ([tok.eod] if tok.eod is not None else []) + tok.encode(text)
+    ids = document_prefix(tok) + tok.encode(text)
     return ids[-(limit - room):]
+
+
+def with_batch(one, batch):
+    """``one`` (the per-item callable) with ``batch`` (a list of argument tuples -> a list of results)."""
+    one.batch = batch
+    return one
+
+
+def call_batch(fn, items):
+    """[fn(*item) for item in items], through ``fn.batch`` when it has one."""
+    items = list(items)
+    if hasattr(fn, "batch"):
+        return list(fn.batch(items))
+    return [fn(*item) for item in items]
+
+
+def check_batch_size(batch_size):
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size!r} must be a positive integer")
+    return batch_size
+
+
+def progress_line(task, total, unit="examples"):
+    """The progress line (megagopher.generation.progress) of a task's model calls."""
+    from megagopher.generation.progress import Progress
+    return Progress(total, f"megagopher.evaluate: {task}", unit)
 
 
 def append_metrics(path, record):

@@ -12,7 +12,7 @@ the number of solution steps), the result also has ``by_steps``: {"1": {"accurac
 import re
 
 from megagopher.data.math_problems import extract_answer, normalize_number
-from megagopher.evaluation.common import prompt_ids
+from megagopher.evaluation.common import call_batch, check_batch_size, progress_line, prompt_ids, with_batch
 
 _ANSWER_LINE = re.compile(r"answer is[^\n]*\n", re.IGNORECASE)
 
@@ -38,8 +38,8 @@ def math_accuracy(rows, complete, on_example=None):
     for i, row in enumerate(rows):  # a malformed row fails before any generation
         math_prompt(row, i)
     correct, by_steps = 0, []
-    for i, row in enumerate(rows):
-        text = complete(math_prompt(row, i))
+    texts = call_batch(complete, [(math_prompt(row, i),) for i, row in enumerate(rows)])
+    for i, (row, text) in enumerate(zip(rows, texts)):
         predicted, expected = extract_answer(text), normalize_number(str(row["answer"]))
         ok = predicted is not None and predicted == expected
         correct += ok
@@ -54,17 +54,21 @@ def math_accuracy(rows, complete, on_example=None):
     return result
 
 
-def math_completer(lm, max_new_tokens):
-    """``complete(prompt)`` for math_accuracy: greedy, stopping after the "The answer is ..." line."""
-    from megagopher.generate import context_limit, generate
+def math_completer(lm, max_new_tokens, batch_size=32):
+    """``complete(prompt)`` for math_accuracy, with ``complete.batch``: greedy, stopping after the "The
+    answer is ..." line, ``batch_size`` prompts at a time."""
+    from megagopher.generate import context_limit, generate_batch
     tok = lm.tokenizer
     limit = context_limit(lm)
     room = min(max_new_tokens, limit // 2)
+    check_batch_size(batch_size)
 
     def stop(new_ids):
         return bool(_ANSWER_LINE.search(tok.decode(new_ids)))
 
-    def complete(prompt):
-        ids = prompt_ids(tok, prompt, room, limit)  # a question too long for the model keeps its end
-        return tok.decode(generate(lm, ids, max_new_tokens, greedy=True, eod=tok.eod, stop=stop))
-    return complete
+    def complete_all(items):
+        prompts = [prompt_ids(tok, prompt, room, limit) for (prompt,) in items]  # a long question keeps its end
+        new = generate_batch(lm, prompts, max_new_tokens, eod=tok.eod, stop=stop, batch_size=batch_size,
+                             progress=progress_line("math", len(prompts)))
+        return [tok.decode(ids) for ids in new]
+    return with_batch(lambda prompt: complete_all([(prompt,)])[0], complete_all)

@@ -12,7 +12,9 @@ prefix ("# Import libraries.\\n\\nimport numpy as np\\n\\n"); each turn appends 
 ("# " + prompt + "\\n"), the model writes that turn's code (greedy, up to max_gen_length tokens, stopping
 at a line that starts with "#", ''' or \"\"\", at two blank lines or the end-of-document id), the code is cut
 as MTPB's ``truncate`` cuts it (also before a second top-level ``print`` or ``def``) and appended with a
-blank line. ``--samples FILE`` gives the turns' code instead, no model: lines {"id", "input_index",
+blank line. Every test case's turn t is written in one batch (megagopher.generate.generate_batch,
+``--batch-size`` rows a forward), turn after turn, since turn t's prompt holds the code of the turns before
+it. ``--samples FILE`` gives the turns' code instead, no model: lines {"id", "input_index",
 "turns": [code, ...]}, one per test case.
 
 The whole program runs in megagopher.sandbox. As in mtpb_exec.py: when its last statement is not a print
@@ -31,7 +33,7 @@ import ast
 import re
 from concurrent.futures import ThreadPoolExecutor
 
-from megagopher.evaluation.common import prompt_ids
+from megagopher.evaluation.common import call_batch, check_batch_size, progress_line, prompt_ids, with_batch
 from megagopher.sandbox import Limits, run_program
 
 PREFIX = "# Import libraries.\n\nimport numpy as np\n\n"
@@ -152,16 +154,15 @@ def score_programs(problems, turns_for, limits=None, on_case=None, run=run_progr
     if not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs = {jobs!r} must be a positive integer")
     limits = limits or Limits(wall_s=10.0)
-    cases_to_run = []
-    for problem in problems:
-        for k, expected in enumerate(problem["outputs"]):
-            prompts = filled_prompts(problem, k)
-            cases_to_run.append((str(problem["id"]), k, expected,
-                         print_last_value(assemble(prompts, turns_for(problem, k, prompts)))))
+    cases = [(problem, k, filled_prompts(problem, k)) for problem in problems for k in range(len(problem["inputs"]))]
+    cases_to_run = [(str(problem["id"]), k, problem["outputs"][k], print_last_value(assemble(prompts, turns)))
+                    for (problem, k, prompts), turns in zip(cases, call_batch(turns_for, cases))]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         results = pool.map(lambda case: run(case[3], limits), cases_to_run)
         cases, per_problem = [], {}
+        progress = progress_line("mtpb", len(cases_to_run), "programs")
         for (pid, k, expected, program), result in zip(cases_to_run, results):
+            progress.advance()
             passed, why = case_passes(result, expected)
             case = {"id": pid, "input_index": k, "passed": passed, "status": result.status, "error": why,
                     "printed": (result.value_str or "")[:500], "program": program}
@@ -195,25 +196,36 @@ def samples_lookup(rows, problems, path="samples"):
     return lambda problem, k, prompts: by_case[(str(problem["id"]), k)]
 
 
-def model_turns(lm, max_new_tokens=None):
-    """``turns_for`` writing each turn greedily with the model (see the module docstring), each turn at
-    most the problem's max_gen_length tokens (and ``max_new_tokens`` when given)."""
-    from megagopher.generate import context_limit, generate
+def model_turns(lm, max_new_tokens=None, batch_size=32):
+    """``turns_for(problem, k, prompts)``, with ``turns_for.batch`` over many test cases: each turn written
+    greedily with the model (see the module docstring), at most the problem's max_gen_length tokens (and
+    ``max_new_tokens`` when given); turn t of every case in one generate_batch call."""
+    from megagopher.generate import context_limit, generate_batch
     tok = lm.tokenizer
     limit = context_limit(lm)
+    check_batch_size(batch_size)
 
     def stop(new_ids):
         text = tok.decode(new_ids)
         return truncate(text) != text
 
-    def turns_for(problem, k, prompts):
-        room = min(problem.get("max_gen_length", 128), max_new_tokens or limit, limit // 2)
-        history, turns = PREFIX, []
-        for prompt in prompts:
-            history += comment(prompt)
-            ids = prompt_ids(tok, history, room, limit)
-            code = truncate(tok.decode(generate(lm, ids, room, greedy=True, eod=tok.eod, stop=stop)))
-            turns.append(code)
-            history += f"{code}\n\n"
+    def turns_all(cases):
+        rooms = [min(problem.get("max_gen_length", 128), max_new_tokens or limit, limit // 2)
+                 for problem, _, _ in cases]
+        histories, turns = [PREFIX] * len(cases), [[] for _ in cases]
+        progress = progress_line("mtpb", sum(len(prompts) for _, _, prompts in cases), "turns")
+        done = 0
+        for t in range(max((len(prompts) for _, _, prompts in cases), default=0)):
+            live = [i for i, (_, _, prompts) in enumerate(cases) if t < len(prompts)]
+            for i in live:
+                histories[i] += comment(cases[i][2][t])
+            new = generate_batch(lm, [prompt_ids(tok, histories[i], rooms[i], limit) for i in live],
+                                 [rooms[i] for i in live], eod=tok.eod, stop=stop, batch_size=batch_size,
+                                 progress=lambda n, base=done: progress(base + n))
+            done += len(live)
+            for i, ids in zip(live, new):
+                code = truncate(tok.decode(ids))
+                turns[i].append(code)
+                histories[i] += f"{code}\n\n"
         return turns
-    return turns_for
+    return with_batch(lambda problem, k, prompts: turns_all([(problem, k, prompts)])[0], turns_all)

@@ -1,15 +1,16 @@
 """SQuAD-style extractive question answering (Rajpurkar et al. 2016): exact match and F1.
 
 Rows: {"id", "context", "question", "answers": [str, ...]} (SQuAD's own answer lists {"text": [...]} and
-[{"text": ...}, ...] are read too). The prompt, after the end-of-document id that starts every document in
-training, is
+[{"text": ...}, ...] are read too). The prompt, after the tokenizer's document prefix that starts every
+document in training (the end-of-document id for GPT-2 BPE, BOS where the tokenizer adds one), is
 
     <context>
     Question: <question>
     Answer:
 
 and the model writes greedily up to the first newline (or the end-of-document id, or --max-new-tokens); the
-prediction is that line, stripped. ``--predictions FILE`` scores a JSON object {id: answer} instead, with no
+prediction is that line, stripped; the rows are generated ``--batch-size`` at a time (generate_batch).
+``--predictions FILE`` scores a JSON object {id: answer} instead, with no
 model; an id it lacks counts as unanswered (scored 0, as SQuAD's evaluate-v1.1.py does) and is counted in
 ``unanswered``.
 
@@ -22,7 +23,7 @@ import re
 import string
 from collections import Counter
 
-from megagopher.evaluation.common import prompt_ids
+from megagopher.evaluation.common import call_batch, check_batch_size, progress_line, prompt_ids, with_batch
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -80,9 +81,9 @@ def squad_scores(rows, predict, on_example=None):
         check_squad_row(row, i)
     em_sum = f1_sum = 0.0
     unanswered = 0
-    for i, row in enumerate(rows):
+    predictions = call_batch(predict, [(row,) for row in rows])
+    for i, (row, prediction) in enumerate(zip(rows, predictions)):
         golds = gold_answers(row, i)
-        prediction = predict(row)
         if prediction is None:
             unanswered += 1
             em = f = 0.0
@@ -109,18 +110,21 @@ def predictions_lookup(predictions, path="predictions"):
     return lambda row: by_id.get(str(row["id"]))
 
 
-def model_predictor(lm, max_new_tokens):
-    """``predict(row)`` for squad_scores: greedy generation after the prompt, up to the first newline."""
-    from megagopher.generate import context_limit, generate
+def model_predictor(lm, max_new_tokens, batch_size=32):
+    """``predict(row)`` for squad_scores, with ``predict.batch``: greedy generation after the prompt, up to
+    the first newline, ``batch_size`` rows at a time."""
+    from megagopher.generate import context_limit, generate_batch
     tok = lm.tokenizer
     limit = context_limit(lm)
     room = min(max_new_tokens, limit // 2)
+    check_batch_size(batch_size)
 
     def stop(new_ids):
         return "\n" in tok.decode(new_ids)
 
-    def predict(row):
-        ids = prompt_ids(tok, squad_prompt(row), room, limit)
-        text = tok.decode(generate(lm, ids, max_new_tokens, greedy=True, eod=tok.eod, stop=stop))
-        return text.split("\n", 1)[0].strip()
-    return predict
+    def predict_all(items):
+        prompts = [prompt_ids(tok, squad_prompt(row), room, limit) for (row,) in items]
+        new = generate_batch(lm, prompts, max_new_tokens, eod=tok.eod, stop=stop, batch_size=batch_size,
+                             progress=progress_line("squad", len(prompts)))
+        return [tok.decode(ids).split("\n", 1)[0].strip() for ids in new]
+    return with_batch(lambda row: predict_all([(row,)])[0], predict_all)

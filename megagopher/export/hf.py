@@ -1,6 +1,7 @@
 """Export a checkpoint as a Hugging Face ``transformers`` model directory: config.json, model.safetensors
-and, when the run had a tokenizer, GPT-2 tokenizer files (vocab.json, merges.txt, tokenizer_config.json,
-special_tokens_map.json).
+and, when the run had a tokenizer, the files ``AutoTokenizer`` loads it from, whatever its kind
+(hf_tokenizer.py), with config.json's bos_token_id / eos_token_id its BOS and end-of-document ids. Every
+file is written under a temporary name, fsynced and renamed.
 
 Five formats cover megagopher's model flavours; ``choose_format`` picks the first that expresses the
 model exactly and an explicit choice is checked the same way:
@@ -22,7 +23,6 @@ The weight mapping, both ways, is hf_arch.py's (the import, hf_import.py, reads 
 is written with zero biases where the format always has them (the same function); the vocabulary is the
 real one (CheckpointReader drops the TP padding); tied embeddings become tie_word_embeddings = true.
 """
-import json
 import os
 
 import torch
@@ -30,7 +30,9 @@ from safetensors.torch import save_file
 
 from megagopher.common import TRAINING_DTYPES, dtype_name
 from megagopher.export.hf_arch import CODEGEN_MP_NUM, FORMATS, HF_ACT, MappingError, missing_bias_rows, rules
+from megagopher.export.hf_tokenizer import special_ids, write_json_durably, write_tokenizer
 from megagopher.export.loading import load_run_tokenizer, model_config_of, open_checkpoint
+from megagopher.training.ckpt_files import fsync_file
 
 DTYPE_NAMES = {dtype: dtype_name(dtype) for dtype in TRAINING_DTYPES}  # the export dtypes, config.json's names
 GELUS = ("gelu", "gelu_exact")
@@ -162,12 +164,13 @@ def _rope(cfg):
     return {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
 
 
-def hf_config(cfg, fmt, dtype, eod=None):
-    """config.json for ``fmt``. Written for transformers 4.x and 5.x alike: RoPE both as the legacy keys
-    (rope_theta, rotary_pct, rotary_emb_base) and as rope_parameters."""
+def hf_config(cfg, fmt, dtype, bos=None, eos=None):
+    """config.json for ``fmt``, with the tokenizer's ``bos`` and ``eos`` ids. Written for transformers 4.x
+    and 5.x alike: RoPE both as the legacy keys (rope_theta, rotary_pct, rotary_emb_base) and as
+    rope_parameters."""
     common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": bool(cfg.tie_embeddings),
               "torch_dtype": DTYPE_NAMES[dtype], "dtype": DTYPE_NAMES[dtype], "use_cache": True,
-              "bos_token_id": eod, "eos_token_id": eod, "initializer_range": cfg.init_std}
+              "bos_token_id": bos, "eos_token_id": eos, "initializer_range": cfg.init_std}
     if fmt == "llama":
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common,
                 "hidden_size": cfg.hidden_size, "intermediate_size": cfg.ffn_hidden_size,
@@ -229,30 +232,6 @@ def _mixtral_config(cfg, common):
             "megagopher": {"ffn_hidden_size": cfg.ffn_hidden_size, "moe_z_loss_coeff": cfg.moe_z_loss_coeff}}
 
 
-# -- tokenizer files -----------------------------------------------------------------------------------------
-def write_tokenizer(tok, output, model_max_length):
-    """GPT-2 tokenizer files for ``tok`` (megagopher.data.tokenizer.Tokenizer). merges.txt gets GPT-2's
-    "#version" first line, which Hugging Face's reader skips unconditionally."""
-    from megagopher.data.tokenizer import EOD_TOKEN, read_vocab_files
-    vocab, merges = read_vocab_files(tok.directory)
-    with open(os.path.join(output, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump(vocab, f, ensure_ascii=False)
-    with open(os.path.join(output, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    extra = sorted((t for t in tok.special_tokens if t != EOD_TOKEN), key=lambda t: tok.special_tokens[t])
-    special = {"bos_token": EOD_TOKEN, "eos_token": EOD_TOKEN, "unk_token": EOD_TOKEN}
-    if extra:
-        special["additional_special_tokens"] = extra
-    added = {str(i): {"content": t, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False,
-                      "special": True} for t, i in sorted(tok.special_tokens.items(), key=lambda kv: kv[1])}
-    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": model_max_length, "add_prefix_space": False,
-              "add_bos_token": False, "errors": "replace", "clean_up_tokenization_spaces": False,
-              "added_tokens_decoder": added, **special}
-    for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
-        with open(os.path.join(output, name), "w", encoding="utf-8") as f:
-            json.dump(content, f, indent=2, ensure_ascii=False)
-
-
 # -- the export -----------------------------------------------------------------------------------------------
 def export_hf(checkpoint, output, fmt=None, dtype=None, tokenizer_dir=None, tokenizer=True):
     """Writes the Hugging Face directory ``output`` for ``checkpoint``; returns (format, iter directory).
@@ -268,14 +247,16 @@ def export_hf(checkpoint, output, fmt=None, dtype=None, tokenizer_dir=None, toke
         raise ExportError(f"dtype {dtype}; valid: {', '.join(DTYPE_NAMES.values())}")
     tensors = hf_tensors(_Source(reader, dtype), fmt, cfg)
     os.makedirs(output, exist_ok=True)
-    config = hf_config(cfg, fmt, dtype, tok.eod if tok is not None else None)
+    config = hf_config(cfg, fmt, dtype, *special_ids(tok))
     config["megagopher"] = {**config.get("megagopher", {}), "checkpoint": os.path.abspath(reader.path),
                             "iteration": reader.meta["iteration"]}
-    with open(os.path.join(output, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    write_json_durably(os.path.join(output, "config.json"), config)
     # safetensors refuses tensors that share memory (a tied head is the embedding): each gets its own copy.
     tensors = {name: t.detach().cpu().contiguous().clone() for name, t in tensors.items()}
-    save_file(tensors, os.path.join(output, "model.safetensors"), metadata={"format": "pt"})
+    weights = os.path.join(output, "model.safetensors")
+    save_file(tensors, weights + ".tmp", metadata={"format": "pt"})
+    fsync_file(weights + ".tmp")
+    os.replace(weights + ".tmp", weights)
     if tok is not None:
         write_tokenizer(tok, output, cfg.max_position_embeddings)
     return fmt, reader.path

@@ -7,7 +7,10 @@
                            starts from these weights whatever its checkpoint.dir, then resumes from its own
                            saves), checkpoint.dir = OUT, checkpoint.load = "auto" and data.tokenizer_dir;
                            over a base config's other sections when one is given
-    OUT/tokenizer/         vocab.json and merges.txt, when the model's tokenizer is GPT-2 BPE in those files
+    OUT/tokenizer/         the model's tokenizer, whatever its kind (tokenizer.json, a SentencePiece or
+                           tiktoken tokenizer.model, vocab.json + merges.txt), with tokenizer_config.json,
+                           special_tokens_map.json and generation_config.json when present (hf_tokenizer.py);
+                           config.toml's data.tokenizer_dir and data.tokenizer_kind name it
 
 The architectures are hf_arch.FORMATS (Mixtral's experts in either the on-disk per-expert names or
 transformers 5's fused ones); their config.json is read by hf_config.py and their tensors mapped
@@ -18,7 +21,6 @@ not know (a feature we lack) is an HFImportError, as is a config key we cannot c
 import dataclasses
 import json
 import os
-import shutil
 import tomllib
 
 import torch
@@ -26,6 +28,7 @@ import torch
 from megagopher.config.loading import from_tables, to_toml
 from megagopher.export.hf_arch import MappingError, missing_bias_rows, rules, unfuse_mixtral
 from megagopher.export.hf_config import HFImportError, model_config
+from megagopher.export.hf_tokenizer import import_tokenizer
 from megagopher.training.ckpt_files import write_text_durably
 
 # The [model] keys of experts a base config may not change (the weights' function depends on them).
@@ -36,7 +39,6 @@ IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq", "
                     ".attn.embed_positions")
 WEIGHT_FILES = (("model.safetensors", "model.safetensors.index.json"),
                 ("pytorch_model.bin", "pytorch_model.bin.index.json"))
-TOKENIZER_FILES = ("vocab.json", "merges.txt")
 
 
 def read_config(model_dir):
@@ -134,34 +136,10 @@ def build_model(cfg, tensors):
     return model
 
 
-def copy_tokenizer(model_dir, output, vocab_size):
-    """OUT/tokenizer/ from the model's vocab.json and merges.txt (GPT-2 BPE); None when it has neither."""
-    present = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(model_dir, f))]
-    if not present:
-        return None
-    if len(present) == 1:
-        raise HFImportError(f"{model_dir} has {present[0]} without its pair ({', '.join(TOKENIZER_FILES)}); "
-                            "pass --no-tokenizer to import the weights alone")
-    from megagopher.data.tokenizer import load_tokenizer
-    directory = os.path.join(output, "tokenizer")
-    os.makedirs(directory, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(os.path.join(model_dir, name), os.path.join(directory, name + ".tmp"))
-        os.replace(os.path.join(directory, name + ".tmp"), os.path.join(directory, name))
-    try:
-        tok = load_tokenizer(directory)
-    except ValueError as e:
-        raise HFImportError(f"the tokenizer files of {model_dir} are not GPT-2 BPE megagopher reads ({e}); pass "
-                            "--no-tokenizer to import the weights alone") from None
-    if tok.vocab_size > vocab_size:
-        raise HFImportError(f"the tokenizer has {tok.vocab_size} tokens, the model's vocabulary {vocab_size}")
-    return os.path.abspath(directory)
-
-
-def run_tables(cfg, output, tokenizer_dir, raw, base_config=None):
+def run_tables(cfg, output, tokenizer, raw, base_config=None):
     """The TOML tables of OUT/config.toml: the base config's (``raw``, read from ``base_config``; or none)
-    with the imported [model]; the base's [model] may set only keys that do not change the weights'
-    function (dropout, seq_length...)."""
+    with the imported [model] and ``tokenizer`` ((directory, kind), or (None, None)); the base's [model]
+    may set only keys that do not change the weights' function (dropout, seq_length...)."""
     from megagopher.training.checkpoint import iter_dir
     from megagopher.training.ckpt_load import ARCHITECTURE_KEYS
     model = cfg.to_dict()
@@ -177,8 +155,11 @@ def run_tables(cfg, output, tokenizer_dir, raw, base_config=None):
     checkpoint.setdefault("load", "auto")
     # The weights the run starts from while its checkpoint.dir (perhaps the user's own) has none of its saves.
     checkpoint["initial_load"] = iter_dir(os.path.abspath(output), 0)
-    if tokenizer_dir:
-        tables.setdefault("data", {}).setdefault("tokenizer_dir", tokenizer_dir)
+    directory, kind = tokenizer
+    if directory:   # the base's own tokenizer, if it names one, wins
+        data = tables.setdefault("data", {})
+        if "tokenizer_dir" not in data:
+            data.update(tokenizer_dir=directory, tokenizer_kind=kind)
     return tables
 
 
@@ -187,9 +168,10 @@ def _read_toml(path):
         return tomllib.load(f)
 
 
-def import_hf(model_dir, output, base_config=None, tokenizer=True):
+def import_hf(model_dir, output, base_config=None, tokenizer=True, tokenizer_kind=None):
     """Writes the checkpoint, config.toml and tokenizer of ``model_dir`` into ``output``; returns
-    (format, GPTConfig, iteration directory)."""
+    (format, GPTConfig, iteration directory). ``tokenizer_kind`` names the tokenizer to take when the
+    directory holds several (default: load_tokenizer's detection)."""
     from megagopher.training.checkpoint import list_checkpoints, save_weights_only
     hf, where = read_config(model_dir)
     fmt, cfg = model_config(hf, where)
@@ -198,10 +180,13 @@ def import_hf(model_dir, output, base_config=None, tokenizer=True):
     tensors = our_tensors(fmt, cfg, read_weights(model_dir))
     model = build_model(cfg, tensors)
     del tensors
-    os.makedirs(output, exist_ok=True)
-    tokenizer_dir = copy_tokenizer(model_dir, output, cfg.vocab_size) if tokenizer else None
     base = _read_toml(base_config) if base_config else {}
-    run = from_tables(run_tables(cfg, output, tokenizer_dir, base, base_config))
+    try:   # read and checked where it lies before a file is written
+        carried = import_tokenizer(model_dir, output, cfg.vocab_size, hf, tokenizer_kind) if tokenizer else (None, None)
+    except ValueError as e:
+        raise HFImportError(str(e)) from None
+    os.makedirs(output, exist_ok=True)
+    run = from_tables(run_tables(cfg, output, carried, base, base_config))
     progress = {"iteration": 0, "consumed_tokens": 0, "stage_index": 0, "stage_iteration": 0, "stage_samples": 0,
                 "num_layers": cfg.num_layers, "skipped_total": 0}
     source = {"model": os.path.abspath(model_dir), "architecture": hf["architectures"][0]}

@@ -37,18 +37,28 @@ def open_checkpoint(path):
 run_config, vocab_size_of, model_config_of = saved_run_config, saved_vocab_size, saved_model_config
 
 
-def tokenizer_dir_of(reader):
-    """The run's data.tokenizer_dir (the last stage that sets one wins), or "" when it had none."""
+def _last_data_setting(reader, key):
+    """The run's data.KEY: the last stage that sets one wins over the [data] section."""
     cfg = run_config(reader)
-    found = cfg.data.tokenizer_dir
+    found = getattr(cfg.data, key)
     for st in cfg.stages:
-        found = st.overrides.get(("data", "tokenizer_dir")) or found
+        found = st.overrides.get(("data", key)) or found
     return found
 
 
+def tokenizer_dir_of(reader):
+    """The run's data.tokenizer_dir (the last stage that sets one wins), or "" when it had none."""
+    return _last_data_setting(reader, "tokenizer_dir")
+
+
+def tokenizer_kind_of(reader):
+    """The run's data.tokenizer_kind (the last stage that sets one wins), or "" (detect) when it named none."""
+    return _last_data_setting(reader, "tokenizer_kind")
+
+
 def load_run_tokenizer(reader, tokenizer_dir=None, required=True):
-    """The tokenizer of the run (or the one in ``tokenizer_dir``); None when there is none and not
-    ``required``. Checks it fits the model's vocabulary."""
+    """The tokenizer of the run (or the one in ``tokenizer_dir``, its kind detected); None when there is none
+    and not ``required``. Checks it fits the model's vocabulary."""
     directory = tokenizer_dir or tokenizer_dir_of(reader)
     if not directory:
         if not required:
@@ -59,9 +69,11 @@ def load_run_tokenizer(reader, tokenizer_dir=None, required=True):
         raise FileNotFoundError(f"tokenizer directory {directory!r} (data.tokenizer_dir of checkpoint "
                                 f"{reader.path}) does not exist here; pass --tokenizer-dir DIR")
     from megagopher.data.tokenizer import load_tokenizer
-    tok = load_tokenizer(directory)
-    tok.directory = directory
+    # The run's kind names the format of the run's directory; a directory given here is detected.
+    tok = load_tokenizer(directory, None if tokenizer_dir else tokenizer_kind_of(reader))
     vocab = vocab_size_of(reader)
     if tok.vocab_size > vocab:
-        raise ValueError(f"tokenizer {directory} has {tok.vocab_size} tokens but the model's vocabulary is {vocab}")
+        raise ValueError(f"tokenizer {os.path.join(directory, tok.files[0])} ({tok.kind}) has {tok.vocab_size} "
+                         f"tokens but the model of checkpoint {reader.path} has a vocabulary of {vocab}: it is not "
+                         "this model's tokenizer")
     return tok

@@ -30,20 +30,27 @@ def rope_tables(cfg, seq_length, device, offset=0, positions=None):
 class KVSlot:
     """One layer's cached keys and values, k and v of shape (b, s, h_kv / tp, d), RoPE already applied."""
 
-    def __init__(self):
+    def __init__(self, cache=None):
         self.k = self.v = None
+        self.cache = cache  # the KVCache holding this slot: its padding and key bounds
 
     def __len__(self):
         return 0 if self.k is None else self.k.shape[1]
 
+    @property
+    def key_bounds(self):
+        """The keys each new query sees (KVCache.begin), or None for an unpadded cache."""
+        return None if self.cache is None else self.cache.key_bounds
+
     def extend(self, k, v):
         """Appends the new positions' k and v. Returns every cached k and v, and whether the new queries need
         the causal mask: only when the cache was empty, where queries and keys cover the same positions
-        (kernels.flash_attention aligns its mask top-left, query i seeing keys 0..i)."""
+        (kernels.flash_attention aligns its mask top-left, query i seeing keys 0..i). A padded cache's
+        queries take their mask from its key bounds instead, so any number of new positions may arrive."""
         if self.k is None:
             self.k, self.v = k, v
             return k, v, True
-        if k.shape[1] != 1:
+        if k.shape[1] != 1 and self.key_bounds is None:
             # A top-left mask would hide cached keys from these queries; checked before anything is appended.
             raise ValueError(f"the KV cache holds {len(self)} positions and {k.shape[1]} new ones arrive: after "
                              "the first forward a cached forward takes one token at a time")
@@ -55,17 +62,49 @@ class KVCache:
     """Keys and values of the positions a GPTModel has seen, for incremental decoding. The first
     ``model(ids, kv_cache=cache)`` fills it (causal attention over the prompt); each later call passes one
     token with ``position_offset=len(cache)``. One slot per global layer index; one cache per sequence batch
-    and per model (pipeline stage)."""
+    and per model (pipeline stage).
 
-    def __init__(self):
+    Batched generation (megagopher.generation.batch) gives ``pad``: per row, how many leading positions of
+    the cache are padding (prompts of different lengths right-aligned, as transformers' left padding). The
+    rows then carry their own ``position_ids`` and every query sees the keys from its row's first real
+    position to its own (``key_bounds``, the flash kernel's general mask), padding never. ``keep(rows)``
+    drops finished rows, so later steps cost only what the live rows cost."""
+
+    def __init__(self, pad=None):
         self.slots = {}  # layer index -> KVSlot
+        self.pad = None if pad is None else torch.as_tensor(pad, dtype=torch.long)
+        self.key_bounds = None
 
     def slot(self, layer):
-        return self.slots.setdefault(layer, KVSlot())
+        return self.slots.setdefault(layer, KVSlot(self))
 
     def __len__(self):
         """Positions held (every layer holds the same number after a forward)."""
         return max((len(s) for s in self.slots.values()), default=0)
+
+    def begin(self, s, device):
+        """Before a forward of ``s`` new positions: a padded cache's key bounds (lo, hi), int32 (b, s), query
+        i of row n seeing cache positions [lo, hi). A padding query sees itself alone (a query that saw no key
+        would turn to NaN, and NaN keys would reach the real queries through 0 * NaN)."""
+        if self.pad is None:
+            self.key_bounds = None
+            return
+        col = torch.arange(len(self), len(self) + s, device=device, dtype=torch.int32)[None, :]
+        pad = self.pad.to(device=device, dtype=torch.int32)[:, None]
+        self.key_bounds = (torch.minimum(pad, col).contiguous(), (col + 1).expand(pad.shape[0], s).contiguous())
+
+    def keep(self, rows):
+        """Keeps the batch rows ``rows`` (a list of indices) of a padded cache, then drops the leading
+        positions that are padding in every row left."""
+        if self.pad is None:
+            raise ValueError("KVCache.keep needs a padded cache (KVCache(pad=...))")
+        index = torch.as_tensor(rows, dtype=torch.long)
+        self.pad = self.pad[index]
+        trim = int(self.pad.min()) if len(rows) else 0
+        self.pad -= trim
+        for slot in self.slots.values():
+            i = index.to(slot.k.device)
+            slot.k, slot.v = slot.k[i, trim:], slot.v[i, trim:]
 
 
 class Attention(nn.Module):
@@ -86,11 +125,14 @@ class Attention(nn.Module):
                                       sequence_parallel=sequence_parallel,
                                       init_std=cfg.init_std / math.sqrt(2 * num_layers_total))
 
-    def core_attention(self, q, k, v, causal=True, cu_seqlens=None):
+    def core_attention(self, q, k, v, causal=True, cu_seqlens=None, key_bounds=None):
         """q (b, sq, h, d), k and v (b, sk, h_kv, d) -> (b, sq, h, d). ``causal``: query i sees keys 0..i
         (sq == sk); False: every query sees every key (one new token against a KV cache). ``cu_seqlens``:
-        queries see only keys of their own document (attend)."""
+        queries see only keys of their own document (attend). ``key_bounds``: a padded KV cache's mask
+        (KVCache.begin), which replaces the others (generation only)."""
         cfg = self.cfg
+        if key_bounds is not None:
+            return self._bounded_attention(q, k, v, key_bounds)
         if ps.get_cp_size() > 1 or cu_seqlens is not None:
             # Under CP this rank holds two chunks of the sequence and the rest comes round the ring; documents
             # are kept apart by the flash kernel's packed path, the micro-batch's rows laid end to end.
@@ -108,6 +150,22 @@ class Attention(nn.Module):
         probs = _dropout(probs, cfg.attention_dropout, self.training, sharded=True)
         return torch.matmul(probs, vh).transpose(1, 2)
 
+    def _bounded_attention(self, q, k, v, key_bounds):
+        """Attention where query i of row n sees keys [lo[n, i], hi[n, i]): the flash kernel's general mask,
+        or the unfused path's scores with Megatron's masked softmax (True = hidden)."""
+        if self.cfg.core_attention == "flash":
+            return kernels.flash_attention_forward(q, k, v, causal=False, key_bounds=key_bounds)[0]
+        lo, hi = key_bounds
+        col = torch.arange(k.shape[1], device=q.device)
+        hidden = ((col < lo[..., None]) | (col >= hi[..., None])).unsqueeze(1)  # (b, 1, sq, sk)
+        qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.heads_per_group > 1:
+            kh = kh.repeat_interleave(self.heads_per_group, dim=1)
+            vh = vh.repeat_interleave(self.heads_per_group, dim=1)
+        probs = kernels.scaled_masked_softmax(torch.matmul(qh, kh.transpose(-1, -2)), mask=hidden,
+                                              scale=self.cfg.head_dim ** -0.5)
+        return torch.matmul(probs, vh).transpose(1, 2)
+
     def forward(self, x, rope, kv=None, cu_seqlens=None):
         """``kv``: this layer's KVSlot, which the new keys and values join before attention."""
         return self.attend(self.qkv(x), rope, kv, cu_seqlens)
@@ -123,13 +181,14 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = _rotate(q, *rope), _rotate(k, *rope)
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # (b, s, heads, d): the kernels' layout
-        causal = True
+        causal, bounds = True, None
         if kv is not None:
             k, v, causal = kv.extend(k, v)
+            bounds = kv.key_bounds
         if self.selective_recompute and kv is None:  # Korthikanti et al. 2022: recompute only the s^2 part
             ctx = checkpoint(self.core_attention, q, k, v, True, cu_seqlens)
         else:  # a cache means inference: nothing to recompute
-            ctx = self.core_attention(q, k, v, causal, cu_seqlens)
+            ctx = self.core_attention(q, k, v, causal, cu_seqlens, bounds)
         ctx = ctx.transpose(0, 1).reshape(s, b, -1)
         return self.proj(ctx)
 

@@ -149,7 +149,8 @@ class GPTModel(nn.Module):
       - ``cu_seqlens`` (int32): the micro-batch's document boundaries, its rows laid end to end at full
         length; attention stays within documents (data.reset_attention_mask), on every stage.
       - ``kv_cache`` (a KVCache, inference only): each layer attends over its cached keys and values plus the
-        new ones and keeps the new ones; ``position_offset`` must equal ``len(kv_cache)``.
+        new ones and keeps the new ones; ``position_offset`` must equal ``len(kv_cache)``. A padded cache
+        (batched generation, rows of different lengths) takes ``position_ids`` instead and masks its padding.
     """
 
     def __init__(self, cfg, sequence_parallel=False, pre_process=True, post_process=True, layer_range=None,
@@ -208,6 +209,8 @@ class GPTModel(nn.Module):
         x = self._embed(input_ids, hidden_states, position_ids, position_offset)
         s_full = x.shape[0] * (self.tp_size if self.sp else 1)
         rope = self._rope(s_full, position_ids, position_offset, x.device)
+        if kv_cache is not None:
+            kv_cache.begin(s_full, x.device)  # a padded (batched) cache's mask for these queries
         for name, layer in self.layers.items():
             if kv_cache is not None:
                 x = layer(x, *rope, kv=kv_cache.slot(int(name)))
@@ -271,6 +274,10 @@ class GPTModel(nn.Module):
         if self.sp:
             raise ValueError("kv_cache: sequence parallelism splits the tokens over TP ranks and a decoding "
                              "step has one; build the model with sequence_parallel=False for generation")
+        if kv_cache.pad is not None:
+            if position_ids is None:
+                raise ValueError("a padded KV cache (batched generation) needs every row's position_ids")
+            return
         if offset != len(kv_cache):
             raise ValueError(f"position_offset = {offset} but the KV cache holds {len(kv_cache)} positions: "
                              "the new tokens must follow the cached ones")

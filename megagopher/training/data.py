@@ -128,16 +128,17 @@ def _split(data, micro_batch_size, device, masking=None):
 
 
 def vocab_size_of(cfg):
-    """The model's vocabulary: the tokenizer's when the data has one, else model.vocab_size. A tokenizer
-    file that is missing or damaged raises TokenizerError naming it (an InputError: one line, exit 2)."""
+    """The model's vocabulary: the tokenizer's (data.tokenizer_dir, of data.tokenizer_kind) when the data has
+    one, else model.vocab_size. A tokenizer file that is missing or damaged raises TokenizerError naming it
+    (an InputError: one line, exit 2)."""
     d = cfg.data
     if d.source == "indexed" and d.tokenizer_dir:
         # Read from files the config names, so checked here (still before any collective), not in validate.
         if not os.path.isdir(d.tokenizer_dir):
-            raise ConfigError(f"data.tokenizer_dir = {d.tokenizer_dir!r} holds no vocab.json and merges.txt "
-                              f"(it is not a directory)")
+            raise ConfigError(f"data.tokenizer_dir = {d.tokenizer_dir!r} is not a directory (it must hold a "
+                              "tokenizer: vocab.json + merges.txt, tokenizer.json or tokenizer.model)")
         from megagopher.data.tokenizer import load_tokenizer
-        return load_tokenizer(d.tokenizer_dir).vocab_size
+        return load_tokenizer(d.tokenizer_dir, d.tokenizer_kind).vocab_size
     return cfg.model.vocab_size
 
 
@@ -151,7 +152,11 @@ def eod_id_of(cfg):
     if masking[0].eod_id >= 0:
         return masking[0].eod_id
     from megagopher.data.tokenizer import load_tokenizer
-    return load_tokenizer(masking[0].tokenizer_dir).eod
+    eod = load_tokenizer(masking[0].tokenizer_dir, masking[0].tokenizer_kind).eod
+    if eod is None:
+        raise ConfigError(f"the tokenizer in data.tokenizer_dir = {masking[0].tokenizer_dir!r} has no end-of-document "
+                          "token, which document masking needs: set data.eod_id")
+    return eod
 
 
 def build_datasets(scfg, vocab_size, train_iters):

@@ -45,6 +45,7 @@ from megagopher.config import to_toml, validate
 from megagopher.training.distributed import setup_distributed
 from megagopher.training.metrics import MetricsLogger, model_flops_per_token
 from megagopher.training.resume import TrainState, check_load_paths, grow, restore_or_build, skip_finished_stages
+from megagopher.training.wandb_sink import require_wandb
 
 
 class Trainer:
@@ -61,6 +62,7 @@ class Trainer:
         self.dp = validate(cfg, self.world_size)
         self.vocab_size = data_lib.vocab_size_of(cfg)
         check_load_paths(cfg, self.vocab_size)  # read from disk, so not in validate
+        require_wandb(cfg.run)  # the environment's, so not in validate (a checkpoint's config loads without it)
         self.eod = data_lib.eod_id_of(cfg)  # None unless some stage masks documents
         self.device = setup_distributed(cfg)
         p = cfg.parallel
@@ -226,7 +228,7 @@ class Trainer:
         logger, error = None, None
         try:  # rank 0 alone writes metrics; its verdict on the file reaches every rank before training
             logger = MetricsLogger(run_dir, self.rank == 0, cfg.run.tensorboard, device_name,
-                                   resume_iteration=self.state.iteration)
+                                   resume_iteration=self.state.iteration, run_config=cfg)
         except InputError as e:
             error = e
         if not agree(error is None):

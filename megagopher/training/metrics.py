@@ -1,5 +1,6 @@
-"""What a run reports: the console line, metrics.jsonl (docs/ARCHITECTURE.md 4.3) and tensorboard scalars, plus
-the model-FLOPs accounting behind TFLOP/s and MFU.
+"""What a run reports: the console line, metrics.jsonl (docs/ARCHITECTURE.md 4.3), tensorboard scalars and,
+when run.wandb_project is set, a wandb run (training/wandb_sink.py), plus the model-FLOPs accounting behind
+TFLOP/s and MFU.
 
 Model FLOPs follow Narayanan et al. 2021 (appendix): per token, a forward pass costs 2 FLOPs per
 multiply-accumulate of every matmul (the projections, the MLP and the output head) plus the attention
@@ -52,13 +53,14 @@ def _fmt_duration(seconds):
 
 
 class MetricsLogger:
-    """Writes metrics.jsonl (one flushed line per step), tensorboard scalars and the console line. Only the
-    rank given ``enabled=True`` writes; the others do nothing."""
+    """Writes metrics.jsonl (one flushed line per step), tensorboard scalars, the console line and, when
+    ``run_config`` (the JobConfig) sets run.wandb_project, the same rows and the resolved config to wandb.
+    Only the rank given ``enabled=True`` writes; the others do nothing."""
 
-    def __init__(self, run_dir, enabled, tensorboard=True, device_name="", resume_iteration=0):
+    def __init__(self, run_dir, enabled, tensorboard=True, device_name="", resume_iteration=0, run_config=None):
         self.enabled = enabled
         self.peak = peak_tflops(device_name)
-        self.file = self.tb = None
+        self.file = self.tb = self.wandb = None
         self.start_time = time.time()
         if not enabled:
             return
@@ -74,12 +76,22 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        if run_config is not None and run_config.run.wandb_project:
+            from megagopher.config import to_tables
+            from megagopher.training.wandb_sink import WandbSink
+            try:  # last, so that no wandb run is left open when a file above cannot be used
+                self.wandb = WandbSink(run_config.run, run_dir, to_tables(run_config), resume_iteration)
+            except InputError:
+                self.close()
+                raise
 
     def log_step(self, row, console=True, stage_progress=None, run_progress=None, memory=None):
         if not self.enabled:
             return
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log("train", row)
         if self.tb is not None:
             for key in ("loss", "lr", "grad_norm", "loss_scale", "tokens_per_s", "tflops_per_device",
                         "moe_aux_loss", "moe_z_loss", "moe_load_max_over_mean", "moe_dropped"):
@@ -122,6 +134,8 @@ class MetricsLogger:
             return
         self.file.write(json.dumps({"event": "eval", **row}) + "\n")
         self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log("eval", row)
         if self.tb is not None:
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key != "iteration":
@@ -130,11 +144,14 @@ class MetricsLogger:
                          [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                           for k, v in row.items() if k not in ("iteration", "stage")]), flush=True)
 
-    def close(self):
+    def close(self, exit_code=None):
+        """exit_code: the wandb run's (None: from the error being raised through the caller, else 0)."""
         if self.file:
             self.file.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.close(exit_code)
 
 
 def _truncate_after(path, iteration):

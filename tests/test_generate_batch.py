@@ -142,6 +142,27 @@ def test_score_batch_equals_score():
     assert gen.score_tokens_batch(model, [(context, best)])[0][1] is True
 
 
+def test_scoring_groups_stay_under_the_logits_budget(monkeypatch):
+    """A group's full-vocabulary logits are bounded: with a budget of 3 rows of the longest length, groups are
+    cut by padded tokens before batch_size, and the scores are unchanged."""
+    from megagopher.generation import batch
+    lengths = [5, 9, 9, 2, 4, 7, 1]
+    groups = batch._groups(lengths, 4, max_tokens=20)
+    assert sum(groups, []) == sorted(range(7), key=lambda i: -lengths[i])
+    assert all(len(g) <= 4 and len(g) * lengths[g[0]] <= 20 or len(g) == 1 for g in groups)
+    assert [len(g) for g in groups] == [2, 2, 3]   # 9+9 | 7+5 | 4+2+1 (a third 9-long row would pass 20)
+    model = small_model(**MODELS["rope-gqa-partial-unfused"])
+    pairs = [(p, [7, 8, 9][:1 + i % 3]) for i, p in enumerate(PROMPTS)]
+    expected = gen.score_batch(model, pairs, batch_size=8)
+    seen = []   # (rows, padded tokens) of every forward
+    real = batch._score_group
+    monkeypatch.setattr(batch, "_score_group", lambda gpt, rows: seen.append(
+        (len(rows), len(rows) * max(len(c) + len(x) - 1 for c, x in rows))) or real(gpt, rows))
+    monkeypatch.setattr(batch, "SCORE_LOGITS_ELEMENTS", 12 * model.cfg.vocab_size)  # 12 tokens of logits
+    assert gen.score_batch(model, pairs, batch_size=8) == pytest.approx(expected, abs=1e-5)
+    assert len(seen) > 1 and all(rows == 1 or tokens <= 12 for rows, tokens in seen), seen
+
+
 def test_batch_errors():
     model = small_model(**MODELS["learned-flash"])
     for kwargs, message in ((dict(prompts=[[1], []]), "prompt 1 is empty"),

@@ -66,10 +66,26 @@ def _checked_prompts(model, prompts):
     return rows
 
 
-def _groups(lengths, batch_size):
-    """Row indices by decreasing length (ties in input order), ``batch_size`` at a time."""
+# Scoring holds a group's full-vocabulary logits at once (rows x longest row x vocabulary): at most this
+# many elements (1 GiB in fp32), so a Llama-3-sized vocabulary and long documents cut the group instead of
+# exhausting memory; one row is always allowed.
+SCORE_LOGITS_ELEMENTS = 1 << 28
+
+
+def _groups(lengths, batch_size, max_tokens=None):
+    """Row indices by decreasing length (ties in input order), at most ``batch_size`` at a time and, when
+    ``max_tokens`` is given, at most that many padded tokens (rows x the group's longest row) per group."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    groups, group = [], []
+    for i in order:
+        # A group's first row is its longest (decreasing order), so its padded size is rows x that length.
+        full = len(group) == batch_size or (max_tokens is not None and group
+                                            and (len(group) + 1) * lengths[group[0]] > max_tokens)
+        if full:
+            groups.append(group)
+            group = []
+        group.append(i)
+    return groups + ([group] if group else [])
 
 
 def _agree_batch(tokens, device):
@@ -227,7 +243,8 @@ def score_tokens_batch(model, pairs, batch_size=32, progress=None):
     checked = [_checked_pair(gpt, c, x, i) for i, (c, x) in enumerate(pairs)]
     out = [None] * len(checked)
     done = 0
-    for group in _groups([len(c) + len(x) for c, x in checked], batch_size):
+    max_tokens = max(1, SCORE_LOGITS_ELEMENTS // gpt.cfg.vocab_size)
+    for group in _groups([len(c) + len(x) - 1 for c, x in checked], batch_size, max_tokens):
         for i, result in zip(group, _score_group(gpt, [checked[i] for i in group])):
             out[i] = result
         done += len(group)

@@ -3,8 +3,8 @@
 
 Every format is read through a well-kept library and never whole: JSONL line by line (``gzip`` for .gz,
 pyarrow's ``CompressedInputStream(..., "zstd")`` for .zst, so zstd needs no extra package); Parquet with
-``pyarrow.parquet.ParquetFile.iter_batches``, which decodes one row group at a time and only the text columns,
-so memory follows the row-group size, not the file size (as torchtitan and nanotron read FineWeb); a
+``pyarrow.parquet.ParquetFile.iter_batches`` over one row group at a time and only the text columns, so memory
+follows the row-group size, not the file size (as torchtitan and nanotron read FineWeb); a
 ``save_to_disk`` directory as the Arrow IPC stream files its state.json lists (the layout ``datasets`` writes
 and reads back with ``Dataset.load_from_disk``), memory-mapped through ``pyarrow.ipc`` so ``datasets`` itself
 is not needed. The reader only splits the input into batches; parsing JSON, joining fields, checking UTF-8

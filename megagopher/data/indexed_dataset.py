@@ -20,6 +20,7 @@ reader checks all of that when it opens the pair (one vectorised pass over the i
 garbage. What the format cannot reveal is a changed token inside the .bin; ``token_extremes`` gives
 what a caller needs to check ids against a vocabulary (data/token_check.py).
 """
+import array
 import os
 import struct
 
@@ -242,7 +243,9 @@ class IndexedDatasetBuilder:
         os.makedirs(os.path.dirname(os.path.abspath(self.path_prefix)), exist_ok=True)
         self._tmp = f".tmp-{os.getpid()}"
         self._bin = open(data_file_path(self.path_prefix) + self._tmp, "wb")
-        self.sequence_lengths = []
+        # 4 bytes a document (the .idx's own int32), not a Python int's 36: a corpus of 100M documents keeps
+        # 0.4 GB of lengths until finalize instead of 3.6 GB.
+        self.sequence_lengths = array.array("i")
         self.num_tokens = 0
 
     def add_document(self, tokens):

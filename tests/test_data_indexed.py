@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from megagopher.data import IndexedDataset, IndexedDatasetBuilder
-from megagopher.data.bpe_trainer import count_words, train_bpe, write_tokenizer_files
 from megagopher.data.indexed_dataset import token_dtype_for
 from megagopher.data.preprocess import preprocess
 from megagopher.data.tokenizer import load_tokenizer
+from train_utils import bpe_tokenizer_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = [f"Document {i}: {'lorem ipsum dolor sit amet ' * (i % 7)}ünïcode 😀 {i * i}." for i in range(120)]
@@ -30,10 +30,7 @@ def write_docs(path, texts, bad_lines=None):
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("tok"))
-    vocab, merges = train_bpe(count_words(DOCS), 500)
-    write_tokenizer_files(d, vocab, merges)
-    return d
+    return bpe_tokenizer_dir(tmp_path_factory.mktemp("tok"), DOCS, 500)
 
 
 def test_idx_layout_byte_by_byte(tmp_path):

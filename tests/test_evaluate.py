@@ -17,13 +17,12 @@ from megagopher.evaluation.loss import document_nll, loss_of
 from megagopher.evaluation import mtpb
 from megagopher.evaluation.common import read_jsonl
 from megagopher.evaluation.mtpb import PREFIX
-from megagopher.data.bpe_trainer import count_words, train_bpe, write_tokenizer_files
 from megagopher.data.math_problems import make_math_splits
 from megagopher.data.tokenizer import load_tokenizer
 from megagopher.export.loading import model_config_of, open_checkpoint
 from megagopher.model import GPTModel
 from megagopher.training.checkpoint import load_weights
-from train_utils import ROOT, read_metrics, run_train, write_config
+from train_utils import ROOT, bpe_tokenizer_dir, read_metrics, run_train, write_config
 
 
 def test_math_accuracy_from_known_generations():
@@ -110,9 +109,7 @@ def run(tmp_path_factory):
     """A 2-step run whose config names a tokenizer trained on the math corpus, plus eval files."""
     tmp = tmp_path_factory.mktemp("eval")
     math_train, math_eval = make_math_splits(60, 3, seed=5)
-    tok_dir = str(tmp / "tok")
-    os.makedirs(tok_dir)
-    write_tokenizer_files(tok_dir, *train_bpe(count_words(r["text"] for r in math_train), 300))
+    tok_dir = bpe_tokenizer_dir(str(tmp / "tok"), (r["text"] for r in math_train), 300)
     vocab = load_tokenizer(tok_dir).vocab_size
     run_dir = str(tmp / "run")
     run_train(write_config(tmp), run_dir, f"--checkpoint.dir={tmp / 'ckpt'}", "--training.train_iters=2",

@@ -15,13 +15,12 @@ import pytest
 from lm_eval.tasks import TaskManager
 
 import megagopher.evaluation.lm_eval_adapter  # noqa: F401  registers the model "megagopher" with lm_eval
-from megagopher.data.bpe_trainer import count_words, train_bpe, write_tokenizer_files
 from megagopher.data.math_problems import make_math_splits
 from megagopher.data.tokenizer import load_tokenizer
 from megagopher.evaluation.choice import choice_accuracy, model_loglik
 from megagopher.evaluation.loss import model_loss
 from megagopher.generate import generate, load_model
-from train_utils import ROOT, run_train, write_config
+from train_utils import ROOT, bpe_tokenizer_dir, run_train, write_config
 
 CONTEXT = 128         # the model's seq_length: the long document below needs several windows
 MAX_GEN = 12
@@ -101,9 +100,7 @@ def harness(tmp_path_factory):
     """A 2-step run with a BPE tokenizer trained here, the three tasks, and lm_eval's results on them."""
     tmp = tmp_path_factory.mktemp("lm_eval")
     train, heldout = make_math_splits(40, 6, seed=3)
-    tok_dir = str(tmp / "tok")
-    os.makedirs(tok_dir)
-    write_tokenizer_files(tok_dir, *train_bpe(count_words(r["text"] for r in train), 300))
+    tok_dir = bpe_tokenizer_dir(str(tmp / "tok"), (r["text"] for r in train), 300)
     ckpt = str(tmp / "ckpt")
     run_train(write_config(tmp), str(tmp / "run"), f"--checkpoint.dir={ckpt}", "--training.train_iters=2",
               "--model.num_layers=2", f"--model.seq_length={CONTEXT}", "--model.init_std=0.3",

@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from megagopher.data import IndexedDataset
-from megagopher.data.bpe_trainer import count_words, train_bpe, write_tokenizer_files
 from megagopher.data.preprocess import preprocess
 from megagopher.data.tokenizer import load_tokenizer
 from megagopher.errors import EXIT_INPUT_ERROR
+from train_utils import bpe_tokenizer_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXTS = ([f"Doc {i}: {'lorem ipsum dolor ' * (i % 5)}ünïcode 😀 κείμενο 文本 {i * i}\n\tdef f(x):  return x"
@@ -39,10 +39,7 @@ TOOL = _load_tool()
 
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("gpt2"))
-    vocab, merges = train_bpe(count_words(TEXTS), 400)
-    write_tokenizer_files(d, vocab, merges)
-    return d
+    return bpe_tokenizer_dir(tmp_path_factory.mktemp("gpt2"), TEXTS, 400)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+from megagopher.data.bpe_trainer import count_words, train_bpe, write_tokenizer_files
 from megagopher.testing import free_port
 from megagopher.training.checkpoint import CheckpointReader, iter_dir
 from pooled_train import run_in_pool
@@ -39,6 +40,13 @@ source = "synthetic"
 [run]
 tensorboard = false
 """
+
+
+def bpe_tokenizer_dir(directory, texts, vocab_size):
+    """``directory`` (created) holding a GPT-2 BPE tokenizer of ``vocab_size`` trained on ``texts``."""
+    os.makedirs(directory, exist_ok=True)
+    write_tokenizer_files(directory, *train_bpe(count_words(texts), vocab_size))
+    return str(directory)
 
 
 def write_config(tmp_path, text=TINY, name="tiny.toml"):

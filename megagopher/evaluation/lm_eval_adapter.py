@@ -184,13 +184,13 @@ class MegagopherLM(LM):
         them by length)."""
         from megagopher.generate import score_tokens_batch
         out = [(0.0, True)] * len(pairs)  # an empty continuation has probability one
-        todo = [i for i, (_, continuation) in enumerate(pairs) if continuation]
+        scorable = [i for i, (_, continuation) in enumerate(pairs) if continuation]
         bar = tqdm(total=len(pairs), desc=desc, disable=disable_tqdm or not self._reports)
-        bar.update(len(pairs) - len(todo))
+        bar.update(len(pairs) - len(scorable))
         base = bar.n
-        scored = score_tokens_batch(self.lm, [self._fit(*pairs[i]) for i in todo], self.batch_size,
+        scored = score_tokens_batch(self.lm, [self._fit(*pairs[i]) for i in scorable], self.batch_size,
                                     progress=lambda done: bar.update(base + done - bar.n))
-        for i, (logprob, greedy) in zip(todo, scored):
+        for i, (logprob, greedy) in zip(scorable, scored):
             out[i] = (float(logprob), bool(greedy))
         bar.close()
         return out

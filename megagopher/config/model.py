@@ -65,6 +65,45 @@ class GPTConfig:
                                              "of a rank's T tokens, dropping the lowest routing weights",
                                         check=_NON_NEGATIVE)
 
+    # The architectures of 2024-2026 (issue 26): Llama 3, Qwen2/3, Mistral, DeepSeek-V2/V3.
+    kv_channels: int = option(0, "each attention head's width; 0 = hidden_size / num_attention_heads (Qwen3 sets "
+                                 "it apart, Megatron's kv_channels)", check=_NON_NEGATIVE)
+    rope_scaling: dict = option({}, "RoPE scaling table: type = 'llama3' | 'linear' | 'yarn' and its factors "
+                                    "(transformers' names; empty = none)")
+    qk_norm: bool = option(False, "RMSNorm over each head's query and key before RoPE (Qwen3, OLMo 2)")
+    qkv_bias: bool = option(False, "biases on the q, k, v projections only, whatever model.bias says (Qwen2)")
+    window_size: int = option(0, "sliding-window attention: query i sees keys i - window_size + 1 .. i; "
+                                 "0 = full attention", check=_NON_NEGATIVE)
+    window_pattern: list = option([], "per-layer 'local' (windowed) / 'global' (full) pattern, repeated over the "
+                                      "layers; empty = every layer local when window_size > 0")
+    # Multi-head latent attention (DeepSeek-V2, Liu et al. 2024): on when kv_lora_rank > 0.
+    q_lora_rank: int = option(0, "MLA: rank of the query compression; 0 = a full query projection",
+                              check=_NON_NEGATIVE)
+    kv_lora_rank: int = option(0, "MLA: rank of the key-value compression (the cached latent); 0 = no MLA",
+                               check=_NON_NEGATIVE)
+    qk_nope_head_dim: int = option(0, "MLA: query/key channels per head without RoPE", check=_NON_NEGATIVE)
+    qk_rope_head_dim: int = option(0, "MLA: query/key channels per head with RoPE (the key part shared by "
+                                      "the heads)", check=_NON_NEGATIVE)
+    v_head_dim: int = option(0, "MLA: value channels per head", check=_NON_NEGATIVE)
+    # Multi-token prediction (DeepSeek-V3).
+    mtp_num_layers: int = option(0, "multi-token prediction modules: module k predicts token t + k + 1",
+                                 check=_NON_NEGATIVE)
+    mtp_loss_weight: float = option(0.1, "weight of the mean MTP loss added to the LM loss", check=_NON_NEGATIVE)
+    # DeepSeek-V3 routing.
+    moe_bias_update_rate: float = option(0.0, "auxiliary-loss-free balancing: each step every expert's selection "
+                                              "bias moves by this rate times sign(mean load - its load); 0 = off",
+                                         check=_NON_NEGATIVE)
+    moe_n_group: int = option(1, "group-limited routing: experts in this many groups", check=_POSITIVE)
+    moe_topk_group: int = option(1, "group-limited routing: tokens pick experts from this many groups (by the "
+                                    "sum of each group's top-2 scores); with moe_n_group = 1 no limit",
+                                 check=_POSITIVE)
+    moe_routed_scaling_factor: float = option(1.0, "the routed experts' output times this factor")
+    moe_norm_topk_prob: bool = option(True, "normalise the top-k routing weights to sum to one (Qwen3-MoE may not)")
+    moe_seq_aux_loss_coeff: float = option(0.0, "sequence-wise balance loss coeff * E * sum_e f_e P_e per sequence "
+                                                "(DeepSeek-V3), averaged over the sequences", check=_NON_NEGATIVE)
+    first_k_dense: int = option(0, "the first k layers keep the dense MLP (DeepSeek's first_k_dense_replace)",
+                                check=_NON_NEGATIVE)
+
     def __post_init__(self):
         self.validate()
         if not self.num_query_groups:
@@ -79,12 +118,27 @@ class GPTConfig:
 
     @property
     def head_dim(self):
-        return self.hidden_size // self.num_attention_heads
+        """Channels per attention head (of the query and key under MLA: nope + rope)."""
+        if self.is_mla:
+            return self.qk_nope_head_dim + self.qk_rope_head_dim
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def is_mla(self):
+        return self.kv_lora_rank > 0
 
     @property
     def rotary_dim(self):
-        """Rotated channels per head: even, and at most head_dim."""
+        """Rotated channels per head: even, and at most head_dim (MLA: qk_rope_head_dim)."""
+        if self.is_mla:
+            return self.qk_rope_head_dim
         return int(self.head_dim * self.rotary_percent) // 2 * 2
+
+    def is_local_layer(self, index):
+        """Whether layer ``index`` (global, 0-based) attends within the sliding window."""
+        if not self.window_size:
+            return False
+        return not self.window_pattern or self.window_pattern[index % len(self.window_pattern)] == "local"
 
     def validate(self):
         """Every field against its declaration (type, choices, range); raises ConfigError (a ValueError)."""
@@ -92,7 +146,8 @@ class GPTConfig:
 
     def _validate_shapes(self):
         self._validate_moe()
-        if self.hidden_size % self.num_attention_heads:
+        self._validate_attention_variants()
+        if not self.kv_channels and not self.is_mla and self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"model.hidden_size = {self.hidden_size} is not divisible by "
                               f"model.num_attention_heads = {self.num_attention_heads}")
         if self.num_attention_heads % self.num_query_groups:
@@ -109,11 +164,45 @@ class GPTConfig:
 
     def is_moe_layer(self, index):
         """Whether layer ``index`` (global, 0-based) has experts instead of the dense MLP."""
-        return self.num_experts > 0 and index % self.moe_layer_freq == 0
+        return self.num_experts > 0 and index >= self.first_k_dense and index % self.moe_layer_freq == 0
+
+    def _validate_attention_variants(self):
+        bad = [p for p in self.window_pattern if p not in ("local", "global")]
+        if bad:
+            raise ConfigError(f"model.window_pattern = {self.window_pattern!r}: entries must be 'local' or 'global'")
+        if self.window_pattern and not self.window_size:
+            raise ConfigError("model.window_pattern needs model.window_size > 0")
+        validate_rope_scaling(self.rope_scaling)
+        if self.rope_scaling and self.position_embedding != "rope":
+            raise ConfigError("model.rope_scaling needs model.position_embedding = 'rope'")
+        if self.is_mla:
+            need = {k: getattr(self, k) for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")}
+            zero = [k for k, v in need.items() if not v]
+            if zero:
+                raise ConfigError(f"model.kv_lora_rank = {self.kv_lora_rank} (MLA) needs {', '.join(zero)} > 0")
+            if self.qk_rope_head_dim % 2:
+                raise ConfigError(f"model.qk_rope_head_dim = {self.qk_rope_head_dim} must be even (RoPE rotates pairs)")
+            if self.position_embedding != "rope" or self.num_query_groups not in (0, self.num_attention_heads):
+                raise ConfigError("MLA (model.kv_lora_rank > 0) needs position_embedding = 'rope' and one key/value "
+                                  "group per head (num_query_groups = 0 or num_attention_heads)")
+            if self.qk_norm or self.qkv_bias or self.kv_channels:
+                raise ConfigError("MLA (model.kv_lora_rank > 0) has its own norms and head widths: qk_norm, qkv_bias "
+                                  "and kv_channels do not apply")
+        elif self.q_lora_rank:
+            raise ConfigError(f"model.q_lora_rank = {self.q_lora_rank} needs MLA (model.kv_lora_rank > 0)")
 
     def _validate_moe(self):
         if self.num_experts and self.moe_top_k > self.num_experts:
             raise ConfigError(f"model.moe_top_k = {self.moe_top_k} exceeds model.num_experts = {self.num_experts}")
+        if self.num_experts and self.num_experts % self.moe_n_group:
+            raise ConfigError(f"model.num_experts = {self.num_experts} is not divisible by model.moe_n_group = "
+                              f"{self.moe_n_group}")
+        if self.moe_topk_group > self.moe_n_group:
+            raise ConfigError(f"model.moe_topk_group = {self.moe_topk_group} exceeds model.moe_n_group = "
+                              f"{self.moe_n_group}")
+        if self.moe_n_group > 1 and self.moe_top_k > self.moe_topk_group * self.num_experts // self.moe_n_group:
+            raise ConfigError(f"model.moe_top_k = {self.moe_top_k} exceeds the experts of model.moe_topk_group = "
+                              f"{self.moe_topk_group} groups")
         if self.moe_shared_experts and not self.num_experts:
             raise ConfigError(f"model.moe_shared_experts = {self.moe_shared_experts} needs routed experts "
                               "(model.num_experts > 0)")
@@ -125,3 +214,41 @@ class GPTConfig:
     def to_dict(self):
         return asdict(self)
 
+
+
+# RoPE scaling tables (transformers' rope_scaling / rope_parameters names): the keys each type takes and
+# their defaults (None: required).
+ROPE_SCALING_KEYS = {
+    "linear": {"factor": None},
+    "llama3": {"factor": None, "low_freq_factor": None, "high_freq_factor": None,
+               "original_max_position_embeddings": None},
+    "yarn": {"factor": None, "original_max_position_embeddings": None, "beta_fast": 32.0, "beta_slow": 1.0,
+             "mscale": 1.0, "mscale_all_dim": 0.0},
+}
+
+
+def validate_rope_scaling(table):
+    """ConfigError unless ``table`` is empty or a valid rope_scaling table (type and its keys, numbers)."""
+    if not table:
+        return
+    kind = table.get("type")
+    if kind not in ROPE_SCALING_KEYS:
+        raise ConfigError(f"model.rope_scaling.type = {kind!r}; valid: {', '.join(map(repr, ROPE_SCALING_KEYS))}")
+    keys = ROPE_SCALING_KEYS[kind]
+    for key, value in table.items():
+        if key == "type":
+            continue
+        if key not in keys:
+            raise ConfigError(f"unknown key model.rope_scaling.{key} for type {kind!r}; valid: {', '.join(keys)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"model.rope_scaling.{key} = {value!r} must be a number")
+    missing = [k for k, default in keys.items() if default is None and k not in table]
+    if missing:
+        raise ConfigError(f"model.rope_scaling (type {kind!r}) needs {', '.join(missing)}")
+    if table["factor"] <= 0:
+        raise ConfigError(f"model.rope_scaling.factor = {table['factor']} must be > 0")
+
+
+def rope_scaling_params(table):
+    """The full parameters of a rope_scaling table, defaults filled in (validate_rope_scaling first)."""
+    return {**ROPE_SCALING_KEYS[table["type"]], **table}

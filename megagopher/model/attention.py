@@ -112,8 +112,9 @@ class Attention(nn.Module):
     group, [q_g0 (heads/groups heads), k_g0, v_g0, q_g1, ...], so that splitting it contiguously over TP
     hands every rank whole groups with their own K and V."""
 
-    def __init__(self, cfg, num_layers_total, sequence_parallel, selective_recompute):
+    def __init__(self, cfg, num_layers_total, sequence_parallel, selective_recompute, layer_number=0):
         super().__init__()
+        self.layer_number = layer_number
         self.cfg, self.sp, self.selective_recompute = cfg, sequence_parallel, selective_recompute
         tp = ps.get_tp_size()
         d, g = cfg.head_dim, cfg.num_query_groups

@@ -77,7 +77,7 @@ class TransformerLayer(nn.Module):
         self.cfg, self.sp = cfg, sequence_parallel
         self.moe = cfg.is_moe_layer(layer_number)
         self.input_norm = Norm(cfg, sequence_parallel)
-        self.attention = Attention(cfg, cfg.num_layers, sequence_parallel, selective_recompute)
+        self.attention = Attention(cfg, cfg.num_layers, sequence_parallel, selective_recompute, layer_number)
         if not cfg.parallel_residual:
             self.post_attention_norm = Norm(cfg, sequence_parallel)
         if self.moe:  # experts in place of the dense MLP (model/moe.py)

@@ -4,7 +4,9 @@ and sliding-window masking, the split of a program's blocks into those that need
 not, the autotune lists, and the checks and host-side metadata shared by the launches.
 
 Head dim: the kernels run on HEAD_DIM = the next power of two (tl.dot and tl.arange need one), at least 16;
-the real D masks every store, so the padded columns are never written. Up to a padded head dim of 128
+the real D masks every store, so the padded columns are never written. V (and O, dO, dV) may have a head dim
+of its own, DV padded to HEAD_DIM_V: multi-head latent attention (DeepSeek-V2/V3, Liu et al. 2024) has
+192-channel queries and keys and 128-channel values. Up to a padded head dim of 128
 (TMA_MAX_HEAD_DIM) Q, K, V and dO are read through tensor descriptors (Triton's TensorDescriptor over the
 (b, s, h, d) tensor, block [1, rows, 1, HEAD_DIM]): on Hopper and Blackwell each tile is one TMA copy into
 shared memory, issued by one thread instead of address arithmetic and predicates in every thread, and the
@@ -23,7 +25,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._common import (DTYPE_NAMES, check_device, check_float, check_nonempty, dot_in_fp32, dot_precision,
-                      next_pow2, tile_configs)
+                      next_pow2, prune_by_head_dim, tile_configs)
 from .attention_args import check_cu_seqlens, window_left
 from .dispatch import Unsupported
 
@@ -33,15 +35,16 @@ MAX_HEAD_DIM = 256
 # registers than masked loads (every d=256 config spills with them, 240 to 1456 bytes, none without).
 TMA_MAX_HEAD_DIM = 128
 
-# Which block dimension each descriptor argument's tile spans: queries or keys.
-_DESCRIPTOR_ROWS = {"Q": "BLOCK_M", "DO": "BLOCK_M", "K": "BLOCK_N", "V": "BLOCK_N"}
+# Which block dimension each descriptor argument's tile spans (queries or keys), and its padded head dim.
+DESCRIPTOR_BLOCKS = {"Q": ("BLOCK_M", "HEAD_DIM"), "DO": ("BLOCK_M", "HEAD_DIM_V"), "K": ("BLOCK_N", "HEAD_DIM"),
+                     "V": ("BLOCK_N", "HEAD_DIM_V")}
 
 
 def set_block_shapes(nargs):
     """Autotune pre_hook: the descriptors' block shapes from the config about to run."""
-    for name, block in _DESCRIPTOR_ROWS.items():
+    for name, (block, width) in DESCRIPTOR_BLOCKS.items():
         if isinstance(nargs.get(name), TensorDescriptor):
-            nargs[name].block_shape = [1, nargs[block], 1, nargs["HEAD_DIM"]]
+            nargs[name].block_shape = [1, nargs[block], 1, nargs[width]]
 
 
 def operands(meta, *tensors):
@@ -56,14 +59,15 @@ def operands(meta, *tensors):
         size = t.element_size()
         if t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]):
             t = torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
-        out += [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 16, 1, meta["HEAD_DIM"]]), *strides(t)]
+        out += [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 16, 1, padded_head_dim(t.shape[-1])]),
+                *strides(t)]
     return out
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, smallest and largest padded head dim). Every config compiles without
-# register spills and within shared memory at each head dim it may be picked for (prune_by_head_dim), bf16 and
-# fp16, causal or not, packed or not, head dims padded or not, sm_90a and sm_100a (tools/check_kernels.py: 408
-# attention compilations, clean). Through descriptors (d <= 128) dK/dV issues wgmma at d=128 with 64-key blocks
+# register spills and within shared memory at each head dim it may be picked for (prune_by_head_dims), bf16 and
+# fp16, causal or not, packed or not, head dims padded or not, MLA's 192/128, sm_90a and sm_100a
+# (tools/check_kernels.py: 468 attention compilations, clean). Through descriptors (d <= 128) dK/dV issues wgmma at d=128 with 64-key blocks
 # of 16 queries (8 warps, 250 registers on sm_90a); 32-query blocks spill there (80-120 bytes), and at d=64
 # 8-warp 64-key tiles spill on sm_100a (4-8 bytes) where 4 warps do not. The 128 x 64 forward tile with 8 warps
 # spills at d=64 on sm_100a (8-16 bytes), with 4 warps not. The 64 x 32 dK/dV and 32 x 32 4-warp dQ tiles
@@ -77,10 +81,28 @@ DKDV_TILES = tile_configs([(32, 64, 4, 2, 16, 64), (16, 64, 8, 2, 128, 128), (64
                           set_block_shapes)
 DQ_TILES = tile_configs([(64, 64, 8, 2, 16, 128), (64, 32, 8, 2, 16, 128), (32, 64, 8, 2, 16, 256),
                          (32, 32, 4, 2, 256, 256), (16, 32, 4, 2, 16, 128)], set_block_shapes)
+# At MLA's head dims (queries and keys padded to 256, values to 128) the 4-warp 32 x 32 dQ tile spills on
+# sm_90a (16-24 bytes) where it is clean at 256/256: it serves equal head dims only (prune_by_head_dims).
+for _config in DQ_TILES:
+    _config.equal_head_dims_only = _config.num_warps == 4 and _config.kwargs == {"BLOCK_M": 32, "BLOCK_N": 32}
 # Under the interpreter every program is a Python loop: few, mid-sized blocks keep the tests quick while
 # sequence lengths 17, 129, 257 still cross block boundaries.
 INTERP_TILE = tile_configs([(32, 32, 4, 1, 16, 256)], set_block_shapes)[0]
-KEY = ["HEAD_DIM", "CAUSAL", "VARLEN", "seq_bucket"]
+KEY = ["HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "VARLEN", "seq_bucket"]
+
+
+def padded_head_dim(d):
+    """The head dim a kernel runs on: the next power of two, at least 16 (tl.dot's smallest)."""
+    return max(16, next_pow2(d))
+
+
+def prune_by_head_dims(configs, named_args, **kwargs):
+    """early_config_prune: prune_by_head_dim at the wider of the query/key and value head dims (the tiles
+    of both live in registers), less the configs marked equal_head_dims_only when the two differ
+    (tools/check_kernels.py compiles every config kept at MLA's 192/128)."""
+    dims = {kwargs.get(n, named_args.get(n)) for n in ("HEAD_DIM", "HEAD_DIM_V")} - {None}
+    kept = prune_by_head_dim(configs, named_args, HEAD_DIM=max(dims))
+    return [c for c in kept if len(dims) == 1 or not getattr(c, "equal_head_dims_only", False)]
 
 
 @triton.jit
@@ -186,11 +208,13 @@ def check_inputs(q, k, v, causal, cu_seqlens, window_size):
     if not (q.dtype == k.dtype == v.dtype):
         raise Unsupported(f"{op}: q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     b, sq, h, d = q.shape
-    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
-        raise Unsupported(f"{op}: k {tuple(k.shape)} and v {tuple(v.shape)} must be (b={b}, s_k, h_kv, d={d})")
-    if d % 8 or d > MAX_HEAD_DIM:
-        raise Unsupported(f"{op}: head dim {d} ({DTYPE_NAMES[q.dtype]}) is not supported by the Triton kernel; "
-                          f"supported: multiples of 8 up to {MAX_HEAD_DIM}")
+    if k.shape[:3] != v.shape[:3] or k.shape[0] != b or k.shape[3] != d:
+        raise Unsupported(f"{op}: k {tuple(k.shape)} and v {tuple(v.shape)} must be (b={b}, s_k, h_kv, d={d}) and "
+                          f"(b={b}, s_k, h_kv, d_v)")
+    for what, width in (("head dim", d), ("value head dim", v.shape[3])):
+        if width % 8 or width > MAX_HEAD_DIM:
+            raise Unsupported(f"{op}: {what} {width} ({DTYPE_NAMES[q.dtype]}) is not supported by the Triton "
+                              f"kernel; supported: multiples of 8 up to {MAX_HEAD_DIM}")
     if h % k.shape[2]:
         raise Unsupported(f"{op}: {h} query heads are not a multiple of {k.shape[2]} key/value heads")
     check_nonempty(op, q)
@@ -199,14 +223,15 @@ def check_inputs(q, k, v, causal, cu_seqlens, window_size):
     return window_left(window_size, causal)
 
 
-def launch_meta(q, k, causal, cu_seqlens, left):
-    """Constexprs and size arguments shared by the launches: the padded head dim, the masks, and the
-    autotuning bucket of the sequence length."""
+def launch_meta(q, k, causal, cu_seqlens, left, v=None):
+    """Constexprs and size arguments shared by the launches: the padded head dims (of q and k; of v, k's
+    when v is None), the masks, and the autotuning bucket of the sequence length."""
     dot_fp32 = dot_in_fp32(q.dtype)
-    d = q.shape[-1]
-    head_dim = max(16, next_pow2(d))
-    meta = dict(HEAD_DIM=head_dim, D=d, CAUSAL=causal, VARLEN=cu_seqlens is not None, DOT_FP32=dot_fp32,
-                PRECISION="ieee" if dot_fp32 else dot_precision(q.dtype), TMA=head_dim <= TMA_MAX_HEAD_DIM)
+    d, dv = q.shape[-1], (k if v is None else v).shape[-1]
+    head_dim, head_dim_v = padded_head_dim(d), padded_head_dim(dv)
+    meta = dict(HEAD_DIM=head_dim, D=d, HEAD_DIM_V=head_dim_v, DV=dv, CAUSAL=causal, VARLEN=cu_seqlens is not None,
+                DOT_FP32=dot_fp32, PRECISION="ieee" if dot_fp32 else dot_precision(q.dtype),
+                TMA=max(head_dim, head_dim_v) <= TMA_MAX_HEAD_DIM)
     # No window: one wider than both sequences, so i - window never cuts.
     window = left if left is not None else q.shape[1] + k.shape[1]
     return meta, window, next_pow2(max(q.shape[1], k.shape[1]))

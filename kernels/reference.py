@@ -60,7 +60,7 @@ def _attention(q, k, v, causal, softmax_scale, cu_seqlens, window_size, key_boun
 
 
 def flash_attention(q, k, v, causal=True, softmax_scale=None, cu_seqlens=None, window_size=None):
-    """q (b, s_q, h, d); k, v (b, s_k, h_kv, d) with h_kv dividing h. Returns (b, s_q, h, d).
+    """q (b, s_q, h, d); k (b, s_k, h_kv, d), v (b, s_k, h_kv, d_v) with h_kv dividing h. Returns (b, s_q, h, d_v).
     Causal masking is aligned top-left (query i sees keys 0..i), as in scaled_dot_product_attention;
     window_size=(left, 0) also hides keys before i - left. With cu_seqlens (int32 document offsets, b = 1),
     each packed document attends only within itself (kernels/attention_args.py)."""
@@ -77,8 +77,7 @@ def flash_attention_forward(q, k, v, causal=True, softmax_scale=None, cu_seqlens
 
 
 def _attention_grads_one(q, k, v, o, lse, do, causal, scale, left, key_bounds=None):
-    b, sq, h, d = q.shape
-    h_kv = k.shape[2]
+    h, h_kv = q.shape[2], k.shape[2]
     ct = _compute_dtype(q)
     qf, kf, vf, of, dof = (t.transpose(1, 2).to(ct) for t in (q, k, v, o, do))  # (b, heads, s, d)
     kf, vf = (t.repeat_interleave(h // h_kv, dim=1) for t in (kf, vf))
@@ -91,7 +90,7 @@ def _attention_grads_one(q, k, v, o, lse, do, causal, scale, left, key_bounds=No
     ds = p * (torch.matmul(dof, vf.transpose(-1, -2)) - (dof * of).sum(-1, keepdim=True))
     dq = torch.matmul(ds, kf) * scale
     dk = torch.matmul(ds.transpose(-1, -2), qf) * scale
-    dk, dv = (t.view(b, h_kv, h // h_kv, k.shape[1], d).sum(2) for t in (dk, dv))
+    dk, dv = (t.view(t.shape[0], h_kv, h // h_kv, *t.shape[2:]).sum(2) for t in (dk, dv))  # dv: v's head dim
     return [t.transpose(1, 2) for t in (dq, dk, dv)]
 
 

@@ -16,6 +16,9 @@ its input and SwiGLU both halves. Under sequence parallelism megagopher's column
 the *all-gathered* input, one copy per linear (Megatron-LM re-gathers it in the backward pass instead;
 see docs/memory.md). Korthikanti et al.'s sbh(34 + 5as/h) is the same count for GPT-3's layer with
 16-bit activations, 1-byte dropout masks and unfused attention; ``layer_activations`` itemises ours.
+Parameter counts (kv_channels, QK-norm, q/k/v biases, MLA, MoE with DeepSeek routing, MTP), FLOPs and the
+generation cache's bytes (``kv_cache_bytes``) live in memory_params.py; MLA's and MTP's activations in
+memory_arch.py.
 
 Pipelining multiplies the per-micro-batch activations by the micro-batches a stage holds at once: the
 first stage of 1F1B and ZB-H1 holds min(pp, m), GPipe all m, the interleaved schedule
@@ -30,7 +33,6 @@ saved; before it did, every micro-batch in flight also held its [s, b, h] output
 while ``fn`` runs (torch.autograd.graph.saved_tensors_hooks), parameters excluded. ``ActivationMeter``
 measures a whole schedule: the peak over its passes of what a rank holds for backward passes to come.
 """
-import math
 import weakref
 
 import torch
@@ -39,66 +41,11 @@ from megagopher.common import device_type, element_bytes
 from megagopher.config.model import GPTConfig
 from megagopher.config.schema import coerce
 from megagopher.kernels import dispatch
+from megagopher.memory_arch import mla_activations, mtp_activations
+from megagopher.memory_params import (expert_params, kv_cache_bytes, layer_params, moe_layer_count,  # noqa: F401
+                                      moe_params, padded_vocab, stage_params)
 from megagopher.pipeline_parallel.plan import build_plan, memory_bookkeeping
 from megagopher.pipeline_parallel.stages import stage_layer_ranges
-
-
-# -- parameters ------------------------------------------------------------------------------------------
-
-def _padded_vocab(cfg, tp):
-    multiple = cfg.make_vocab_size_divisible_by * tp
-    return int(math.ceil(cfg.vocab_size / multiple) * multiple)
-
-
-def layer_params(cfg, tp=1, moe=False, ep=1):
-    """Parameters of one transformer layer on one TP rank (``moe``: with experts in place of the MLP)."""
-    h, d, a, g, f = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_query_groups, cfg.ffn_hidden_size
-    norm = h * (2 if cfg.normalization == "layernorm" else 1)
-    qkv = (a + 2 * g) * d // tp
-    n = norm * (1 if cfg.parallel_residual else 2)
-    n += qkv * h + (qkv if cfg.bias else 0)                         # fused QKV, column-parallel
-    n += h * a * d // tp + (h if cfg.bias else 0)                   # output projection, row-parallel
-    if moe:
-        return n + moe_params(cfg, tp, ep)
-    return n + _mlp_params(cfg, f, tp)
-
-
-def _mlp_params(cfg, f, tp):
-    h, up = cfg.hidden_size, 2 if cfg.activation == "swiglu" else 1
-    n = up * (f // tp * h + (f // tp if cfg.bias else 0))           # fc1 (gate and up under SwiGLU)
-    return n + h * f // tp + (h if cfg.bias else 0)                 # fc2
-
-
-def moe_params(cfg, tp=1, ep=1):
-    """A MoE layer's router (E x h, replicated), its experts (each an MLP of moe_ffn_hidden_size, TP-split
-    like the MLP; fc2's bias per expert; E / ep of them on an expert-parallel rank) and its shared
-    experts' MLP, on one TP rank."""
-    e, h, f = cfg.num_experts, cfg.hidden_size, cfg.moe_ffn_hidden_size
-    n = e * h + expert_params(cfg, tp, ep)
-    if cfg.moe_shared_experts:
-        n += _mlp_params(cfg, cfg.moe_shared_experts * f, tp)
-    return n
-
-
-def expert_params(cfg, tp=1, ep=1):
-    """The routed experts of one MoE layer on one TP and expert-parallel rank."""
-    return cfg.num_experts // ep * _mlp_params(cfg, cfg.moe_ffn_hidden_size, tp)
-
-
-def stage_params(cfg, tp, num_layers, pre_process, post_process, pp=1, first_layer=0, ep=1):
-    """Parameters of one model chunk of layers first_layer .. first_layer + num_layers - 1, as GPTModel builds
-    them."""
-    h = cfg.hidden_size
-    n = sum(layer_params(cfg, tp, cfg.is_moe_layer(i), ep) for i in range(first_layer, first_layer + num_layers))
-    vocab_rows = _padded_vocab(cfg, tp) // tp
-    if pre_process:
-        n += vocab_rows * h + (cfg.max_position_embeddings * h if cfg.position_embedding == "learned" else 0)
-    if post_process:
-        n += h * (2 if cfg.normalization == "layernorm" else 1)
-        if not cfg.tie_embeddings or not pre_process:
-            n += vocab_rows * h
-        n += vocab_rows if cfg.output_bias else 0
-    return n
 
 
 # -- activations -----------------------------------------------------------------------------------------
@@ -109,7 +56,7 @@ def layer_activations(cfg, s, b, tp=1, sp=False, recompute="none", e=2, mask_byt
 
     e: bytes per activation element (2 for bf16/fp16, 4 for fp32); mask_bytes: bytes per dropout-mask
     element (1 on CUDA, where dropout keeps a bool mask; e on CPU, which keeps a scaled float mask)."""
-    h, d, a, g, f = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_query_groups, cfg.ffn_hidden_size
+    h, f = cfg.hidden_size, cfg.ffn_hidden_size
     sp = sp and tp > 1
     n = s * b                       # tokens of the micro-batch
     n_sp = n // tp if sp else n     # tokens a rank holds between the TP regions (norms, dropout, residual)
@@ -126,13 +73,34 @@ def layer_activations(cfg, s, b, tp=1, sp=False, recompute="none", e=2, mask_byt
     # autograd function: tensor_parallel/layers.py).
     norms_feeding = 1 if cfg.parallel_residual else 2 - moe  # a MoE layer's router keeps its own input
     out["column-parallel inputs"] = norms_feeding * n * h * e
-    rope, grouped = cfg.position_embedding == "rope", a != g
+    if cfg.is_mla:  # model/mla.py: its down projections keep the attention norm's output themselves
+        out["column-parallel inputs"] -= 0 if cfg.parallel_residual else n * h * e
+        out.update(mla_activations(cfg, s, b, tp, sp, recompute, e, mask_bytes))
+    else:
+        out.update(_attention_activations(cfg, s, b, tp, recompute, e, mask_bytes))
+    if moe:
+        out.update(moe_activations(cfg, n, n_sp, tp, e, ep, b))
+    else:
+        out["MLP (activation input(s), fc2 input)"] = (3 if swiglu else 2) * n * f // tp * e
+    if cfg.dropout > 0:
+        out["hidden dropout masks"] = (1 if cfg.parallel_residual else 2) * n_sp * h * mask_bytes
+    return out
+
+
+def _attention_activations(cfg, s, b, tp, recompute, e, mask_bytes):
+    """What model/attention.py's block keeps beyond its input (the column-parallel input above), itemised."""
+    d, a, g, n = cfg.head_dim, cfg.num_attention_heads, cfg.num_query_groups, s * b
+    out = {}
+    rope, grouped, qk_norm = cfg.position_embedding == "rope", a != g, cfg.qk_norm
     repeat_kv = cfg.core_attention == "unfused" and grouped and recompute != "selective"
-    if not repeat_kv:  # v (and k) are views of the projection's output, which therefore stays alive
+    if not repeat_kv or qk_norm:  # v (and k) are views of the projection's output, which therefore stays alive
         out["qkv (projection output)"] = n * (a + 2 * g) * d // tp * e
-    if rope or grouped:  # q is a copy: rotated, or reshaped out of the grouped layout
+    if qk_norm:  # Qwen3's per-head RMSNorm keeps its inputs, views of the above but for a grouped q's copy,
+        # and fp32 statistics per head and token
+        out["QK-norm (q input, statistics)"] = (n * a * d // tp * e if grouped else 0) + n * (a + g) // tp * 4
+    if rope or grouped or qk_norm:  # q is a copy: rotated, normalised, or reshaped out of the grouped layout
         out["q (rotated or regrouped copy)"] = n * a * d // tp * e
-    if rope:
+    if (rope or qk_norm) and not repeat_kv:  # repeated to every head, k's copy is saved as that instead
         out["k (rotated copy)"] = n * g * d // tp * e
     if recompute != "selective":  # selective recompute keeps q, k, v and recomputes the rest of the core
         heads = a // tp
@@ -150,31 +118,32 @@ def layer_activations(cfg, s, b, tp=1, sp=False, recompute="none", e=2, mask_byt
     # kept by the kernel, only as this input.
     if not (cfg.core_attention == "flash" and recompute != "selective"):
         out["output projection input"] = n * a * d // tp * e
-    if moe:
-        out.update(moe_activations(cfg, n, n_sp, tp, e, ep))
-    else:
-        out["MLP (activation input(s), fc2 input)"] = (3 if swiglu else 2) * n * f // tp * e
-    if cfg.dropout > 0:
-        out["hidden dropout masks"] = (1 if cfg.parallel_residual else 2) * n_sp * h * mask_bytes
     return out
 
 
-def moe_activations(cfg, n, n_sp, tp, e, ep=1):
-    """What a MoE layer keeps for its backward (model/moe.py, moe_experts.py): the router's fp32 input and
-    probabilities, top-k and normalisers, the permuted rows (n * k of them: every token the experts see,
-    gathered over TP, times top-k), the experts' MLP tensors on those rows and the grouped GEMMs' int32
-    offsets, the combine's fp32 expert outputs and routing weights, the permutation's int64 indices (the
-    (expert, token) pairs, and the copies two gathers keep); and the shared experts' MLP. Under expert
-    parallelism a rank's experts see n * k rows when the load is balanced (the count assumes it), and the
-    all-to-all dispatcher keeps its two int64 regrouping permutations (model/moe_dispatch.py)."""
+def moe_activations(cfg, n, n_sp, tp, e, ep=1, b=1):
+    """What a MoE layer keeps for its backward (model/moe.py, moe_router.py, moe_experts.py): the router's fp32
+    input (and in a 16-bit model its weight's fp32 copy), logits and scores, top-k indices, the log-sum-exp, and
+    the top-k weights and their sum when they are normalised (a sigmoid router also its scores' sum, the
+    sequence-wise loss its [b, E] means, capacity its keep mask); the permuted rows (n * k of them: every token
+    the experts see, gathered over TP, times top-k), the experts' MLP tensors on those rows and the grouped
+    GEMMs' int32 offsets (per local expert), the combine's fp32 expert outputs, routing weights and int64 token
+    indices (a view of nonzero's [rows, 2]; with biases also the two expanded biases' indices); and the shared
+    experts' MLP. Under expert parallelism a rank's experts see n * k rows when the load is balanced (the count
+    assumes it), and the all-to-all dispatcher keeps its two int64 regrouping permutations
+    (model/moe_dispatch.py)."""
     h, k, experts, f = cfg.hidden_size, cfg.moe_top_k, cfg.num_experts, cfg.moe_ffn_hidden_size
     rows, swiglu = n * k, cfg.activation == "swiglu"
-    out = {"MoE router (fp32 input, probabilities, top-k)": n_sp * (h * 4 + 2 * experts * 4 + k * 12 + 8)
-           + experts * 4 + 4,
+    per_token = h * 4 + 2 * experts * 4 + k * 8 + 4
+    per_token += (k * 4 + 4 if cfg.moe_norm_topk_prob else 0) + (4 if cfg.moe_router == "sigmoid" else 0)
+    router = n_sp * per_token + experts * 4 + 4 + (experts * h * 4 if e != 4 else 0)  # 16-bit: W's fp32 copy
+    router += (b * experts * 4 if cfg.moe_seq_aux_loss_coeff > 0 else 0) + \
+        (n_sp * experts if cfg.moe_capacity_factor > 0 else 0)
+    out = {"MoE router (fp32 input, logits, scores, top-k)": router,
            "MoE permuted expert inputs": rows * h * e,
            "MoE experts (activation input(s), fc2 input, offsets)": (3 if swiglu else 2) * rows * f // tp * e
-           + 2 * (experts + 1) * 4,
-           "MoE combine (fp32 outputs, weights, indices)": rows * (h * 4 + 4 + 32)}
+           + 2 * (experts // ep + 1) * 4,
+           "MoE combine (fp32 outputs, weights, indices)": rows * (h * 4 + 4 + 16 + (16 if cfg.bias else 0))}
     if ep > 1:
         out["MoE all-to-all permutations (int64)"] = 2 * rows * 8
     if cfg.moe_shared_experts:
@@ -196,7 +165,7 @@ def extra_activations(cfg, s, b, tp=1, sp=False, pre_process=True, post_process=
     sp = sp and tp > 1
     n = s * b
     n_sp = n // tp if sp else n
-    vocab_rows = _padded_vocab(cfg, tp) // tp
+    vocab_rows = padded_vocab(cfg, tp) // tp
     out = {}
     if pre_process:
         ids = 8 * n + (n if tp > 1 else 0)  # int64 ids (over TP: this shard's local ids, and the outside mask)
@@ -247,9 +216,15 @@ def _chunk_activations(cfg, chunk, t, p, e, mask_bytes):
         for k, v in layer_activations(cfg, s, t.micro_batch_size, p.tp, p.sp, mode, e, mask_bytes,
                                       cfg.is_moe_layer(start + i), p.ep).items():
             items[k] = items.get(k, 0) + v
-    for k, v in extra_activations(cfg, s, t.micro_batch_size, p.tp, p.sp, pre, post, e,
-                                  mask_bytes).items():
-        items[k] = items.get(k, 0) + v
+    parts = [extra_activations(cfg, s, t.micro_batch_size, p.tp, p.sp, pre, post, e, mask_bytes)]
+    if post and cfg.mtp_num_layers:  # the MTP modules' layers run outside the model's recompute
+        parts.append(mtp_activations(cfg, s, t.micro_batch_size, p.tp, p.sp, e, padded_vocab(cfg, p.tp) // p.tp))
+        parts += [{"MTP transformer layers": sum(layer_activations(
+            cfg, s, t.micro_batch_size, p.tp, p.sp, "none", e, mask_bytes, cfg.is_moe_layer(cfg.num_layers + k),
+            p.ep).values())} for k in range(cfg.mtp_num_layers)]
+    for part in parts:
+        for k, v in part.items():
+            items[k] = items.get(k, 0) + v
     return items
 
 
@@ -283,17 +258,21 @@ def memory_report(model_cfg, parallel=None, training=None, optimizer=None, world
         n_params = sum(stage_params(cfg, p.tp, layers, pre, post, first_layer=start, ep=p.ep)
                        for layers, pre, post, start in chunks)
         # Under expert parallelism ZeRO-1 shards the experts' state over expert DP (dp * cp / ep ranks).
-        moe_layers = sum(cfg.is_moe_layer(i) for layers, _, _, start in chunks for i in range(start, start + layers))
+        moe_layers = sum(moe_layer_count(cfg, start, layers, post) for layers, _, post, start in chunks)
         n_experts = moe_layers * expert_params(cfg, p.tp, p.ep) if p.ep > 1 else 0
         per_chunk, items = [], {}
         for chunk in chunks:
             chunk_items = _chunk_activations(cfg, chunk, t, p, e, mask_bytes)
+            # The rotary tables are cached (model/rope.py): one copy for every chunk and micro-batch in flight.
+            tables = chunk_items.pop("rotary tables", 0)
             per_chunk.append(sum(chunk_items.values()))
             for k, v in chunk_items.items():
                 items[k] = items.get(k, 0) + v
         in_flight = in_flight_microbatch_chunks(p.schedule, p.pp, p.vpp, num_microbatches, rank)
         # Chunks are held in turn; count the average chunk once per micro-batch-chunk in flight.
-        activations = int(sum(per_chunk) / len(per_chunk) * in_flight)
+        activations = int(sum(per_chunk) / len(per_chunk) * in_flight) + tables
+        if tables:
+            items["rotary tables"] = tables
         model_states = {"params": n_params * e, "grads": n_params * 4,
                         "optimizer": (n_params - n_experts) * state_bytes // (dp * p.cp if o.distributed else 1)
                         + n_experts * state_bytes // (dp * p.cp // p.ep if o.distributed else 1)}

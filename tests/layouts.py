@@ -24,6 +24,7 @@ from megagopher import parallel_state as ps
 from megagopher.common import PRECISION_DTYPES, all_gather_single
 from megagopher.distributed import finalize_model_grads, wrap_data_parallel
 from megagopher.model import GPTConfig
+from megagopher.model.mtp import MTPLosses, attach_mtp_losses, mtp_inputs, mtp_token_counts
 from megagopher.optimizer import build_optimizer
 from megagopher.pipeline_parallel.schedules import forward_backward
 from megagopher.pipeline_parallel.stages import build_model_chunks
@@ -160,11 +161,11 @@ def _accumulate(chunks, mbs, loss_fn, step, on_microbatch):
             on_microbatch(step, i, last, chunks[0])
         with torch.enable_grad():
             if last:
-                per_token = chunks[0](mb["tokens"], labels=mb["labels"])
+                per_token = chunks[0](mb["tokens"], labels=mb["labels"], **mtp_inputs(mb))
                 loss_fn(per_token).backward()
             else:
                 with chunks[0].no_sync():
-                    per_token = chunks[0](mb["tokens"], labels=mb["labels"])
+                    per_token = chunks[0](mb["tokens"], labels=mb["labels"], **mtp_inputs(mb))
                     loss_fn(per_token).backward()
         loss_sum += per_token.detach().float().sum()
     return loss_sum
@@ -196,7 +197,10 @@ def train(cfg, tp=None, pp=1, schedule="1f1b", distributed=False, steps=STEPS, p
     for step in range(steps):
         optimizer.zero_grad()
         indices = global_batch_indices(step * GLOBAL_BATCH, GLOBAL_BATCH, ps.get_dp_rank(), ps.get_dp_size())
-        mbs = microbatches(data, indices, MICRO_BATCH, "cpu")  # this CP rank's chunk of each sequence
+        mbs = microbatches(data, indices, MICRO_BATCH, "cpu", mtp_depth=cfg.mtp_num_layers)  # this CP rank's chunks
+        if cfg.mtp_num_layers:  # each depth's mean over the global batch's targets, weighted as training/loop.py does
+            counts = mtp_token_counts(mbs, GLOBAL_BATCH, cfg.seq_length, cfg.mtp_num_layers, "cpu")
+            attach_mtp_losses(chunks, MTPLosses.for_step(cfg, counts, float(optimizer.scale_loss(1.0))))
         if pp > 1:
             loss_sum = forward_backward(chunks, mbs, loss_fn, schedule=schedule)
         else:

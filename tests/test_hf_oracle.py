@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megagopher.export.hf_arch import rules
+from megagopher.export.hf_rules import rules
 from megagopher.export.hf_import import import_hf, our_tensors, read_weights
 from megagopher.testing import spawn
 

@@ -57,7 +57,7 @@ def test_aux_and_z_loss_and_gradients_match_float64_reference(router):
     weights, routing_map = module(x, losses, layer=3)
     assert torch.allclose(weights.sum(-1), torch.ones(T)) and routing_map.sum(-1).eq(K).all()
     (weights * 0.0).sum().backward()  # only the aux terms reach the router now
-    (aux_sum, z_sum, dropped, micro_batches, *tokens), = losses.pop().values()
+    (aux_sum, z_sum, dropped, micro_batches, _seq_aux, *tokens), = losses.pop().values()
     xr, wr = x.detach().double().requires_grad_(), module.weight.detach().double().requires_grad_()
     aux, z = _reference_aux(xr, wr, router, cfg.moe_aux_loss_coeff, cfg.moe_z_loss_coeff)
     (aux + z).backward()
@@ -102,7 +102,7 @@ def test_capacity_count_reaches_the_step_record():
     x = torch.zeros(6, 1, 4)
     x[:, 0, 0] = torch.arange(6.0) + 1.0  # every token prefers expert 0; its capacity is ceil(1 * 6 * 1 / 4) = 2
     layer(x).sum().backward()
-    (_, _, dropped, _, *tokens), = layer.aux_losses.pop().values()
+    (_, _, dropped, _, _, *tokens), = layer.aux_losses.pop().values()
     assert dropped == 4 and tokens == [6.0, 0.0, 0.0, 0.0]
 
 

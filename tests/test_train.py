@@ -149,6 +149,7 @@ train_iters = 20
     ("tiny", 1), ("quickstart", 8), ("codegen_cpu", 4), ("long_context_cpu", 4),
     ("gopher_44m", 8), ("gopher_117m", 8), ("gopher_417m", 8), ("gopher_1.4b", 8), ("gopher_7.1b", 8),
     ("codegen_350m", 8), ("codegen_2.7b", 8), ("codegen_6.1b", 8), ("codegen_16.1b", 8),
+    ("qwen3_8b", 8), ("deepseek_v3_16b", 8), ("deepseek_tiny_cpu", 8),
 ])
 def test_example_configs_are_valid_for_their_launchers(name, world):
     from train_utils import ROOT

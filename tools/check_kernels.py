@@ -1,7 +1,8 @@
 """Compile every megagopher Triton kernel for Hopper (sm_90a) and, where the installed Triton can,
 Blackwell (sm_100a), with no GPU, and check each autotune configuration's registers, spills and shared memory.
 
-    python tools/check_kernels.py            # full sweep: bf16, fp16; head dims 64, 80, 128, 256; causal or not
+    python tools/check_kernels.py            # full sweep: bf16, fp16; head dims 64, 80, 128, 256 and MLA's
+                                             # 192/128 (queries and keys / values); causal or not
     python tools/check_kernels.py --quick    # every kernel once per arch: its largest tile, bf16 (the CI test)
     python tools/check_kernels.py --kernels _grouped_fwd_kernel,norms --arch 100 --dtype bf16   # a narrower sweep
 
@@ -54,15 +55,16 @@ def _kernel(module, name):
 # to 16384 wide (norms.gpu_launches), softmax rows of 4096 and 8192 keys (softmax.gpu_launches), the delta
 # kernel at each head dim (attention_bwd.delta_launch), 4096-logit blocks, head dim 128 RoPE.
 def _attention_sets(head_dims):
-    """Per head dim (padded to a power of two, as the wrapper does): causal and not, and causal packed documents
-    (the document-bound loads of VARLEN; a window is a runtime argument and compiles the same)."""
+    """Per head dim, d or (d of queries and keys, d_v of values) (padded to a power of two, as the wrapper
+    does): causal and not, and causal packed documents (the document-bound loads of VARLEN; a window is a
+    runtime argument and compiles the same)."""
     sets = []
     tma_max = _kernel("attention_tiles", "TMA_MAX_HEAD_DIM")
-    for d in head_dims:
+    for d, dv in (dims if isinstance(dims, tuple) else (dims, dims) for dims in head_dims):
         for causal, varlen in ((True, False), (False, False), (True, True)):
-            head_dim = triton.next_power_of_2(d)
-            sets.append(dict(HEAD_DIM=head_dim, D=d, CAUSAL=causal, VARLEN=varlen, DOT_FP32=False, PRECISION="tf32",
-                             TMA=head_dim <= tma_max))
+            head_dim, head_dim_v = triton.next_power_of_2(d), triton.next_power_of_2(dv)
+            sets.append(dict(HEAD_DIM=head_dim, D=d, HEAD_DIM_V=head_dim_v, DV=dv, CAUSAL=causal, VARLEN=varlen,
+                             DOT_FP32=False, PRECISION="tf32", TMA=max(head_dim, head_dim_v) <= tma_max))
     return sets
 
 
@@ -72,8 +74,10 @@ def specs(head_dims):
     norm_ptr = {"MEAN": "fp32", "RSTD": "fp32", "DW_PARTIAL": "fp32", "DB_PARTIAL": "fp32", "ROW_C": "fp32"}
     ce_ptr = {n: "fp32" for n in ("LOSS", "LSE", "MAX", "SUMEXP", "TARGET", "SUMX", "DLOSS")}
     ce_ptr.update(LABELS="i64", V="i32")  # V is the vocabulary size here, not a pointer
-    # The attention kernels read Q, K, V and dO through tensor descriptors of a config's block rows.
-    attn_desc = dict(attn_ptr, Q="desc:BLOCK_M", DO="desc:BLOCK_M", K="desc:BLOCK_N", V="desc:BLOCK_N")
+    # The attention kernels read Q, K, V and dO through tensor descriptors of a config's block rows and the
+    # padded head dim of queries and keys (HEAD_DIM) or values (HEAD_DIM_V).
+    blocks = _kernel("attention_tiles", "DESCRIPTOR_BLOCKS")
+    attn_desc = dict(attn_ptr, **{name: f"desc:{rows}:{width}" for name, (rows, width) in blocks.items()})
     launches = [launch for n in (4096, 8192, 16384) for rms in (True, False) for fused in (False, True)
                 for launch in _kernel("norms", "gpu_launches")(n, rms, fused)]
     norm_sets = {}  # plain and residual-fused norms 4096 to 16384 wide, as their wrappers launch them (deduplicated)
@@ -88,7 +92,9 @@ def specs(head_dims):
         ("attention_bwd", "_bwd_dkdv_kernel", attn_desc, ("sm_scale", "qk_scale"), _attention_sets(head_dims)),
         ("attention_bwd", "_bwd_dq_kernel", attn_desc, ("sm_scale", "qk_scale"), _attention_sets(head_dims)),
         ("attention_bwd", "_bwd_delta_kernel", attn_ptr, (),
-         [dict(HEAD_DIM=p, D=d, **delta_launch(p)) for d, p in ((d, triton.next_power_of_2(d)) for d in head_dims)]),
+         [dict(HEAD_DIM=p, D=d, **delta_launch(p)) for d, p in  # o and dO have the values' head dim
+          ((d, triton.next_power_of_2(d)) for d in dict.fromkeys(h[1] if isinstance(h, tuple) else h
+                                                                  for h in head_dims))]),
         ("norms", "_norm_fwd_kernel", norm_ptr, ("eps",), list(norm_sets["_norm_fwd_kernel"].values())),
         ("norms", "_norm_bwd_rows_kernel", norm_ptr, (), list(norm_sets["_norm_bwd_rows_kernel"].values())),
         ("norms", "_norm_bwd_kernel", norm_ptr, (), list(norm_sets["_norm_bwd_kernel"].values())),
@@ -176,8 +182,8 @@ def compile_one(job):
         elif ptr.get(p.name) == "i32":
             signature[p.name] = "i32"
         elif ptr.get(p.name, "").startswith("desc:") and values["TMA"]:  # (b, s, h, d), block [1, rows, 1, d]
-            rows = values[ptr[p.name].removeprefix("desc:")]
-            signature[p.name] = f"tensordesc<{dtype}[1, {rows}, 1, {values['HEAD_DIM']}]>"
+            rows, width = (values[n] for n in ptr[p.name].split(":")[1:])
+            signature[p.name] = f"tensordesc<{dtype}[1, {rows}, 1, {width}]>"
         elif p.name in ptr and ptr[p.name].startswith("desc:"):  # the same argument as a pointer, without TMA
             signature[p.name] = _PTR[dtype]
         elif p.name in ptr or (p.name.isupper() and p.name not in _INT_NAMES):
@@ -204,7 +210,7 @@ def jobs(quick=False, only=None, arch=None, dtype=None):
     """Every compilation of the sweep, as (module, kernel, pointer types, float args, constexprs, config, arch,
     dtype). ``only``: kernel or module names to keep; ``arch`` / ``dtype``: lists overriding the sweep's. --quick:
     per kernel the one compilation with the largest tile at head dim 128, causal (bf16), for every arch."""
-    head_dims, dtypes = ((128,), ("bf16",)) if quick else ((64, 80, 128, 256), ("bf16", "fp16"))
+    head_dims, dtypes = ((128,), ("bf16",)) if quick else ((64, 80, 128, 256, (192, 128)), ("bf16", "fp16"))
     targets, dtypes = arch or archs(), dtype or dtypes
     out = []
     for module, name, ptr, floats, const_sets in specs(head_dims):

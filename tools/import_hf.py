@@ -5,16 +5,19 @@
                               [--tokenizer-kind gpt2|huggingface|sentencepiece|tiktoken]
 
 HF_DIR holds config.json and model.safetensors or pytorch_model.bin (or their sharded *.index.json) of a
-LlamaForCausalLM (GQA included), GPTNeoXForCausalLM, GPT2LMHeadModel, CodeGenForCausalLM or
-MixtralForCausalLM. DIR receives an iteration-0 checkpoint without optimizer state (it loads under any layout, for training and for
-megagopher.generate), DIR/config.toml with the matching [model] (over FILE.toml's other sections when
---base-config is given; checkpoint.dir = DIR and checkpoint.load = "auto" unless FILE sets them) and
-DIR/tokenizer/: the model's tokenizer whatever its kind (tokenizer.json, a SentencePiece or tiktoken
-tokenizer.model, or GPT-2's vocab.json + merges.txt; --tokenizer-kind picks one when HF_DIR holds several)
-with tokenizer_config.json, special_tokens_map.json and generation_config.json, named by config.toml's
-data.tokenizer_dir and data.tokenizer_kind. A model megagopher cannot compute exactly (RoPE scaling, an
-unknown activation, ...) is an error naming the feature; so is a tokenizer that does not read, is larger
-than the model's embedding, or whose end-of-document token is not config.json's eos_token_id
+LlamaForCausalLM (GQA included; rope_scaling llama3, linear or yarn), GPTNeoXForCausalLM, GPT2LMHeadModel,
+CodeGenForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM,
+Qwen3MoeForCausalLM or DeepseekV3ForCausalLM (with its multi-token prediction modules when
+HF_DIR/mtp.safetensors or the weights' layers num_hidden_layers.. hold them). DIR receives an iteration-0
+checkpoint without optimizer state (it loads under any layout, for training and for megagopher.generate),
+DIR/config.toml with the matching [model] (over FILE.toml's other sections when --base-config is given;
+checkpoint.dir = DIR and checkpoint.load = "auto" unless FILE sets them) and DIR/tokenizer/: the model's
+tokenizer whatever its kind (tokenizer.json, a SentencePiece or tiktoken tokenizer.model, or GPT-2's
+vocab.json + merges.txt; --tokenizer-kind picks one when HF_DIR holds several) with tokenizer_config.json,
+special_tokens_map.json and generation_config.json, named by config.toml's data.tokenizer_dir and
+data.tokenizer_kind. A model megagopher cannot compute exactly (dynamic RoPE, an unknown activation, attention
+biases on o_proj, ...) is an error naming the feature; so is a tokenizer that does not read, is larger than
+the model's embedding, or whose end-of-document token is not config.json's eos_token_id
 (--no-tokenizer imports the weights alone).
 """
 import argparse

@@ -72,7 +72,8 @@ class GPTConfig:
                                     "(transformers' names; empty = none)")
     qk_norm: bool = option(False, "RMSNorm over each head's query and key before RoPE (Qwen3, OLMo 2)")
     qkv_bias: bool = option(False, "biases on the q, k, v projections only, whatever model.bias says (Qwen2)")
-    window_size: int = option(0, "sliding-window attention: query i sees keys i - window_size + 1 .. i; "
+    window_size: int = option(0, "sliding-window attention: query i sees keys i - window_size + 1 .. i "
+                                 "(transformers' sliding_window; flash-attn's window_size (w - 1, 0)); "
                                  "0 = full attention", check=_NON_NEGATIVE)
     window_pattern: list = option([], "per-layer 'local' (windowed) / 'global' (full) pattern, repeated over the "
                                       "layers; empty = every layer local when window_size > 0")
@@ -188,6 +189,9 @@ class GPTConfig:
             if self.qk_norm or self.qkv_bias or self.kv_channels:
                 raise ConfigError("MLA (model.kv_lora_rank > 0) has its own norms and head widths: qk_norm, qkv_bias "
                                   "and kv_channels do not apply")
+            if self.parallel_residual or self.window_size:
+                raise ConfigError("MLA (model.kv_lora_rank > 0) runs sequential blocks with full causal attention: "
+                                  "parallel_residual and window_size do not apply (model/mla.py)")
         elif self.q_lora_rank:
             raise ConfigError(f"model.q_lora_rank = {self.q_lora_rank} needs MLA (model.kv_lora_rank > 0)")
 
@@ -206,6 +210,12 @@ class GPTConfig:
         if self.moe_shared_experts and not self.num_experts:
             raise ConfigError(f"model.moe_shared_experts = {self.moe_shared_experts} needs routed experts "
                               "(model.num_experts > 0)")
+        if self.moe_n_group > 1 and self.num_experts // self.moe_n_group < 2:
+            raise ConfigError(f"model.moe_n_group = {self.moe_n_group} leaves fewer than 2 of model.num_experts = "
+                              f"{self.num_experts} in a group (a group scores its two best experts)")
+        if self.moe_bias_update_rate > 0 and self.moe_router != "sigmoid":
+            raise ConfigError(f"model.moe_bias_update_rate = {self.moe_bias_update_rate} needs model.moe_router = "
+                              f"'sigmoid' (the balancing bias is DeepSeek-V3's), not {self.moe_router!r}")
 
     @classmethod
     def keys(cls):

@@ -219,6 +219,9 @@ def _check_growth(cfg):
                                   f"model.moe_ffn_hidden_size = {m.moe_ffn_hidden_size} must be "
                                   f"model.ffn_hidden_size = {m.ffn_hidden_size} (or 0)")
         new_layers = stage.grow.get("num_layers", layers)
+        if m.mtp_num_layers and new_layers != layers:  # their layers are numbered after the model's (model/mtp.py)
+            raise ConfigError(f"{where}.num_layers = {new_layers}: progressive stacking of a model with multi-token "
+                              f"prediction modules (model.mtp_num_layers = {m.mtp_num_layers}) is not supported")
         if experts and new_layers != layers and layers % m.moe_layer_freq:
             raise ConfigError(f"{where}.num_layers = {new_layers}: layer i copies layer i mod {layers}, which "
                               f"under model.moe_layer_freq = {m.moe_layer_freq} may be of the other kind (dense or "

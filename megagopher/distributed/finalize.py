@@ -57,13 +57,14 @@ def finalize_model_grads(model_chunks):
 
 
 def tied_embedding_params(model):
-    """The word-embedding weight (first stage) or its output-head copy (last stage) of a tied model."""
+    """The word-embedding weight (first stage) or the last stage's copy of it: the tied output head, or the
+    multi-token prediction modules' embedding (model/mtp.py) of an untied model."""
     model = unwrap_model(model)
-    if not model.cfg.tie_embeddings:
+    if not (model.cfg.tie_embeddings or model.cfg.mtp_num_layers):
         return []
     if model.pre_process:
         return [model.embedding.word.weight]
     if model.post_process:
-        return [model.output_layer]
+        return [model.output_layer if model.cfg.tie_embeddings else model.mtp.embedding]
     return []
 

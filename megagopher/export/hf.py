@@ -15,8 +15,30 @@ model exactly and an explicit choice is checked the same way:
   codegen   CodeGenForCausalLM: layernorm, gelu, rope (rotary_dim, base 10000), parallel residual, no
                                 attention biases, an output bias (lm_head.bias); no GQA, heads % 4 == 0.
   mixtral   MixtralForCausalLM: Llama's layer without biases, a MoE block in every layer: softmax
-                                router, top-k renormalised, dropless, no shared experts; GQA kept. The
-                                only format for a model with experts (the others have none).
+                                router, top-k renormalised, dropless, no shared experts; GQA kept.
+  mistral   MistralForCausalLM: Llama's layer without biases, a sliding window in every layer.
+  qwen2     Qwen2ForCausalLM:   Llama's layer with biases on q, k, v only (model.qkv_bias), a sliding
+                                window on any layers (layer_types).
+  qwen3     Qwen3ForCausalLM:   Llama's layer without biases, with per-head q/k RMSNorm (model.qk_norm),
+                                a sliding window on any layers (layer_types).
+  qwen3_moe Qwen3MoeForCausalLM: Qwen3's attention, softmax-routed experts (renormalised or not), dense
+                                layers anywhere (mlp_only_layers), a sliding window in every layer or none.
+  deepseek_v3 DeepseekV3ForCausalLM: multi-head latent attention, sigmoid routing with the selection bias,
+                                group-limited, scaled, shared experts, dense first layers, RoPE / YaRN; the
+                                multi-token prediction modules in mtp.safetensors (below).
+Llama and every format after it carry model.rope_scaling 'linear', 'llama3' and (without mscale_all_dim,
+which scales the softmax of DeepSeek's attention only) 'yarn', and a head width apart from hidden_size /
+heads (head_dim, model.kv_channels). Their config.json is hf_config_recent.py's, their weights
+hf_arch_recent.py's.
+
+The MTP file. transformers' DeepseekV3ForCausalLM does not run multi-token prediction, so its modules ride
+beside the model in OUT/mtp.safetensors, under the names DeepSeek's published checkpoints give them: module
+k is layer num_hidden_layers + k, model.layers.{L+k}.enorm.weight, .hnorm.weight, .eh_proj.weight (the
+projection of [enorm(embedding); hnorm(hidden)]), the transformer layer's own tensors under the same names
+as a layer of the model (input_layernorm, self_attn.*, post_attention_layernorm, mlp.*), and
+.shared_head.norm.weight (the module's final norm); the shared embedding and head are written too, as
+.embed_tokens.weight and .shared_head.head.weight (copies, checked equal on import). config.json's
+num_nextn_predict_layers counts the modules; the import reads the file back (hf_import.py).
 
 The weight mapping, both ways, is hf_arch.py's (the import, hf_import.py, reads it backwards). GeLU is
 "gelu_pytorch_tanh" (GPT-2's "gelu_new" formula) for ours, "gelu" for gelu_exact. A model without biases
@@ -29,7 +51,10 @@ import torch
 from safetensors.torch import save_file
 
 from megagopher.common import TRAINING_DTYPES, dtype_name
-from megagopher.export.hf_arch import CODEGEN_MP_NUM, FORMATS, HF_ACT, MappingError, missing_bias_rows, rules
+from megagopher.export.hf_arch import CODEGEN_MP_NUM, FORMATS, HF_ACT, MappingError, missing_bias_rows
+from megagopher.export.hf_rules import rules
+from megagopher.export.hf_arch_recent import MTP_FILE, is_mtp_name
+from megagopher.export.hf_config_recent import RECENT, recent_problems, rope_legacy, write_recent, write_rope
 from megagopher.export.hf_tokenizer import special_ids, write_json_durably, write_tokenizer
 from megagopher.export.loading import load_run_tokenizer, model_config_of, open_checkpoint
 from megagopher.training.ckpt_files import fsync_file
@@ -57,15 +82,17 @@ def format_problems(cfg, fmt):
     rope = f"needs position_embedding 'rope', not {cfg.position_embedding!r}"
     layernorm = f"needs normalization 'layernorm', not {cfg.normalization!r}"
     gelu = f"needs activation 'gelu' or 'gelu_exact', not {cfg.activation!r}"
-    if fmt in ("llama", "gpt_neox", "gpt2", "mixtral"):
+    llama_family = fmt in ("llama", "mixtral") or fmt in RECENT
+    if fmt != "codegen":
         need(not cfg.output_bias, "has no output-layer bias (model.output_bias)")
-    if fmt != "mixtral":
-        need(not cfg.num_experts, f"has no experts (model.num_experts = {cfg.num_experts}; format 'mixtral' has)")
-    if fmt in ("llama", "mixtral"):
+    problems += recent_problems(cfg, fmt)
+    if fmt in RECENT:
+        need(not cfg.bias, "has no biases on o_proj and the MLP (model.bias = true)")
+    if llama_family:
         need(cfg.normalization == "rmsnorm", f"needs normalization 'rmsnorm', not {cfg.normalization!r}")
         need(cfg.activation == "swiglu", f"needs activation 'swiglu', not {cfg.activation!r}")
         need(cfg.position_embedding == "rope", rope)
-        need(cfg.position_embedding != "rope" or cfg.rotary_dim == cfg.head_dim,
+        need(cfg.position_embedding != "rope" or cfg.rotary_dim == cfg.head_dim or cfg.is_mla,
              f"rotates the whole head; rotary_percent = {cfg.rotary_percent} rotates {cfg.rotary_dim} of "
              f"{cfg.head_dim}")
         need(not cfg.parallel_residual, "has no parallel residual")
@@ -96,18 +123,9 @@ def format_problems(cfg, fmt):
 
 
 def _mixtral_problems(cfg):
-    """What Mixtral's MoE block (every layer, softmax top-k renormalised, dropless) cannot express."""
-    checks = [(cfg.num_experts > 0, "needs experts (model.num_experts > 0); a dense model is 'llama'"),
-              (not cfg.bias, "has no biases (model.bias = true)"),
-              (cfg.moe_layer_freq == 1, f"has experts in every layer, not model.moe_layer_freq = "
-                                        f"{cfg.moe_layer_freq} (dense layers between)"),
-              (not cfg.moe_shared_experts, f"has no shared experts (model.moe_shared_experts = "
-                                           f"{cfg.moe_shared_experts})"),
-              (cfg.moe_router == "softmax", f"routes by softmax, not model.moe_router = {cfg.moe_router!r}"),
-              # Capacity drops assignments in every forward, evaluation included: another function.
-              (not cfg.moe_capacity_factor, f"is dropless, not model.moe_capacity_factor = "
-                                            f"{cfg.moe_capacity_factor}")]
-    return [text for ok, text in checks if not ok]
+    """What Mixtral's layer cannot express beyond its routing (hf_config_recent.recent_problems checks that:
+    softmax top-k renormalised, dropless, experts in every layer, no shared experts)."""
+    return [] if not cfg.bias else ["has no biases (model.bias = true)"]
 
 
 def choose_format(cfg, fmt=None):
@@ -139,8 +157,8 @@ class _Source:
         self.shapes = {name: reader.entry(name)["full_shape"] for name in reader.names()}
 
     def __call__(self, name):
-        if name in self.shapes:
-            return self.reader.full_tensor(name).to(self.dtype)
+        if name in self.shapes:  # the selection bias stays fp32, as transformers keeps e_score_correction_bias
+            return self.reader.full_tensor(name).to(torch.float32 if name.endswith(".expert_bias") else self.dtype)
         rows = missing_bias_rows(name, self.shapes)
         if rows is None:
             raise ExportError(f"the checkpoint has no tensor {name!r}")
@@ -171,15 +189,17 @@ def hf_config(cfg, fmt, dtype, bos=None, eos=None):
     common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": bool(cfg.tie_embeddings),
               "torch_dtype": DTYPE_NAMES[dtype], "dtype": DTYPE_NAMES[dtype], "use_cache": True,
               "bos_token_id": bos, "eos_token_id": eos, "initializer_range": cfg.init_std}
+    llama = {"hidden_size": cfg.hidden_size, "intermediate_size": cfg.ffn_hidden_size,
+             "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_attention_heads,
+             "num_key_value_heads": cfg.num_query_groups, "head_dim": cfg.head_dim, "hidden_act": "silu",
+             "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.norm_epsilon,
+             "rope_theta": float(cfg.rope_theta), "rope_parameters": write_rope(cfg), "rope_scaling": rope_legacy(cfg),
+             "attention_bias": bool(cfg.bias), "mlp_bias": bool(cfg.bias), "attention_dropout": 0.0,
+             "pretraining_tp": 1}
     if fmt == "llama":
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common,
-                "hidden_size": cfg.hidden_size, "intermediate_size": cfg.ffn_hidden_size,
-                "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_attention_heads,
-                "num_key_value_heads": cfg.num_query_groups, "head_dim": cfg.head_dim, "hidden_act": "silu",
-                "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.norm_epsilon,
-                "rope_theta": float(cfg.rope_theta), "rope_parameters": _rope(cfg), "rope_scaling": None,
-                "attention_bias": bool(cfg.bias), "mlp_bias": bool(cfg.bias), "attention_dropout": 0.0,
-                "pretraining_tp": 1}
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common, **llama}
+    if fmt in RECENT:
+        return write_recent(cfg, fmt, common, llama)
     if fmt == "mixtral":
         return _mixtral_config(cfg, common)
     if fmt == "gpt_neox":
@@ -225,7 +245,7 @@ def _mixtral_config(cfg, common):
             "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_attention_heads,
             "num_key_value_heads": cfg.num_query_groups, "head_dim": cfg.head_dim, "hidden_act": "silu",
             "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.norm_epsilon,
-            "rope_theta": float(cfg.rope_theta), "rope_parameters": _rope(cfg), "rope_scaling": None,
+            "rope_theta": float(cfg.rope_theta), "rope_parameters": write_rope(cfg), "rope_scaling": rope_legacy(cfg),
             "sliding_window": None, "attention_dropout": 0.0, "num_local_experts": cfg.num_experts,
             "num_experts_per_tok": cfg.moe_top_k, "router_jitter_noise": 0.0, "output_router_logits": False,
             "router_aux_loss_coef": cfg.moe_aux_loss_coeff,
@@ -253,10 +273,13 @@ def export_hf(checkpoint, output, fmt=None, dtype=None, tokenizer_dir=None, toke
     write_json_durably(os.path.join(output, "config.json"), config)
     # safetensors refuses tensors that share memory (a tied head is the embedding): each gets its own copy.
     tensors = {name: t.detach().cpu().contiguous().clone() for name, t in tensors.items()}
-    weights = os.path.join(output, "model.safetensors")
-    save_file(tensors, weights + ".tmp", metadata={"format": "pt"})
-    fsync_file(weights + ".tmp")
-    os.replace(weights + ".tmp", weights)
+    mtp = {name: t for name, t in tensors.items() if is_mtp_name(cfg, name)}
+    files = [("model.safetensors", {n: t for n, t in tensors.items() if n not in mtp})]
+    for name, part in files + ([(MTP_FILE, mtp)] if mtp else []):
+        weights = os.path.join(output, name)
+        save_file(part, weights + ".tmp", metadata={"format": "pt"})
+        fsync_file(weights + ".tmp")
+        os.replace(weights + ".tmp", weights)
     if tok is not None:
         write_tokenizer(tok, output, cfg.max_position_embeddings)
     return fmt, reader.path

@@ -2,7 +2,7 @@
 directions: one place for the name and layout knowledge the export (hf.py) and the import (hf_import.py)
 share.
 
-``rules(fmt, cfg)`` lists ``Rule``s: our tensor names, theirs, and two functions, ``to_theirs(*ours)`` and
+``rules(fmt, cfg)`` (hf_rules.py, which joins these with hf_arch_recent.py's) lists ``Rule``s: our tensor names, theirs, and two functions, ``to_theirs(*ours)`` and
 ``to_ours(*theirs)``, each the inverse of the other. A name a side lacks reads as zeros where a zero
 tensor is the same function (a bias the format always has, or a model without biases), see
 ``missing_bias_rows``. The layouts (our names: model/gpt.py):
@@ -32,14 +32,20 @@ tensor is the same function (a bias the format always has, or a model without bi
     5 loads that into mlp.gate.weight, mlp.experts.gate_up_proj (E, 2 ffn, h) = [w1; w3] (gate half first,
     concatenated, not interleaved) and mlp.experts.down_proj (E, h, ffn): a state dict in those names is
     read through ``unfuse_mixtral`` first. Both routers are softmax over the E experts, top-k, renormalised.
+  - Qwen2, Qwen3, Mistral, Qwen3-MoE and DeepSeek-V3 (multi-head latent attention, MTP modules) are
+    hf_arch_recent.py's, built on the helpers here.
 """
 from typing import Callable, NamedTuple
 
 import torch
 
-FORMATS = ("llama", "gpt_neox", "gpt2", "codegen", "mixtral")
+# In the order the export tries them (hf.py choose_format). The 2024-2026 ones (qwen2 ... deepseek_v3) are
+# hf_arch_recent.py's.
+FORMATS = ("llama", "mistral", "qwen2", "qwen3", "gpt_neox", "gpt2", "codegen", "mixtral", "qwen3_moe", "deepseek_v3")
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "GPTNeoXForCausalLM": "gpt_neox", "GPT2LMHeadModel": "gpt2",
-                 "CodeGenForCausalLM": "codegen", "MixtralForCausalLM": "mixtral"}
+                 "CodeGenForCausalLM": "codegen", "MixtralForCausalLM": "mixtral", "Qwen2ForCausalLM": "qwen2",
+                 "Qwen3ForCausalLM": "qwen3", "MistralForCausalLM": "mistral", "Qwen3MoeForCausalLM": "qwen3_moe",
+                 "DeepseekV3ForCausalLM": "deepseek_v3"}
 CODEGEN_MP_NUM = 4  # transformers' CodeGenAttention.mp_num
 # Our activation -> their ACT2FN name, and back (gelu_fast and quick_gelu are other functions).
 HF_ACT = {"gelu": "gelu_pytorch_tanh", "gelu_exact": "gelu", "swiglu": "silu"}
@@ -277,10 +283,6 @@ def unfuse_mixtral(theirs):
 
 
 RULES = {"llama": _llama, "gpt_neox": _neox, "gpt2": _gpt2, "codegen": _codegen, "mixtral": _mixtral}
-
-
-def rules(fmt, cfg):
-    return RULES[fmt](cfg)
 
 
 def missing_bias_rows(name, shapes):

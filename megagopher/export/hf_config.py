@@ -1,13 +1,17 @@
 """A Hugging Face config.json read as megagopher's ``[model]`` (the import's half of the config mapping;
-hf.py's ``hf_config`` writes it). Only what the model computes exactly is accepted: anything else (RoPE
-scaling, an activation we do not have, attention that scales otherwise...) is an HFImportError naming
+hf.py's ``hf_config`` writes it). Only what the model computes exactly is accepted: anything else (dynamic
+RoPE scaling, an activation we do not have, attention that scales otherwise...) is an HFImportError naming
 the key, never an approximation.
 
 transformers 5 writes RoPE as ``rope_parameters`` ({rope_type, rope_theta, partial_rotary_factor}),
 4.x as rope_theta / rope_scaling / rotary_pct / rotary_emb_base: both are read. A key config.json omits
 takes transformers' default for that architecture (``DEFAULTS``; the tests compare them with its classes).
-Mixtral is read as Llama's attention plus experts in every layer (``_mixtral``).
+Mixtral is read as Llama's attention plus experts in every layer (``_mixtral``). The architectures of
+2024-2026 (Llama's rope_scaling, Qwen2, Qwen3, Mistral, Qwen3-MoE, DeepSeek-V3) are hf_config_recent.py's,
+over the Llama-family keys read here.
 """
+from megagopher.config.fields import ConfigError
+from megagopher.export import hf_config_recent as recent
 from megagopher.export.hf_arch import ARCHITECTURES, CODEGEN_MP_NUM, OUR_GELU
 from megagopher.model import GPTConfig
 
@@ -27,7 +31,9 @@ DEFAULTS = {
                 "max_position_embeddings": 131072, "num_key_value_heads": 8, "head_dim": None,
                 "initializer_range": 0.02, "sliding_window": None, "num_local_experts": 8, "num_experts_per_tok": 2,
                 "router_aux_loss_coef": 0.001},
+    **recent.DEFAULTS,
 }
+
 _ROPE_KEYS = {"rope_type", "rope_theta", "partial_rotary_factor"}
 
 
@@ -91,28 +97,40 @@ def model_config(hf, where):
         kw.update(_gpt2(hf, get, where))
     elif fmt == "mixtral":
         kw.update(_mixtral(hf, get, where))
-    else:
+    elif fmt == "codegen":
         kw.update(_codegen(hf, get, where))
+    else:
+        try:
+            kw.update(recent.read_recent(fmt, hf, get, _llama(hf, get, where, fmt)))
+        except recent.ConfigProblem as e:
+            raise HFImportError(f"{where}: {e}") from None
     rotary_dim = kw.pop("_rotary_dim", None)
     kw["seq_length"] = kw["max_position_embeddings"]
-    cfg = GPTConfig(**kw)
+    try:
+        cfg = GPTConfig(**kw)
+    except ConfigError as e:  # a combination our [model] refuses (e.g. a rope_scaling table's numbers)
+        raise HFImportError(f"{where}: {e}") from None
     if rotary_dim is not None:
         _need(cfg.rotary_dim == rotary_dim, where, f"rotates {rotary_dim} channels of head_dim {cfg.head_dim}; "
               "megagopher rotates an even number of channels (rotary_percent)")
     return fmt, cfg
 
 
-def _llama(hf, get, where):
+def _llama(hf, get, where, fmt="llama"):
+    """The Llama-family keys (Llama, Mixtral, Qwen2/3, Mistral, Qwen3-MoE, DeepSeek-V3's sizes and norms)."""
     h, heads = hf["hidden_size"], hf["num_attention_heads"]
     _need(get("hidden_act") == "silu", where, f"hidden_act = {get('hidden_act')!r} is not supported (SwiGLU "
           "is silu(gate) * up)")
-    _need(get("head_dim") in (None, h // heads), where, f"head_dim = {get('head_dim')} is not hidden_size / "
-          f"num_attention_heads = {h // heads} (megagopher derives it)")
-    theta, factor = _rope(hf, get, where)
-    _need(factor == 1.0, where, f"partial_rotary_factor = {factor}: Llama's export rotates the whole head")
+    try:
+        theta, factor, scaling = recent.read_rope(hf, get, mla=fmt == "deepseek_v3")
+    except recent.ConfigProblem as e:
+        raise HFImportError(f"{where}: {e}") from None
+    _need(factor == 1.0, where, f"partial_rotary_factor = {factor}: {fmt}'s export rotates the whole head")
+    head_dim = get("head_dim")
     return {"num_layers": hf["num_hidden_layers"], "hidden_size": h, "num_attention_heads": heads,
             "num_query_groups": get("num_key_value_heads") or heads, "ffn_hidden_size": hf["intermediate_size"],
             "normalization": "rmsnorm", "activation": "swiglu", "position_embedding": "rope", "rope_theta": theta,
+            "rope_scaling": scaling, "kv_channels": head_dim if head_dim not in (None, h // heads) else 0,
             "max_position_embeddings": get("max_position_embeddings"), "norm_epsilon": float(get("rms_norm_eps")),
             # One switch for every linear: a side without biases reads as zeros (the same function).
             "bias": bool(get("attention_bias") or get("mlp_bias"))}

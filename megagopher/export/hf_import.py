@@ -26,14 +26,20 @@ import tomllib
 import torch
 
 from megagopher.config.loading import from_tables, to_toml
-from megagopher.export.hf_arch import MappingError, missing_bias_rows, rules, unfuse_mixtral
+from megagopher.export.hf_arch import MappingError, missing_bias_rows, unfuse_mixtral
+from megagopher.export.hf_rules import rules
+from megagopher.export.hf_arch_recent import MTP_FILE, unfuse_experts
 from megagopher.export.hf_config import HFImportError, model_config
 from megagopher.export.hf_tokenizer import import_tokenizer
 from megagopher.training.ckpt_files import write_text_durably
 
 # The [model] keys of experts a base config may not change (the weights' function depends on them).
 MOE_KEYS = ("num_experts", "moe_top_k", "moe_ffn_hidden_size", "moe_layer_freq", "moe_shared_experts", "moe_router",
-            "moe_capacity_factor")
+            "moe_capacity_factor", "moe_n_group", "moe_topk_group", "moe_routed_scaling_factor", "moe_norm_topk_prob",
+            "first_k_dense")
+# The [model] keys of the 2024-2026 attention a base config may not change either.
+ATTENTION_KEYS = ("kv_channels", "rope_scaling", "rope_theta", "qk_norm", "qkv_bias", "window_size", "window_pattern",
+                  "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "mtp_num_layers")
 # Their tensors that are not weights: causal-mask buffers and rotary tables older versions saved.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq", ".attn.causal_mask",
                     ".attn.embed_positions")
@@ -78,21 +84,44 @@ def _strip_tied_head(fmt, cfg, theirs):
              "gpt_neox.embed_in.weight"), "gpt2": ("lm_head.weight", "transformer.wte.weight"),
              "codegen": ("lm_head.weight", "transformer.wte.weight"),
              "mixtral": ("lm_head.weight", "model.embed_tokens.weight")}
-    head, embedding = heads[fmt]
+    head, embedding = heads.get(fmt, ("lm_head.weight", "model.embed_tokens.weight"))
     if cfg.tie_embeddings and head in theirs:
         if not torch.equal(theirs[head], theirs[embedding]):
             raise HFImportError(f"tie_word_embeddings = true but {head} differs from {embedding}")
         del theirs[head]
 
 
-def our_tensors(fmt, cfg, theirs):
-    """Our {name: fp32-or-saved-dtype tensor} of every model tensor, from their state dict ``theirs``."""
+def with_mtp(model_dir, fmt, cfg, theirs):
+    """(cfg, weights) with DeepSeek-V3's MTP modules: those of model_dir/mtp.safetensors (our export, hf.py) or
+    the main weights' layers num_hidden_layers.. (DeepSeek's checkpoints); model.mtp_num_layers counts the
+    modules present (config.json's num_nextn_predict_layers may name modules a checkpoint does not carry)."""
+    if fmt != "deepseek_v3":
+        return cfg, theirs
+    path = os.path.join(model_dir, MTP_FILE)
+    if os.path.isfile(path):
+        theirs = {**theirs, **_load_file(path)}
+    n = 0
+    while f"model.layers.{cfg.num_layers + n}.eh_proj.weight" in theirs:
+        n += 1
+    return dataclasses.replace(cfg, mtp_num_layers=n), theirs
+
+
+def layout_options(fmt, hf):
+    """The format's layout switches config.json holds (hf_arch.rules' options): DeepSeek's rope_interleave."""
+    return {"rope_interleave": bool(hf.get("rope_interleave", True))} if fmt == "deepseek_v3" else {}
+
+
+def our_tensors(fmt, cfg, theirs, **options):
+    """Our {name: fp32-or-saved-dtype tensor} of every model tensor, from their state dict ``theirs``;
+    ``options``: layout_options."""
     theirs = {k: v for k, v in theirs.items() if not k.endswith(IGNORED_SUFFIXES)}
     if fmt == "mixtral":  # transformers 5's in-memory expert names, as the on-disk ones the rules read
         theirs = unfuse_mixtral(theirs)
+    elif fmt in ("qwen3_moe", "deepseek_v3"):
+        theirs = unfuse_experts(theirs)
     _strip_tied_head(fmt, cfg, theirs)
     shapes = {name: t.shape for name, t in theirs.items()}
-    dtype = next(iter(theirs.values())).dtype
+    dtype = next(t.dtype for n, t in theirs.items() if not n.endswith("e_score_correction_bias"))
     used, out = set(), {}
 
     def get(name):
@@ -104,12 +133,13 @@ def our_tensors(fmt, cfg, theirs):
             raise HFImportError(f"the weights have no tensor {name!r} (a {fmt} model of this config has one)")
         return torch.zeros(rows, dtype=dtype)
 
-    for rule in rules(fmt, cfg):
+    for rule in rules(fmt, cfg, **options):
         try:
             ours = rule.to_ours(*(get(name) for name in rule.theirs))
         except MappingError as e:
             raise HFImportError(str(e)) from None
-        out.update({name: t.to(dtype) for name, t in zip(rule.ours, ours)})
+        # The selection bias stays fp32 (model/moe_router.py), as transformers keeps e_score_correction_bias.
+        out.update({name: t if name.endswith(".expert_bias") else t.to(dtype) for name, t in zip(rule.ours, ours)})
     unused = sorted(set(theirs) - used)
     if unused:
         raise HFImportError(f"{len(unused)} tensors have no place in megagopher's {fmt} model (a feature it "
@@ -125,7 +155,11 @@ def build_model(cfg, tensors):
     missing = sorted(set(params) - set(tensors))
     if missing:
         raise HFImportError(f"no weights for {', '.join(missing[:5])}")
+    # Persistent buffers are model state too (a sigmoid router's selection bias, fp32 whatever the weights).
+    buffers = {n: t for n, t in model.state_dict(keep_vars=True).items() if n not in params and n in tensors}
     with torch.no_grad():
+        for name, t in buffers.items():
+            t.copy_(tensors[name])
         for name, p in params.items():
             full = tensors[name]
             want = tuple(p.full_shape) if hasattr(p, "full_shape") else tuple(p.shape)
@@ -144,7 +178,7 @@ def run_tables(cfg, output, tokenizer, raw, base_config=None):
     from megagopher.training.ckpt_load import ARCHITECTURE_KEYS
     model = cfg.to_dict()
     for key, value in raw.get("model", {}).items():
-        fixed = ARCHITECTURE_KEYS + MOE_KEYS + ("num_layers", "max_position_embeddings")
+        fixed = ARCHITECTURE_KEYS + MOE_KEYS + ATTENTION_KEYS + ("num_layers", "max_position_embeddings")
         if key in fixed and value != model.get(key):
             raise HFImportError(f"{base_config}: model.{key} = {value!r} is not the imported model's "
                                 f"{model.get(key)!r}; leave the architecture to the import")
@@ -177,7 +211,9 @@ def import_hf(model_dir, output, base_config=None, tokenizer=True, tokenizer_kin
     fmt, cfg = model_config(hf, where)
     if list_checkpoints(output):
         raise ValueError(f"--output {output} already holds checkpoints; import into a new directory")
-    tensors = our_tensors(fmt, cfg, read_weights(model_dir))
+    cfg, theirs = with_mtp(model_dir, fmt, cfg, read_weights(model_dir))
+    tensors = our_tensors(fmt, cfg, theirs, **layout_options(fmt, hf))
+    del theirs
     model = build_model(cfg, tensors)
     del tensors
     base = _read_toml(base_config) if base_config else {}

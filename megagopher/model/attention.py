@@ -1,5 +1,13 @@
-"""Causal self-attention of the GPT decoder: rotary tables, the KV cache for generation, and the attention
-block (fused QKV projection laid out per query group, flash or unfused core attention, output projection).
+"""Causal self-attention of the GPT decoder: the KV cache for generation and the attention block (fused QKV
+projection laid out per query group, optional QK-norm, flash or unfused core attention, output projection).
+
+Variants of 2024-2026 decoders (issue 26): per-head QK-norm before RoPE (Qwen3, OLMo 2: one RMSNorm weight of
+head_dim shared by the heads), biases on the QKV projection alone (Qwen2, ``model.qkv_bias``), a softmax scale
+with YaRN's correction (model/rope.py, which holds the rotary tables), and sliding-window attention on the
+layers ``cfg.is_local_layer`` picks (Mistral, Gemma): query i sees keys i - w + 1 .. i, transformers'
+``sliding_window`` (masking_utils: kv_idx > q_idx - w), which is flash-attn's window_size (w - 1, 0). The window
+holds in every core path (flash, unfused, packed documents, ring attention under context parallelism, a padded
+cache's bounds), and a local layer's KV cache keeps only the last w positions.
 """
 import math
 
@@ -9,53 +17,64 @@ import torch.nn as nn
 from megagopher import kernels
 from megagopher import parallel_state as ps
 from megagopher.context_parallel import ring_attention
-from megagopher.tensor_parallel import ColumnParallelLinear, RowParallelLinear, checkpoint
+from megagopher.kernels import attention_args
+from megagopher.tensor_parallel import ColumnParallelLinear, RowParallelLinear, checkpoint, set_init
 
 from .dropout import dropout as _dropout
-
-
-def rope_tables(cfg, seq_length, device, offset=0, positions=None):
-    """cos and sin of shape (seq_length, rotary_dim // 2) for positions offset .. offset + seq_length - 1, or
-    for the given 1-D ``positions`` (a context-parallel rank's chunks are not contiguous)."""
-    rot = cfg.rotary_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float64, device=device) / rot))
-    if positions is None:
-        pos = torch.arange(offset, offset + seq_length, dtype=torch.float64, device=device)
-    else:
-        pos = positions.to(device=device, dtype=torch.float64)
-    freqs = torch.outer(pos, inv_freq)
-    return freqs.cos().float(), freqs.sin().float()
+from .rope import rope_tables, softmax_scale  # noqa: F401  (rope_tables: gpt.py imports it from here)
 
 
 class KVSlot:
-    """One layer's cached keys and values, k and v of shape (b, s, h_kv / tp, d), RoPE already applied."""
+    """One layer's cached keys and values, k and v of shape (b, s, h_kv / tp, d), RoPE already applied. A local
+    (sliding-window) layer keeps only its last ``window`` positions: ``dropped`` counts the cache columns cut
+    off before k[:, 0], so memory stays bounded by the window however long the generation."""
 
     def __init__(self, cache=None):
         self.k = self.v = None
         self.cache = cache  # the KVCache holding this slot: its padding and key bounds
+        self.window, self.dropped = 0, 0
+        self._base = 0  # the cache column of the first key the last extend returned
 
     def __len__(self):
         return 0 if self.k is None else self.k.shape[1]
 
     @property
     def key_bounds(self):
-        """The keys each new query sees (KVCache.begin), or None for an unpadded cache."""
-        return None if self.cache is None else self.cache.key_bounds
+        """The keys each new query sees (KVCache.begin, narrowed to the window, in this slot's columns), or
+        None for an unpadded cache."""
+        bounds = None if self.cache is None else self.cache.key_bounds
+        if bounds is None:
+            return None
+        lo, hi = bounds
+        if self.window:
+            lo = torch.maximum(lo, hi - self.window)
+        return (lo - self._base).contiguous(), (hi - self._base).contiguous()
 
-    def extend(self, k, v):
-        """Appends the new positions' k and v. Returns every cached k and v, and whether the new queries need
-        the causal mask: only when the cache was empty, where queries and keys cover the same positions
-        (kernels.flash_attention aligns its mask top-left, query i seeing keys 0..i). A padded cache's
-        queries take their mask from its key bounds instead, so any number of new positions may arrive."""
+    def extend(self, k, v, window=0):
+        """Appends the new positions' k and v. Returns the keys and values the new queries attend over, and
+        whether they need the causal mask: only when the cache was empty, where queries and keys cover the same
+        positions (kernels.flash_attention aligns its mask top-left, query i seeing keys 0..i). A padded
+        cache's queries take their mask from its key bounds instead, so any number of new positions may
+        arrive. ``window`` (a local layer's) keeps the last ``window`` positions once these queries are served."""
+        self.window = window
         if self.k is None:
-            self.k, self.v = k, v
-            return k, v, True
-        if k.shape[1] != 1 and self.key_bounds is None:
-            # A top-left mask would hide cached keys from these queries; checked before anything is appended.
-            raise ValueError(f"the KV cache holds {len(self)} positions and {k.shape[1]} new ones arrive: after "
-                             "the first forward a cached forward takes one token at a time")
-        self.k, self.v = torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1)
-        return self.k, self.v, False  # one query, at the newest position, sees every key: no mask
+            self.k, self.v, self._base = k, v, self.dropped
+            out = k, v, True
+        else:
+            if k.shape[1] != 1 and self.key_bounds is None:
+                # A top-left mask would hide cached keys from these queries; checked before anything is appended.
+                raise ValueError(f"the KV cache holds {len(self)} positions and {k.shape[1]} new ones arrive: after "
+                                 "the first forward a cached forward takes one token at a time")
+            self.k, self.v = torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1)
+            self._base = self.dropped
+            keep = -window if window and self.key_bounds is None else 0
+            out = self.k[:, keep:], self.v[:, keep:], False  # one query, the newest, sees every key kept
+        if window and len(self) > window:
+            cut = len(self) - window
+            # A long prompt's cut is copied out, so that its full keys can be freed; a step's view of w of w + 1.
+            self.k, self.v = ((t[:, cut:].clone() if cut > 1 else t[:, cut:]) for t in (self.k, self.v))
+            self.dropped += cut
+        return out
 
 
 class KVCache:
@@ -79,8 +98,8 @@ class KVCache:
         return self.slots.setdefault(layer, KVSlot(self))
 
     def __len__(self):
-        """Positions held (every layer holds the same number after a forward)."""
-        return max((len(s) for s in self.slots.values()), default=0)
+        """Positions seen (a local layer's slot holds only the last window of them)."""
+        return max((s.dropped + len(s) for s in self.slots.values()), default=0)
 
     def begin(self, s, device):
         """Before a forward of ``s`` new positions: a padded cache's key bounds (lo, hi), int32 (b, s), query
@@ -103,8 +122,25 @@ class KVCache:
         trim = int(self.pad.min()) if len(rows) else 0
         self.pad -= trim
         for slot in self.slots.values():
-            i = index.to(slot.k.device)
-            slot.k, slot.v = slot.k[i, trim:], slot.v[i, trim:]
+            i, cut = index.to(slot.k.device), max(trim - slot.dropped, 0)  # a local slot may have dropped them
+            slot.k, slot.v = slot.k[i, cut:], slot.v[i, cut:]
+            slot.dropped = max(slot.dropped - trim, 0)
+
+
+class HeadNorm(nn.Module):
+    """RMSNorm over each head's channels with one weight of head_dim shared by the heads (Qwen3's q_norm and
+    k_norm). Every TP rank holds other heads, so its gradient is a partial sum over TP whether or not sequence
+    parallelism is on: the mark finalize_model_grads reads (``sequence_parallel``) has it all-reduced once."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.eps = cfg.norm_epsilon
+        self.weight = nn.Parameter(torch.empty(cfg.head_dim))
+        set_init(self.weight, (cfg.head_dim,), fill=1.0)
+        self.weight.sequence_parallel = ps.get_tp_size() > 1
+
+    def forward(self, x):
+        return kernels.rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -116,21 +152,27 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_number = layer_number
         self.cfg, self.sp, self.selective_recompute = cfg, sequence_parallel, selective_recompute
+        self.window = cfg.window_size if cfg.is_local_layer(layer_number) else 0  # 0: full causal attention
+        self.scale = softmax_scale(cfg)
         tp = ps.get_tp_size()
         d, g = cfg.head_dim, cfg.num_query_groups
         self.heads_per_group = cfg.num_attention_heads // g
         self.local_groups = g // tp
-        self.qkv = ColumnParallelLinear(cfg.hidden_size, g * (self.heads_per_group + 2) * d, bias=cfg.bias,
-                                        sequence_parallel=sequence_parallel, init_std=cfg.init_std)
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, g * (self.heads_per_group + 2) * d,
+                                        bias=cfg.bias or cfg.qkv_bias, sequence_parallel=sequence_parallel,
+                                        init_std=cfg.init_std)
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = HeadNorm(cfg), HeadNorm(cfg)
         self.proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size, bias=cfg.bias,
                                       sequence_parallel=sequence_parallel,
                                       init_std=cfg.init_std / math.sqrt(2 * num_layers_total))
 
     def core_attention(self, q, k, v, causal=True, cu_seqlens=None, key_bounds=None):
         """q (b, sq, h, d), k and v (b, sk, h_kv, d) -> (b, sq, h, d). ``causal``: query i sees keys 0..i
-        (sq == sk); False: every query sees every key (one new token against a KV cache). ``cu_seqlens``:
-        queries see only keys of their own document (attend). ``key_bounds``: a padded KV cache's mask
-        (KVCache.begin), which replaces the others (generation only)."""
+        (sq == sk), within the window on a local layer; False: every query sees every key (one new token
+        against a KV cache, already cut to the window). ``cu_seqlens``: queries see only keys of their own
+        document (attend). ``key_bounds``: a padded KV cache's mask (KVSlot.key_bounds), which replaces the
+        others (generation only)."""
         cfg = self.cfg
         if key_bounds is not None:
             return self._bounded_attention(q, k, v, key_bounds)
@@ -138,34 +180,39 @@ class Attention(nn.Module):
             # Under CP this rank holds two chunks of the sequence and the rest comes round the ring; documents
             # are kept apart by the flash kernel's packed path, the micro-batch's rows laid end to end.
             return ring_attention(q, k, v, ps.get_cp_group() if ps.get_cp_size() > 1 else None,
-                                  cu_seqlens=cu_seqlens)
+                                  softmax_scale=self.scale, cu_seqlens=cu_seqlens, window=self.window)
+        left = self.window - 1 if self.window and causal else None  # flash-attn's window_size (w - 1, 0)
         if cfg.core_attention == "flash":
-            return kernels.flash_attention(q, k, v, causal=causal)
+            return kernels.flash_attention(q, k, v, causal=causal, softmax_scale=self.scale,
+                                           window_size=None if left is None else (left, 0))
         # Unfused path: explicit scores, Megatron's scaled-masked softmax, dropout on this rank's heads.
-        qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if self.heads_per_group > 1:
-            kh = kh.repeat_interleave(self.heads_per_group, dim=1)
-            vh = vh.repeat_interleave(self.heads_per_group, dim=1)
-        scores = torch.matmul(qh, kh.transpose(-1, -2))
-        probs = kernels.scaled_masked_softmax(scores, scale=cfg.head_dim ** -0.5, causal=causal)
+        hidden = None
+        if left is not None:
+            hidden = ~attention_args.allowed(q.shape[1], k.shape[1], True, left, q.device)
+        probs = kernels.scaled_masked_softmax(self._scores(q, k), mask=hidden, scale=self.scale,
+                                              causal=causal and hidden is None)
         probs = _dropout(probs, cfg.attention_dropout, self.training, sharded=True)
-        return torch.matmul(probs, vh).transpose(1, 2)
+        return torch.matmul(probs, self._heads(v)).transpose(1, 2)
+
+    def _heads(self, t):
+        """(b, s, h_kv, d) -> (b, h, s, d): the unfused path's layout, each key/value head repeated per query."""
+        t = t.transpose(1, 2)
+        return t.repeat_interleave(self.heads_per_group, dim=1) if self.heads_per_group > 1 else t
+
+    def _scores(self, q, k):
+        return torch.matmul(q.transpose(1, 2), self._heads(k).transpose(-1, -2))
 
     def _bounded_attention(self, q, k, v, key_bounds):
         """Attention where query i of row n sees keys [lo[n, i], hi[n, i]): the flash kernel's general mask,
         or the unfused path's scores with Megatron's masked softmax (True = hidden)."""
         if self.cfg.core_attention == "flash":
-            return kernels.flash_attention_forward(q, k, v, causal=False, key_bounds=key_bounds)[0]
+            return kernels.flash_attention_forward(q, k, v, causal=False, softmax_scale=self.scale,
+                                                   key_bounds=key_bounds)[0]
         lo, hi = key_bounds
         col = torch.arange(k.shape[1], device=q.device)
         hidden = ((col < lo[..., None]) | (col >= hi[..., None])).unsqueeze(1)  # (b, 1, sq, sk)
-        qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if self.heads_per_group > 1:
-            kh = kh.repeat_interleave(self.heads_per_group, dim=1)
-            vh = vh.repeat_interleave(self.heads_per_group, dim=1)
-        probs = kernels.scaled_masked_softmax(torch.matmul(qh, kh.transpose(-1, -2)), mask=hidden,
-                                              scale=self.cfg.head_dim ** -0.5)
-        return torch.matmul(probs, vh).transpose(1, 2)
+        probs = kernels.scaled_masked_softmax(self._scores(q, k), mask=hidden, scale=self.scale)
+        return torch.matmul(probs, self._heads(v)).transpose(1, 2)
 
     def forward(self, x, rope, kv=None, cu_seqlens=None):
         """``kv``: this layer's KVSlot, which the new keys and values join before attention."""
@@ -179,12 +226,14 @@ class Attention(nn.Module):
         qkv = qkv.view(s, b, self.local_groups, self.heads_per_group + 2, self.cfg.head_dim)
         q = qkv[:, :, :, :self.heads_per_group].reshape(s, b, -1, self.cfg.head_dim)
         k, v = qkv[:, :, :, self.heads_per_group], qkv[:, :, :, self.heads_per_group + 1]
+        if self.cfg.qk_norm:  # Qwen3: before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = _rotate(q, *rope), _rotate(k, *rope)
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # (b, s, heads, d): the kernels' layout
         causal, bounds = True, None
         if kv is not None:
-            k, v, causal = kv.extend(k, v)
+            k, v, causal = kv.extend(k, v, self.window)
             bounds = kv.key_bounds
         if self.selective_recompute and kv is None:  # Korthikanti et al. 2022: recompute only the s^2 part
             ctx = checkpoint(self.core_attention, q, k, v, True, cu_seqlens)

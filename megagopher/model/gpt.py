@@ -11,10 +11,16 @@ when ``pre_process`` (first stage) and the final norm, output head and loss when
 stage). Layers are keyed by their global index, so a parameter's name, and therefore its initial value
 (invariant 1), is the same in every layout.
 
+With ``model.mtp_num_layers`` > 0 the last stage also holds DeepSeek-V3's multi-token prediction modules
+(model/mtp.py), which add their losses' gradient to the training loss and are skipped without labels.
+
 For generation the model takes a ``KVCache`` (model/attention.py: one slot of keys and values per layer
 index) and a position offset, so a decoding step runs the same forward on one new token; ``last_only``
 applies the output head to the last position only.
 """
+import contextlib
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -29,8 +35,10 @@ from megagopher.tensor_parallel import (VocabParallelEmbedding, checkpoint, colu
 
 from .attention import Attention, rope_tables
 from .dropout import dropout as _dropout
+from .mla import MLAttention
 from .mlp import MLP
 from .moe import MoELayer
+from .mtp import MultiTokenPrediction, head_weight_grad_in_backward
 
 
 def _positions(s, offset, device):
@@ -77,7 +85,8 @@ class TransformerLayer(nn.Module):
         self.cfg, self.sp = cfg, sequence_parallel
         self.moe = cfg.is_moe_layer(layer_number)
         self.input_norm = Norm(cfg, sequence_parallel)
-        self.attention = Attention(cfg, cfg.num_layers, sequence_parallel, selective_recompute, layer_number)
+        self.attention = (MLAttention if cfg.is_mla else Attention)(cfg, cfg.num_layers, sequence_parallel,
+                                                                     selective_recompute, layer_number)
         if not cfg.parallel_residual:
             self.post_attention_norm = Norm(cfg, sequence_parallel)
         if self.moe:  # experts in place of the dense MLP (model/moe.py)
@@ -148,6 +157,9 @@ class GPTModel(nn.Module):
         are those of this CP rank's two chunks of the sequence.
       - ``cu_seqlens`` (int32): the micro-batch's document boundaries, its rows laid end to end at full
         length; attention stays within documents (data.reset_attention_mask), on every stage.
+      - ``mtp_tokens``, ``mtp_labels`` [D, b, s] (multi-token prediction, last stage, training/data.py): the
+        tokens t_{i+k} and targets t_{i+k+1} of each depth; in training mode without them they come from the
+        labels (model/mtp.py); in eval mode without them the modules are skipped (evaluation: the LM loss).
       - ``kv_cache`` (a KVCache, inference only): each layer attends over its cached keys and values plus the
         new ones and keeps the new ones; ``position_offset`` must equal ``len(kv_cache)``. A padded cache
         (batched generation, rows of different lengths) takes ``position_ids`` instead and masks its padding.
@@ -170,6 +182,7 @@ class GPTModel(nn.Module):
                                      for i in range(start, end)})
         n_full = (end - start) if recompute_num_layers is None else min(recompute_num_layers, end - start)
         self.recompute_layers = set(list(self.layers)[:n_full]) if recompute == "full" else set()
+        self.mtp = None
         if post_process:
             self.final_norm = Norm(cfg, self.sp)
             self.padded_vocab_size = self._padded_vocab()
@@ -188,6 +201,9 @@ class GPTModel(nn.Module):
             if cfg.output_bias:  # sharded with the head's rows; the padding rows stay zero (take_shard)
                 self.output_bias = nn.Parameter(torch.empty(rows))
                 set_init(self.output_bias, (cfg.vocab_size,), partition_dim=0, fill=0.0)
+            if cfg.mtp_num_layers:  # with the word embeddings they read: the last stage's own copy when untied
+                copy = None if pre_process or cfg.tie_embeddings else rows
+                self.mtp = MultiTokenPrediction(cfg, self.sp, (Norm, TransformerLayer), embedding_rows=copy)
 
     def _padded_vocab(self):
         from megagopher.tensor_parallel import pad_vocab_size
@@ -204,7 +220,7 @@ class GPTModel(nn.Module):
         return self
 
     def forward(self, input_ids=None, labels=None, hidden_states=None, position_ids=None, kv_cache=None,
-                position_offset=0, last_only=False, cu_seqlens=None):
+                position_offset=0, last_only=False, cu_seqlens=None, mtp_tokens=None, mtp_labels=None):
         self._check_inference_args(position_ids, kv_cache, position_offset, labels, last_only)
         x = self._embed(input_ids, hidden_states, position_ids, position_offset)
         s_full = x.shape[0] * (self.tp_size if self.sp else 1)
@@ -220,6 +236,8 @@ class GPTModel(nn.Module):
                 x = layer(x, *rope, cu_seqlens=cu_seqlens)
         if not self.post_process:
             return x
+        if labels is not None and self.mtp is not None and (mtp_tokens is not None or self.training):
+            return self._loss_with_mtp(x, labels, rope, cu_seqlens, mtp_tokens, mtp_labels)
         if last_only and not self.sp:
             x = x[-1:]  # the next token's logits only: prefill skips the head for every other position
         x = self.final_norm(x)
@@ -237,13 +255,32 @@ class GPTModel(nn.Module):
                                             z_loss=getattr(self, "z_loss", 0.0), inplace_backward=True)
         return loss.t()  # [b, s]
 
+    def _loss_with_mtp(self, x, labels, rope, cu_seqlens, mtp_tokens, mtp_labels):
+        """The LM per-token loss [b, s] carrying the MTP modules' terms in its gradient (model/mtp.py)."""
+        weight = (self.embedding.word.weight if self.pre_process else
+                  self.output_layer if self.cfg.tie_embeddings else self.mtp.embedding)
+        ce = functools.partial(vocab_parallel_cross_entropy, vocab_size=self.cfg.vocab_size,
+                               label_smoothing=self.cfg.label_smoothing, inplace_backward=True)
+        return self.mtp.forward_loss(self.final_norm(x), labels, mtp_tokens, mtp_labels, weight, self._head, rope,
+                                     cu_seqlens, ce, getattr(self, "z_loss", 0.0))
+
+    def _head(self, x):
+        """Logits [s, n, padded_vocab / tp] of the final-normed x [s(/tp), n, h]. A head that shares its weight
+        with an embedding lookup of the same backward leaves the gradient to autograd, which sums the uses
+        before the wrapper's hook marks the weight ready."""
+        comm = None if self.tp_size == 1 else "sp" if self.sp else "f"
+        shared = self.cfg.tie_embeddings and (self.pre_process or self.mtp is not None)
+        with head_weight_grad_in_backward() if shared else contextlib.nullcontext():
+            return parallel_linear(x, [(self.output_weight(), self.output_bias)], comm,
+                                   ps.get_tp_group() if comm else None, fuse=not shared)
+
     def _rope(self, s, position_ids, offset, device):
         """(cos, sin) for this rank's s tokens: shared by the rows, or (s, b, rot/2) from per-row position
         ids (document masking); (None, None) without rotary positions."""
         if self.cfg.position_embedding != "rope":
             return None, None
         if position_ids is None:
-            return rope_tables(self.cfg, s, device, positions=_positions(s, offset, device))
+            return rope_tables(self.cfg, s, device, offset=offset, cp=(ps.get_cp_size(), ps.get_cp_rank()))
         b = position_ids.shape[0]
         cos, sin = rope_tables(self.cfg, s * b, device, positions=position_ids.t().reshape(-1))
         return cos.view(s, b, -1), sin.view(s, b, -1)

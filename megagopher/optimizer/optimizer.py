@@ -121,7 +121,9 @@ class Optimizer:
             (expert if s.buffer.expert else dense).extend(tensor_of(s)[lo:hi] for lo, hi in s.norm_ranges)
         sharded = self.distributed and ps.get_dp_size() * ps.get_cp_size() > 1
         parts = [(dense, [ps.get_dp_cp_group()] if sharded else [])]
-        if any(s.buffer.expert for s in self.shards):
+        # Every rank passes the same parts: a stage without MoE layers (first_k_dense, moe_layer_freq) has no
+        # expert shards but joins the expert part's all-reduce over the model-parallel group all the same.
+        if ps.get_ep_size() > 1 or any(s.buffer.expert for s in self.shards):
             parts.append((expert, ([ps.get_expert_dp_group()] if self.distributed else []) + [ps.get_ep_group()]))
         return global_norm_of_parts(parts)
 

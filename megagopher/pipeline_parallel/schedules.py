@@ -33,6 +33,7 @@ import torch
 
 from megagopher import parallel_state as ps
 from megagopher.common import unwrap_model
+from megagopher.model.mtp import mtp_inputs
 from megagopher.pipeline_parallel import p2p
 from megagopher.pipeline_parallel.plan import (ScheduleError, build_plan, forward_only_plan, memory_bookkeeping,
                                                validate_schedule)
@@ -79,7 +80,8 @@ def forward_backward_no_pipelining(model_chunks, microbatches, loss_fn, tracer=N
         last = i == len(microbatches) - 1
         with _no_sync(chunk, last):
             with _span(tracer, "F", i, 0):
-                per_token = chunk(input_ids=mb["tokens"], labels=mb["labels"], **document_inputs(mb))
+                per_token = chunk(input_ids=mb["tokens"], labels=mb["labels"], **document_inputs(mb),
+                                  **mtp_inputs(mb))
                 loss = loss_fn(per_token)
             if meter is not None:
                 meter.sample([])  # the micro-batch's saved tensors are all that is held
@@ -241,7 +243,7 @@ class _PipelineRuntime:
             kwargs["hidden_states"] = x
         last = v == self.num_virtual - 1
         if last:
-            kwargs["labels"] = data["labels"]
+            kwargs.update(labels=data["labels"], **mtp_inputs(data))  # multi-token prediction's on the last stage
         with _span(self.tracer, "F", mb, chunk):
             out = self.chunks[chunk](**kwargs)
             if last:

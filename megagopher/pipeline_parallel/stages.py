@@ -6,7 +6,9 @@ by its chunks), or one count per virtual stage, in pipeline order. Virtual stage
 v = chunk * pp + pp_rank lives on pipeline rank v % pp, so rank r holds chunks r, r + pp, r + 2 pp, ...
 The embedding is on virtual stage 0, the final norm, output head and loss on the last. With tied
 embeddings the last stage holds a copy of the word embeddings that starts equal (same init name,
-invariant 1) and whose gradient distributed/finalize.py sums with the first stage's.
+invariant 1) and whose gradient distributed/finalize.py sums with the first stage's. The multi-token
+prediction modules (model/mtp.py, DeepSeek-V3) sit on the last virtual stage, after its layers and outside
+the layer split; untied, that stage holds a copy of the word embeddings for them, kept equal the same way.
 """
 from megagopher import parallel_state as ps
 from megagopher.config.validate import layer_counts

@@ -45,8 +45,11 @@ def read_slice(reader, name, kind, p, lo, out):
 def load_weights(reader, chunks, name_map=None):
     """Copies every parameter of this rank's chunks from the checkpoint (any saved layout). ``name_map``
     maps a parameter's name to the saved name it starts from (progressive stacking)."""
+    saved = set(reader.names())
     for name, p in named_parameters(chunks):
         source = name_map(name) if name_map else name
+        if source not in saved and not isinstance(p, torch.nn.Parameter):
+            continue  # a buffer newer than the checkpoint (a sigmoid router's bias before it existed: zero)
         reader.entry(source)  # a KeyError naming the tensor when the model does not match the checkpoint
         flat = p.data.view(-1)
         read_slice(reader, source, "param", p, 0, flat)
@@ -76,13 +79,15 @@ def files_needed(reader, chunks, with_optimizer, rng_rank=None):
     """The files of the checkpoint this rank will read: its pieces of weights (and optimizer state),
     and its RNG file when ``rng_rank`` is given."""
     kinds = ("param",) + (STATE_KEYS if with_optimizer else ())
-    files = set()
+    files, saved = set(), set(reader.names())
     for name, p in named_parameters(chunks):
+        if name not in saved and not isinstance(p, torch.nn.Parameter):
+            continue  # a buffer the checkpoint predates (load_weights keeps its initial value)
         if _same_cut(reader, name, p):
             ranks = [0] if reader.entry(name)["partition_dim"] is None else [ps.get_tp_rank()]
         else:
             ranks = reader.saved_ranks(name)
-        for kind in kinds:
+        for kind in kinds if isinstance(p, torch.nn.Parameter) else ("param",):  # a buffer has no optimizer state
             if kind == "master" and not reader.has(name, "master"):
                 continue
             files |= reader.files_for(name, kind, ranks)
@@ -181,7 +186,8 @@ def check_model_matches(reader, cfg, vocab_size):
                             f"{saved.num_layers} layers (nor does any stage grow to it)")
 
 
-MOE_KEYS = ("moe_top_k", "moe_ffn_hidden_size", "moe_layer_freq", "moe_shared_experts", "moe_router")
+MOE_KEYS = ("moe_top_k", "moe_ffn_hidden_size", "moe_layer_freq", "moe_shared_experts", "moe_router", "moe_n_group",
+            "moe_topk_group", "moe_routed_scaling_factor", "moe_norm_topk_prob", "first_k_dense")
 
 
 def _check_experts_match(reader, cfg, saved):

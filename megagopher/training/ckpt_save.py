@@ -35,14 +35,18 @@ OPTIMIZER_KINDS = PIECE_KINDS[1:]
 
 
 def named_parameters(chunks):
-    """(global name, parameter) of every parameter this rank holds; a tied-embedding copy on the last
+    """(global name, tensor) of every parameter and persistent buffer this rank holds (the module state,
+    as state_dict names it: e.g. a sigmoid router's balancing bias); a tied-embedding copy on the last
     stage is named after the word embeddings it mirrors."""
     out = []
     for chunk in chunks:
-        for name, p in unwrap_model(chunk).named_parameters():
+        model = unwrap_model(chunk)
+        for name, p in model.named_parameters():
             if getattr(p, "shared_embedding", False):
                 name = p.init_name
             out.append((name, p))
+        out += [(name, t) for name, t in model.state_dict(keep_vars=True).items()
+                if not isinstance(t, torch.nn.Parameter)]
     return out
 
 

@@ -20,6 +20,7 @@ from megagopher import parallel_state as ps
 from megagopher.config import ConfigError
 from megagopher.data.document_mask import document_mask
 from megagopher.context_parallel import split_for_cp_rank
+from megagopher.model.mtp import mtp_batch
 
 IGNORE_INDEX = -100  # labels that carry no loss (the cross entropy's ignore_index)
 
@@ -67,11 +68,11 @@ class DocumentMasking(NamedTuple):
         return cls(eod, *flags) if any(flags) else None
 
 
-def microbatches(dataset, indices, micro_batch_size, device, masking=None):
+def microbatches(dataset, indices, micro_batch_size, device, masking=None, mtp_depth=0):
     """Splits this rank's slice into micro-batches: dicts of tokens and labels [mbs, s] on ``device``, and
-    the document-masking inputs of ``_split``."""
+    the document-masking and multi-token prediction inputs of ``_split``."""
     samples = np.stack([np.asarray(dataset[i], dtype=np.int64) for i in indices])
-    return _split(torch.from_numpy(samples), micro_batch_size, device, masking)
+    return _split(torch.from_numpy(samples), micro_batch_size, device, masking, mtp_depth)
 
 
 class Prefetcher:
@@ -79,8 +80,9 @@ class Prefetcher:
     computes: reading and collating samples leaves the critical path. On CUDA the collated batch sits in
     pinned memory and goes over with one non-blocking copy. The batches are exactly ``microbatches``'s."""
 
-    def __init__(self, dataset, micro_batch_size, device, masking=None):
+    def __init__(self, dataset, micro_batch_size, device, masking=None, mtp_depth=0):
         self.dataset, self.micro_batch_size, self.device, self.masking = dataset, micro_batch_size, device, masking
+        self.mtp_depth = mtp_depth
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="megagopher-data")
         self._next = None  # (range of indices, future of the collated host tensor)
 
@@ -91,7 +93,7 @@ class Prefetcher:
         else:
             data = self._collate(indices)
         self._next = (next_indices, self._pool.submit(self._collate, next_indices)) if next_indices else None
-        return _split(data, self.micro_batch_size, self.device, self.masking)
+        return _split(data, self.micro_batch_size, self.device, self.masking, self.mtp_depth)
 
     def _collate(self, indices):
         data = torch.from_numpy(np.stack([np.asarray(self.dataset[i], dtype=np.int64) for i in indices]))
@@ -101,10 +103,12 @@ class Prefetcher:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _split(data, micro_batch_size, device, masking=None):
+def _split(data, micro_batch_size, device, masking=None, mtp_depth=0):
     """Micro-batches: dicts of ``tokens`` and ``labels``, and with document masking (``masking``, a
     DocumentMasking) ``position_ids``, ``cu_seqlens`` (the micro-batch's rows end to end, full length) and
-    ``loss_tokens`` (how many labels carry loss); labels without loss are IGNORE_INDEX. Under context
+    ``loss_tokens`` (how many labels carry loss); labels without loss are IGNORE_INDEX. With multi-token
+    prediction (``mtp_depth`` modules) ``mtp_tokens``, ``mtp_labels`` and ``mtp_loss_tokens`` (model/mtp.py
+    mtp_batch), shifted on the whole sequences, within documents. Under context
     parallelism each CP rank keeps its two chunks of every sequence. The masks are found on the host copy,
     which is already there, so the device is never synchronised for them."""
     cp, cp_rank = ps.get_cp_size(), ps.get_cp_rank()
@@ -118,6 +122,9 @@ def _split(data, micro_batch_size, device, masking=None):
         if loss_mask is not None:
             labels = labels.masked_fill(loss_mask.to(device, non_blocking=True) == 0, IGNORE_INDEX)
             extra["loss_tokens"] = int(loss_mask.sum())
+        if mtp_depth:  # shifted before the CP split: a shift crosses the CP chunks
+            masked = host[:, 1:] if loss_mask is None else host[:, 1:].masked_fill(loss_mask == 0, IGNORE_INDEX)
+            extra.update(mtp_batch(host, masked, mtp_depth, extra.get("cu_seqlens"), cp, cp_rank, IGNORE_INDEX))
         if "position_ids" in extra:
             extra["position_ids"] = split_for_cp_rank(extra["position_ids"], cp, cp_rank)
         mb = {"tokens": split_for_cp_rank(tokens, cp, cp_rank).contiguous(),

@@ -29,7 +29,8 @@ from megagopher import kernels
 from megagopher import parallel_state as ps
 from megagopher.distributed import finalize_model_grads, wrap_data_parallel
 from megagopher.memory import memory_report
-from megagopher.model.moe import MoEAuxLosses, attach_aux_losses, moe_step_summary
+from megagopher.model.moe import MoEAuxLosses, attach_aux_losses, moe_step_summary, update_expert_bias
+from megagopher.model.mtp import MTPLosses, attach_mtp_losses, mtp_step_summary, mtp_token_counts
 from megagopher.optimizer import LRSchedule, build_optimizer, global_batch_size_at
 from megagopher.pipeline_parallel.schedules import forward_backward, forward_only
 from megagopher.pipeline_parallel.stages import build_model_chunks
@@ -72,6 +73,7 @@ class Trainer:
         self.tracer = Tracer(enabled=p.trace, device=self.device)
         self.last_z_loss = None  # the last step's mean z-loss term, logged when training.z_loss > 0
         self.last_moe = {}  # the last step's MoE metrics (model/moe.py moe_step_summary)
+        self.last_mtp = {}  # the last step's multi-token prediction losses (model/mtp.py mtp_step_summary)
         self.optimizer, self.pending_optimizer = None, None
         c = cfg.checkpoint
         self.checkpointer = ckpt.Checkpointer(c.dir, c.keep_last, c.async_save, c.on_save_error)
@@ -130,11 +132,17 @@ class Trainer:
         if self.model_cfg.num_experts:
             moe = MoEAuxLosses(float(optimizer.scale_loss(1.0)) * scfg.training.micro_batch_size / gbs)
             attach_aux_losses(self.chunks, moe)
+        mtp = mtp_counts = None  # multi-token prediction: each depth's mean over its targets in the global batch
+        if self.model_cfg.mtp_num_layers:
+            mtp_counts = mtp_token_counts(mbatches, gbs, seq, self.model_cfg.mtp_num_layers, self.device)
+            mtp = MTPLosses.for_step(self.model_cfg, mtp_counts, float(optimizer.scale_loss(1.0)))
+            attach_mtp_losses(self.chunks, mtp)
         optimizer.zero_grad()
         loss_sum = forward_backward(self.chunks, mbatches, loss_fn, schedule=self.cfg.parallel.schedule,
                                     tracer=self.tracer)
         finalize_model_grads(self.chunks)
         self.last_moe = moe_step_summary(moe, self.model_cfg, self.device) if moe else {}
+        self.last_mtp = mtp_step_summary(mtp, mtp_counts, self.device) if mtp else {}
         loss, bad_ranks, z_sum = self._agree_on_step(loss_sum, z_loss.pop() if z_loss else 0.0)
         loss /= global_tokens
         self.last_z_loss = z_sum / global_tokens if z_loss else None
@@ -145,6 +153,8 @@ class Trainer:
             optimizer.zero_grad()
             return None, False, None
         updated, grad_norm = optimizer.step()
+        if updated and moe is not None:  # DeepSeek-V3's balancing bias, from the loads moe_step_summary summed
+            update_expert_bias(self.chunks, moe, self.model_cfg)
         return loss, updated, grad_norm
 
     def _agree_on_step(self, loss_sum, z_loss_sum=0.0):
@@ -315,7 +325,8 @@ class Trainer:
                       f"{self.state.iteration}; nothing new to save", flush=True)
             return False
         t = scfg.training
-        batches = data_lib.Prefetcher(train_ds, t.micro_batch_size, self.device, self._masking(scfg))
+        batches = data_lib.Prefetcher(train_ds, t.micro_batch_size, self.device, self._masking(scfg),
+                                      mtp_depth=self.model_cfg.mtp_num_layers)
         try:
             return self._stage_steps(stage, scfg, schedule, batches, valid_ds, logger, clock)
         finally:
@@ -375,6 +386,7 @@ class Trainer:
         if self.last_z_loss is not None:
             row["z_loss"] = self.last_z_loss
         row.update(self.last_moe)
+        row.update(self.last_mtp)
         return row
 
     def _log(self, logger, row, t, clock):

@@ -4,7 +4,9 @@ TFLOP/s and MFU.
 
 Model FLOPs follow Narayanan et al. 2021 (appendix): per token, a forward pass costs 2 FLOPs per
 multiply-accumulate of every matmul (the projections, the MLP and the output head) plus the attention
-score and context products (2 * 2 * s * d_attn per layer, counted in full as the paper does); training
+score and context products (2 * 2 * s * d_attn per layer, counted in full as the paper does; a sliding-window
+layer counts min(window, s) keys the same way, MLA its qk and v head widths, a MoE layer its top_k and shared
+experts, each MTP module its layer and one more output-head pass: megagopher/memory_params.py); training
 costs 3x the forward (backward = 2x forward), 4x with full recomputation. MFU divides the achieved rate
 by the device's peak; the peak table covers the GPUs we know (dense bf16/fp16 tensor-core rates).
 """
@@ -15,6 +17,7 @@ import shutil
 import time
 
 from megagopher.errors import InputError
+from megagopher.memory_params import forward_macs_per_token
 
 PEAK_TFLOPS_BF16 = {  # dense, no sparsity
     "H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L4": 121.0,
@@ -23,13 +26,9 @@ PEAK_TFLOPS_BF16 = {  # dense, no sparsity
 
 
 def model_flops_per_token(cfg, seq_length, recompute="none"):
-    """Training FLOPs per token for GPTConfig ``cfg`` at ``seq_length``."""
-    h, d = cfg.hidden_size, cfg.head_dim
-    q_dim, kv_dim = cfg.num_attention_heads * d, cfg.num_query_groups * d
-    attn_proj = h * (q_dim + 2 * kv_dim) + q_dim * h
-    mlp = (3 if cfg.activation == "swiglu" else 2) * h * cfg.ffn_hidden_size
-    scores = 2 * seq_length * q_dim  # QK^T and probs @ V, per token
-    forward = 2 * cfg.num_layers * (attn_proj + mlp + scores) + 2 * h * cfg.vocab_size
+    """Training FLOPs per token for GPTConfig ``cfg`` at ``seq_length`` (memory_params.forward_macs_per_token:
+    MLA, sliding windows, the active experts and the MTP modules counted)."""
+    forward = 2 * forward_macs_per_token(cfg, seq_length)
     return forward * (4 if recompute == "full" else 3)
 
 
@@ -94,9 +93,11 @@ class MetricsLogger:
             self.wandb.log("train", row)
         if self.tb is not None:
             for key in ("loss", "lr", "grad_norm", "loss_scale", "tokens_per_s", "tflops_per_device",
-                        "moe_aux_loss", "moe_z_loss", "moe_load_max_over_mean", "moe_dropped"):
+                        "moe_aux_loss", "moe_z_loss", "moe_load_max_over_mean", "moe_dropped", "moe_seq_aux_loss"):
                 if row.get(key) is not None:
                     self.tb.add_scalar(f"train/{key}", row[key], row["iteration"])
+            for k, value in enumerate(row.get("mtp_loss") or (), 1):  # multi-token prediction, each depth apart
+                self.tb.add_scalar(f"train/mtp_loss_{k}", value, row["iteration"])
         if console:
             print(self._console_line(row, stage_progress, run_progress, memory), flush=True)
 
@@ -112,8 +113,12 @@ class MetricsLogger:
         if "moe_aux_loss" in row:  # MoE: the aux terms in the objective and the experts' load balance
             parts += [f"moe aux {row['moe_aux_loss']:.4f}", f"router z {row['moe_z_loss']:.4f}",
                       f"load max/mean {row['moe_load_max_over_mean']:.2f}"]
+            if "moe_seq_aux_loss" in row:
+                parts.append(f"seq aux {row['moe_seq_aux_loss']:.4f}")
             if row.get("moe_dropped"):
                 parts.append(f"dropped {row['moe_dropped']}")
+        if row.get("mtp_loss"):
+            parts.append("mtp loss " + " ".join(f"{v:.4f}" for v in row["mtp_loss"]))
         parts += [f"skipped {row.get('skipped_total', int(row['skipped']))}",
                   f"{row['step_time_s'] * 1000:.1f} ms/step", f"{row['tokens_per_s']:,.0f} tok/s",
                   f"{row['tflops_per_device']:.3f} TFLOP/s/dev"]

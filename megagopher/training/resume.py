@@ -224,7 +224,7 @@ def grow(cfg, state, chunks, build, num_layers, num_experts):
 def _load_grown(reader, chunks, source):
     """Every parameter of the grown ``chunks`` from the checkpoint: under the saved name ``source(name)``,
     or, for the experts of an upcycled layer, E copies of the dense MLP's tensor (then cut for this TP rank);
-    an upcycled layer's router keeps its fresh initial values."""
+    an upcycled layer's router keeps its fresh initial values (its balancing bias: zero)."""
     saved = set(reader.names())
     for name, p in ckpt.named_parameters(chunks):
         origin = source(name)
@@ -236,5 +236,5 @@ def _load_grown(reader, chunks, source):
             dense = reader.full_tensor(expert.group(1) + expert.group(2))
             full = dense.unsqueeze(0).expand(p.full_shape[0], *dense.shape)
             p.copy_(take_shard(p, full, ps.get_tp_rank(), ps.get_tp_size()).to(p.dtype))
-        elif not origin.endswith(".mlp.router.weight"):
+        elif not origin.endswith((".mlp.router.weight", ".mlp.router.expert_bias")):
             raise KeyError(f"growing the model: no saved tensor {origin!r} to start {name!r} from")

@@ -1,7 +1,7 @@
 """Building blocks of the FlashAttention-2 kernels (attention.py forward, attention_bwd.py backward): tile loads
-through tensor descriptors padded to a power-of-two head dim, the key (or query) range each row attends to under causal, packed-document
-and sliding-window masking, the split of a program's blocks into those that need the mask and those that do
-not, the autotune lists, and the checks and host-side metadata shared by the launches.
+through tensor descriptors padded to a power-of-two head dim, the key (or query) range each row attends to
+under causal, packed-document and sliding-window masking, the split of a program's blocks into those that
+need the mask and those that do not, the autotune lists, and the checks and host-side metadata shared by the launches.
 
 Head dim: the kernels run on HEAD_DIM = the next power of two (tl.dot and tl.arange need one), at least 16;
 the real D masks every store, so the padded columns are never written. V (and O, dO, dV) may have a head dim
@@ -67,14 +67,15 @@ def operands(meta, *tensors):
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, smallest and largest padded head dim). Every config compiles without
 # register spills and within shared memory at each head dim it may be picked for (prune_by_head_dims), bf16 and
 # fp16, causal or not, packed or not, head dims padded or not, MLA's 192/128, sm_90a and sm_100a
-# (tools/check_kernels.py: 468 attention compilations, clean). Through descriptors (d <= 128) dK/dV issues wgmma at d=128 with 64-key blocks
-# of 16 queries (8 warps, 250 registers on sm_90a); 32-query blocks spill there (80-120 bytes), and at d=64
-# 8-warp 64-key tiles spill on sm_100a (4-8 bytes) where 4 warps do not. The 128 x 64 forward tile with 8 warps
-# spills at d=64 on sm_100a (8-16 bytes), with 4 warps not. The 64 x 32 dK/dV and 32 x 32 4-warp dQ tiles
-# spill at d=128 with descriptors (8-40 bytes) and stay where they are clean. At d=256 (pointer loads) the big
-# tiles spill (128-row forward, 64-row dK/dV, 16-row dQ: 8 to 288 bytes) and are not listed.
+# (tools/check_kernels.py: 468 attention compilations, clean). Through descriptors (d <= 128) dK/dV issues wgmma at
+# d=128 with 64-key blocks of 16 queries (8 warps, 250 registers on sm_90a); 32-query blocks spill there (80-120
+# bytes), and at d=64 8-warp 64-key tiles spill on sm_100a (4-8 bytes) where 4 warps do not. The 128 x 64 forward
+# tile with 8 warps spills at d=64 on sm_100a (8-16 bytes), with 4 warps not. The 64 x 32 dK/dV and 32 x 32 4-warp
+# dQ tiles spill at d=128 with descriptors (8-40 bytes) and stay where they are clean. At d=256 (pointer loads) the
+# big tiles spill (128-row forward, 64-row dK/dV, 16-row dQ: 8 to 288 bytes) and are not listed.
 FWD_TILES = tile_configs([(128, 64, 8, 2, 16, 32), (128, 64, 4, 2, 64, 64), (128, 32, 8, 2, 128, 128),
-                          (64, 32, 4, 2, 16, 128), (64, 32, 8, 2, 256, 256), (64, 32, 8, 3, 256, 256), (32, 32, 8, 2, 16, 256)],
+                          (64, 32, 4, 2, 16, 128), (64, 32, 8, 2, 256, 256), (64, 32, 8, 3, 256, 256),
+                          (32, 32, 8, 2, 16, 256)],
                          set_block_shapes)
 DKDV_TILES = tile_configs([(32, 64, 4, 2, 16, 64), (16, 64, 8, 2, 128, 128), (64, 32, 8, 2, 16, 64),
                            (32, 32, 8, 2, 16, 256)],

@@ -77,14 +77,16 @@ def test_deepseek_v3_routing_and_block_match_transformers(n_group, topk_group, n
     weights, routing_map = layer.router(tokens, MoEAuxLosses(), 0)
     chosen = torch.zeros(40, E, dtype=torch.bool).scatter(1, top_i, True)
     assert torch.equal(routing_map, chosen)
-    unbiased = torch.zeros(40, E, dtype=torch.bool).scatter(1, torch.sigmoid(tokens @ hf.gate.weight.t()).topk(K).indices, True)
+    unbiased_top = torch.sigmoid(tokens @ hf.gate.weight.t()).topk(K).indices
+    unbiased = torch.zeros(40, E, dtype=torch.bool).scatter(1, unbiased_top, True)
     assert not torch.equal(chosen, unbiased)  # the bias decided some selections
     torch.testing.assert_close(weights, torch.zeros(40, E).scatter(1, top_i, top_w), rtol=1e-6, atol=1e-7)
     _compare_blocks(layer, hf, [(lambda: layer.router.weight.grad, lambda: hf.gate.weight.grad),
                                 (lambda: layer.experts.fc2.weight.grad, lambda: hf.experts.down_proj.grad),
                                 (lambda: layer.experts.fc1.weight.grad[:, 0::2],
                                  lambda: hf.experts.gate_up_proj.grad[:, :F]),
-                                (lambda: layer.shared.fc1.weight.grad[1::2], lambda: hf.shared_experts.up_proj.weight.grad)])
+                                (lambda: layer.shared.fc1.weight.grad[1::2],
+                                 lambda: hf.shared_experts.up_proj.weight.grad)])
 
 
 def test_qwen3_moe_block_without_top_k_normalisation_matches_transformers():
@@ -315,7 +317,8 @@ def test_config_rules_and_memory_report_of_dense_first_layers():
         model_config("llama", num_experts=4, moe_bias_update_rate=0.1)
     with pytest.raises(ConfigError, match="moe_n_group = 4 leaves fewer than 2 of model.num_experts = 4"):
         model_config("llama", num_experts=4, moe_top_k=1, moe_n_group=4)
-    model_cfg = _model_cfg("gpt2", seq_length=16, num_layers=2, **{k: v for k, v in DEEPSEEK.items() if k != "num_layers"})
+    routing = {k: v for k, v in DEEPSEEK.items() if k != "num_layers"}
+    model_cfg = _model_cfg("gpt2", seq_length=16, num_layers=2, **routing)
     measured, predicted = compare(model_cfg, {}, {"precision": "fp32", "recompute": "none", "micro_batch_size": 2},
                                   {"distributed": False})
     assert predicted["activations"] == measured["activations"]

@@ -254,7 +254,8 @@ def test_checkpoints_carry_the_modules_across_layouts(tmp_path):
 
 
 def test_growth_is_refused(tmp_path):
-    staged = TRAINER + "[[stages]]\nname = 'a'\ntrain_iters = 1\n[[stages]]\nname = 'deep'\ntrain_iters = 1\ngrow.num_layers = 4\n"
+    staged = TRAINER + ("[[stages]]\nname = 'a'\ntrain_iters = 1\n"
+                        "[[stages]]\nname = 'deep'\ntrain_iters = 1\ngrow.num_layers = 4\n")
     with pytest.raises(ConfigError, match=r"stages\[1\]\.grow\.num_layers = 4: progressive stacking of a model "
                                           r"with multi-token prediction modules \(model.mtp_num_layers = 2\)"):
         validate(load_config(write_config(tmp_path, staged)), 1)

@@ -2,8 +2,8 @@
 directions: one place for the name and layout knowledge the export (hf.py) and the import (hf_import.py)
 share.
 
-``rules(fmt, cfg)`` (hf_rules.py, which joins these with hf_arch_recent.py's) lists ``Rule``s: our tensor names, theirs, and two functions, ``to_theirs(*ours)`` and
-``to_ours(*theirs)``, each the inverse of the other. A name a side lacks reads as zeros where a zero
+``rules(fmt, cfg)`` (hf_rules.py, which joins these with hf_arch_recent.py's) lists ``Rule``s: our tensor
+names, theirs, and two functions, ``to_theirs(*ours)`` and ``to_ours(*theirs)``, each the inverse of the other. A name a side lacks reads as zeros where a zero
 tensor is the same function (a bias the format always has, or a model without biases), see
 ``missing_bias_rows``. The layouts (our names: model/gpt.py):
 

@@ -3,9 +3,9 @@ directions: one place for the name and layout knowledge the export (hf.py) and t
 share.
 
 ``rules(fmt, cfg)`` (hf_rules.py, which joins these with hf_arch_recent.py's) lists ``Rule``s: our tensor
-names, theirs, and two functions, ``to_theirs(*ours)`` and ``to_ours(*theirs)``, each the inverse of the other. A name a side lacks reads as zeros where a zero
-tensor is the same function (a bias the format always has, or a model without biases), see
-``missing_bias_rows``. The layouts (our names: model/gpt.py):
+names, theirs, and two functions, ``to_theirs(*ours)`` and ``to_ours(*theirs)``, each the inverse of the
+other. A name a side lacks reads as zeros where a zero tensor is the same function (a bias the format always
+has, or a model without biases), see ``missing_bias_rows``. The layouts (our names: model/gpt.py):
 
   - Our fused QKV is laid out per query group, [q_g0 (heads/groups heads), k_g0, v_g0, q_g1, ...]. Llama
     takes separate q/k/v projections (query head h uses kv head h // (heads/groups), as ours). NeoX fuses
@@ -261,25 +261,33 @@ def _mixtral(cfg):
     return out + [_same("final_norm.weight", "model.norm.weight")] + _head(cfg, "lm_head.weight")
 
 
-def unfuse_mixtral(theirs):
-    """A Mixtral state dict in transformers 5's in-memory names (mlp.gate, mlp.experts.gate_up_proj with
-    the gate half first, mlp.experts.down_proj) as the on-disk per-expert names the rules read; other
+def unfuse_experts(theirs, gate, up, down, renames=()):
+    """A state dict in transformers 5's in-memory expert names (mlp.experts.gate_up_proj with the gate half
+    first, mlp.experts.down_proj) as a format's on-disk per-expert names: ``gate``, ``up``, ``down`` are
+    templates of {layer} and {j}; ``renames``: (suffix, on-disk suffix) pairs for the other tensors. Other
     names, the on-disk ones included, pass through."""
     out = {}
     for name, t in theirs.items():
         layer, fused, rest = name.partition(".mlp.experts.")
+        renamed = [name[:-len(suffix)] + disk for suffix, disk in renames if name.endswith(suffix)]
         if fused and rest == "gate_up_proj":
-            gate, up = t.chunk(2, dim=1)
+            halves = t.chunk(2, dim=1)
             for j in range(t.shape[0]):
-                out[f"{layer}.block_sparse_moe.experts.{j}.w1.weight"] = gate[j]
-                out[f"{layer}.block_sparse_moe.experts.{j}.w3.weight"] = up[j]
+                out[gate.format(layer=layer, j=j)], out[up.format(layer=layer, j=j)] = halves[0][j], halves[1][j]
         elif fused and rest == "down_proj":
-            out.update({f"{layer}.block_sparse_moe.experts.{j}.w2.weight": t[j] for j in range(t.shape[0])})
-        elif name.endswith(".mlp.gate.weight"):
-            out[name[:-len(".mlp.gate.weight")] + ".block_sparse_moe.gate.weight"] = t
+            out.update({down.format(layer=layer, j=j): t[j] for j in range(t.shape[0])})
+        elif renamed:
+            out[renamed[0]] = t
         else:
             out[name] = t
     return out
+
+
+def unfuse_mixtral(theirs):
+    """Mixtral's transformers 5 in-memory names (mlp.gate too) as its on-disk block_sparse_moe ones."""
+    experts = "{layer}.block_sparse_moe.experts.{j}."
+    return unfuse_experts(theirs, experts + "w1.weight", experts + "w3.weight", experts + "w2.weight",
+                          renames=((".mlp.gate.weight", ".block_sparse_moe.gate.weight"),))
 
 
 RULES = {"llama": _llama, "gpt_neox": _neox, "gpt2": _gpt2, "codegen": _codegen, "mixtral": _mixtral}

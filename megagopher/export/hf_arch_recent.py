@@ -15,7 +15,7 @@ and the Hub's checkpoints use. Per layer i (their prefix model.layers.i., ours l
 
 transformers 5 holds the experts fused in memory (mlp.experts.gate_up_proj (E, 2 ffn, h) = [gate; up],
 the gate half first, and mlp.experts.down_proj (E, h, ffn)): a state dict in those names is read through
-``unfuse_experts`` first, as Mixtral's (hf_arch.unfuse_mixtral).
+``unfuse_qwen_experts`` first, as Mixtral's (hf_arch.unfuse_mixtral).
 
 DeepSeek-V3 (``_deepseek``): the multi-head latent attention's tensors have transformers' names on both
 sides (model/mla.py: self_attn.X is our attention.X, o_proj our proj). DeepSeek rotates interleaved pairs
@@ -27,7 +27,8 @@ what rotate-half makes of the permuted rows, and q.k is the same sum. With rope_
 """
 import torch
 
-from megagopher.export.hf_arch import MappingError, Rule, _gate_up_rule, _head, _qkv_split_rule, _same
+from megagopher.export.hf_arch import (MappingError, Rule, _gate_up_rule, _head, _qkv_split_rule, _same,
+                                       unfuse_experts)
 
 MTP_FILE = "mtp.safetensors"  # DeepSeek-V3's MTP modules, beside the model (hf.py's docstring)
 
@@ -86,22 +87,11 @@ def _llama_family(fmt):
     return build
 
 
-def unfuse_experts(theirs):
-    """A state dict in transformers 5's in-memory expert names (mlp.experts.gate_up_proj, gate half first;
-    mlp.experts.down_proj) as the on-disk per-expert ones; other names pass through."""
-    out = {}
-    for name, t in theirs.items():
-        layer, fused, rest = name.partition(".mlp.experts.")
-        if fused and rest == "gate_up_proj":
-            gate, up = t.chunk(2, dim=1)
-            for j in range(t.shape[0]):
-                out[f"{layer}.mlp.experts.{j}.gate_proj.weight"] = gate[j]
-                out[f"{layer}.mlp.experts.{j}.up_proj.weight"] = up[j]
-        elif fused and rest == "down_proj":
-            out.update({f"{layer}.mlp.experts.{j}.down_proj.weight": t[j] for j in range(t.shape[0])})
-        else:
-            out[name] = t
-    return out
+def unfuse_qwen_experts(theirs):
+    """Qwen3-MoE's / DeepSeek's transformers 5 in-memory expert names as the on-disk per-expert ones."""
+    experts = "{layer}.mlp.experts.{j}."
+    return unfuse_experts(theirs, experts + "gate_proj.weight", experts + "up_proj.weight",
+                          experts + "down_proj.weight")
 
 
 # -- DeepSeek-V3 ------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch
 from megagopher.config.loading import from_tables, to_toml
 from megagopher.export.hf_arch import MappingError, missing_bias_rows, unfuse_mixtral
 from megagopher.export.hf_rules import rules
-from megagopher.export.hf_arch_recent import MTP_FILE, unfuse_experts
+from megagopher.export.hf_arch_recent import MTP_FILE, unfuse_qwen_experts
 from megagopher.export.hf_config import HFImportError, model_config
 from megagopher.export.hf_tokenizer import import_tokenizer
 from megagopher.training.ckpt_files import write_text_durably
@@ -118,7 +118,7 @@ def our_tensors(fmt, cfg, theirs, **options):
     if fmt == "mixtral":  # transformers 5's in-memory expert names, as the on-disk ones the rules read
         theirs = unfuse_mixtral(theirs)
     elif fmt in ("qwen3_moe", "deepseek_v3"):
-        theirs = unfuse_experts(theirs)
+        theirs = unfuse_qwen_experts(theirs)
     _strip_tied_head(fmt, cfg, theirs)
     shapes = {name: t.shape for name, t in theirs.items()}
     dtype = next(t.dtype for n, t in theirs.items() if not n.endswith("e_score_correction_bias"))
